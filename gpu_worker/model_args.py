@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from expert_store.errors import FateError
 
-class ModelConfigError(ValueError):
+
+class ModelConfigError(FateError, ValueError):
     """A config.json that cannot be turned into ModelArgs (says which file and key)."""
 
 

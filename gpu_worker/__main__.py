@@ -1,0 +1,104 @@
+"""`python -m gpu_worker generate|perplexity ...` (the server arrives with `serve`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from expert_store.errors import FateError
+
+from .generate import SamplingError, SamplingParams, generate
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pack", required=True, help="pack directory (python -m expert_store pack ...)")
+    p.add_argument("--format", default=None, help="expert format to run (default: int4 if the pack has it)")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N")
+    p.add_argument("--compute-form", default=None, help="fp32, bf16, int4_fused, dequant_per_use (default: per device)")
+
+
+def _cmd_generate(a: argparse.Namespace) -> int:
+    from .runtime import load_local
+
+    rt = load_local(a.pack, a.format, a.device, a.compute_form)
+    if a.prompt_ids:
+        ids = [int(t) for t in a.prompt_ids.split(",")]
+    else:
+        if rt.tokenizer is None:
+            raise SamplingError("this pack has no tokenizer: pass --prompt-ids")
+        ids = rt.tokenizer.encode(a.prompt)
+    params = SamplingParams(
+        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+        seed=a.seed, ignore_eos=a.ignore_eos,
+    )
+    print(f"[{rt.pack.name}: {rt.pack.args.family}, experts {rt.source.fmt} as {rt.source.form} "
+          f"on {rt.model.device}; prompt {len(ids)} tokens]", file=sys.stderr)
+    stream = rt.tokenizer.stream() if rt.tokenizer else None
+    t0 = time.perf_counter()
+    t_first = None
+    out: list[int] = []
+    for tok in generate(rt.model, ids, params):
+        t_first = t_first or time.perf_counter()
+        out.append(tok)
+        sys.stdout.write(stream.push(tok) if stream else f"{tok} ")
+        sys.stdout.flush()
+    t1 = time.perf_counter()
+    print(file=sys.stdout)
+    decode_s = t1 - t_first if t_first else 0.0
+    rate = (len(out) - 1) / decode_s if len(out) > 1 and decode_s > 0 else float("nan")
+    print(f"[{len(out)} tokens; first token {1e3 * ((t_first or t1) - t0):.0f} ms; decode {rate:.1f} tokens/s; "
+          f"{rt.source.loads} experts loaded from the pack]", file=sys.stderr)
+    if a.print_ids:
+        print(",".join(map(str, out)))
+    return 0
+
+
+def _cmd_perplexity(a: argparse.Namespace) -> int:
+    from .perplexity import perplexity
+    from .runtime import load_local
+
+    rt = load_local(a.pack, a.format, a.device, a.compute_form)
+    if rt.tokenizer is None:
+        raise SamplingError("this pack has no tokenizer")
+    ids = rt.tokenizer.encode(Path(a.text).read_text())
+    r = perplexity(rt.model, ids, window=a.window, max_tokens=a.max_tokens)
+    print(f"{rt.source.fmt}\tperplexity {r.perplexity:.3f}\t({r.tokens_scored} tokens, {r.windows} windows)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m gpu_worker", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="generate in process, reading experts straight from a pack")
+    _add_runtime_args(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-ids", help="comma-separated token ids")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--print-ids", action="store_true", help="also print the generated ids, comma-separated")
+    g.set_defaults(func=_cmd_generate)
+    p = sub.add_parser("perplexity", help="perplexity of a pack on a text file")
+    _add_runtime_args(p)
+    p.add_argument("--text", required=True)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=8192)
+    p.set_defaults(func=_cmd_perplexity)
+    a = ap.parse_args(argv)
+    try:
+        return a.func(a)
+    except (FateError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Sampling and the single-sequence generation loop (prefill the prompt, then one token per step)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from expert_store.errors import FateError
+
+from .model import MoEModel
+
+
+class SamplingError(FateError, ValueError):
+    """Sampling parameters out of range (the message says which and the allowed range)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: no top-k cut
+    top_p: float = 1.0  # 1: no nucleus cut
+    seed: int | None = None  # None: nondeterministic when sampling
+    stop_token_ids: tuple[int, ...] = ()  # stop on these besides the model's EOS
+    ignore_eos: bool = False  # keep going past EOS (benchmarks, reference comparisons)
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise SamplingError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not (self.temperature >= 0.0 and self.temperature == self.temperature):
+            raise SamplingError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise SamplingError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    if params.seed is not None:
+        g.manual_seed(params.seed)
+    else:
+        g.seed()
+    return g
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
+    """One token from logits [V]: greedy, or temperature -> top-k -> top-p (Hugging Face's order)."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    scores = logits.float() / params.temperature
+    if params.top_k > 0 and params.top_k < scores.numel():
+        kth = torch.topk(scores, params.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        cum = torch.softmax(sorted_scores, dim=-1).cumsum(-1)
+        # drop a token when the mass before it already reaches top_p; always keep the first
+        drop = (cum - torch.softmax(sorted_scores, dim=-1)) >= params.top_p
+        drop[0] = False
+        scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def generate(
+    model: MoEModel, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams()
+) -> Iterator[int]:
+    """Yield new token ids; stops on EOS (unless ignore_eos), a stop token, or max_new_tokens."""
+    params.validate()
+    if not prompt_ids:
+        raise SamplingError("the prompt is empty")
+    limit = model.args.max_position_embeddings
+    if len(prompt_ids) + params.max_new_tokens > limit:
+        raise SamplingError(
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the context ({limit})"
+        )
+    stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(model.args.eos_token_ids))
+    gen = make_generator(params)
+    seq = model.new_sequence(capacity=len(prompt_ids) + params.max_new_tokens)
+    logits = model.forward([seq], [torch.tensor(list(prompt_ids))])[0]
+    for step in range(params.max_new_tokens):
+        token = sample(logits, params, gen)
+        yield token
+        if token in stops or step == params.max_new_tokens - 1:
+            return
+        logits = model.forward([seq], [torch.tensor([token])])[0]
