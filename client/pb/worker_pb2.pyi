@@ -1,0 +1,223 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
+    FINISH_REASON_LENGTH: _ClassVar[FinishReason]
+    FINISH_REASON_EOS: _ClassVar[FinishReason]
+    FINISH_REASON_STOP_STRING: _ClassVar[FinishReason]
+    FINISH_REASON_STOP_TOKEN: _ClassVar[FinishReason]
+FINISH_REASON_UNSPECIFIED: FinishReason
+FINISH_REASON_LENGTH: FinishReason
+FINISH_REASON_EOS: FinishReason
+FINISH_REASON_STOP_STRING: FinishReason
+FINISH_REASON_STOP_TOKEN: FinishReason
+
+class TokenIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("request_id", "prompt", "token_ids", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop_strings", "stop_token_ids", "ignore_eos", "details")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STOP_STRINGS_FIELD_NUMBER: _ClassVar[int]
+    STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    prompt: str
+    token_ids: TokenIds
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    stop_strings: _containers.RepeatedScalarFieldContainer[str]
+    stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    ignore_eos: bool
+    details: bool
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop_strings: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., details: _Optional[bool] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("token", "final")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    token: GeneratedToken
+    final: GenerateFinal
+    def __init__(self, token: _Optional[_Union[GeneratedToken, _Mapping]] = ..., final: _Optional[_Union[GenerateFinal, _Mapping]] = ...) -> None: ...
+
+class GeneratedToken(_message.Message):
+    __slots__ = ("index", "id", "text", "logprob")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    id: int
+    text: str
+    logprob: float
+    def __init__(self, index: _Optional[int] = ..., id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ...) -> None: ...
+
+class GenerateUsage(_message.Message):
+    __slots__ = ("prompt_tokens", "completion_tokens")
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    completion_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+
+class GenerateTimings(_message.Message):
+    __slots__ = ("queue_ns", "prefill_ns", "decode_ns", "time_to_first_token_ns", "total_ns")
+    QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_NS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_NS_FIELD_NUMBER: _ClassVar[int]
+    TIME_TO_FIRST_TOKEN_NS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_NS_FIELD_NUMBER: _ClassVar[int]
+    queue_ns: int
+    prefill_ns: int
+    decode_ns: int
+    time_to_first_token_ns: int
+    total_ns: int
+    def __init__(self, queue_ns: _Optional[int] = ..., prefill_ns: _Optional[int] = ..., decode_ns: _Optional[int] = ..., time_to_first_token_ns: _Optional[int] = ..., total_ns: _Optional[int] = ...) -> None: ...
+
+class RequestExpertStats(_message.Message):
+    __slots__ = ("lookups", "hits", "misses", "prefetch_hits", "prefetches_issued", "bytes_fetched", "fetch_wait_ns")
+    LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_HITS_FIELD_NUMBER: _ClassVar[int]
+    PREFETCHES_ISSUED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FETCHED_FIELD_NUMBER: _ClassVar[int]
+    FETCH_WAIT_NS_FIELD_NUMBER: _ClassVar[int]
+    lookups: int
+    hits: int
+    misses: int
+    prefetch_hits: int
+    prefetches_issued: int
+    bytes_fetched: int
+    fetch_wait_ns: int
+    def __init__(self, lookups: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., prefetch_hits: _Optional[int] = ..., prefetches_issued: _Optional[int] = ..., bytes_fetched: _Optional[int] = ..., fetch_wait_ns: _Optional[int] = ...) -> None: ...
+
+class GenerateFinal(_message.Message):
+    __slots__ = ("request_id", "finish_reason", "stop_string", "stop_token_id", "seed", "usage", "timings", "experts")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    STOP_STRING_FIELD_NUMBER: _ClassVar[int]
+    STOP_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    finish_reason: FinishReason
+    stop_string: str
+    stop_token_id: int
+    seed: int
+    usage: GenerateUsage
+    timings: GenerateTimings
+    experts: RequestExpertStats
+    def __init__(self, request_id: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_string: _Optional[str] = ..., stop_token_id: _Optional[int] = ..., seed: _Optional[int] = ..., usage: _Optional[_Union[GenerateUsage, _Mapping]] = ..., timings: _Optional[_Union[GenerateTimings, _Mapping]] = ..., experts: _Optional[_Union[RequestExpertStats, _Mapping]] = ...) -> None: ...
+
+class GetWorkerStatsRequest(_message.Message):
+    __slots__ = ("include_layers",)
+    INCLUDE_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    include_layers: bool
+    def __init__(self, include_layers: _Optional[bool] = ...) -> None: ...
+
+class LayerCacheStats(_message.Message):
+    __slots__ = ("layer", "slots", "resident_experts", "lookups", "hits", "misses", "prefetch_hits", "evictions")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_HITS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    slots: int
+    resident_experts: int
+    lookups: int
+    hits: int
+    misses: int
+    prefetch_hits: int
+    evictions: int
+    def __init__(self, layer: _Optional[int] = ..., slots: _Optional[int] = ..., resident_experts: _Optional[int] = ..., lookups: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., prefetch_hits: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
+
+class WorkerStats(_message.Message):
+    __slots__ = ("worker_id", "model_family", "device", "expert_format", "cache_policy", "predictor", "uptime_ms", "store_connected", "active_requests", "queued_requests", "requests_total", "requests_failed", "requests_cancelled", "prompt_tokens_total", "generated_tokens_total", "budget_bytes", "used_bytes", "high_water_bytes", "resident_experts", "lookups", "hits", "misses", "prefetch_hits", "prefetches_issued", "evictions", "bytes_fetched_shm", "bytes_fetched_grpc", "fetch_wait_ns", "layers")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FAMILY_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    CACHE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    PREDICTOR_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_MS_FIELD_NUMBER: _ClassVar[int]
+    STORE_CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HIGH_WATER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_HITS_FIELD_NUMBER: _ClassVar[int]
+    PREFETCHES_ISSUED_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FETCHED_SHM_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FETCHED_GRPC_FIELD_NUMBER: _ClassVar[int]
+    FETCH_WAIT_NS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    model_family: str
+    device: str
+    expert_format: str
+    cache_policy: str
+    predictor: str
+    uptime_ms: int
+    store_connected: bool
+    active_requests: int
+    queued_requests: int
+    requests_total: int
+    requests_failed: int
+    requests_cancelled: int
+    prompt_tokens_total: int
+    generated_tokens_total: int
+    budget_bytes: int
+    used_bytes: int
+    high_water_bytes: int
+    resident_experts: int
+    lookups: int
+    hits: int
+    misses: int
+    prefetch_hits: int
+    prefetches_issued: int
+    evictions: int
+    bytes_fetched_shm: int
+    bytes_fetched_grpc: int
+    fetch_wait_ns: int
+    layers: _containers.RepeatedCompositeFieldContainer[LayerCacheStats]
+    def __init__(self, worker_id: _Optional[str] = ..., model_family: _Optional[str] = ..., device: _Optional[str] = ..., expert_format: _Optional[str] = ..., cache_policy: _Optional[str] = ..., predictor: _Optional[str] = ..., uptime_ms: _Optional[int] = ..., store_connected: _Optional[bool] = ..., active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., high_water_bytes: _Optional[int] = ..., resident_experts: _Optional[int] = ..., lookups: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., prefetch_hits: _Optional[int] = ..., prefetches_issued: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_fetched_shm: _Optional[int] = ..., bytes_fetched_grpc: _Optional[int] = ..., fetch_wait_ns: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerCacheStats, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,228 @@
+"""Codec: quantization round trips, bit packing by hand, blob layout and blob types."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from expert_store import codec
+from expert_store.codec import (
+    ALIGN,
+    FORMATS,
+    CodecError,
+    QuantizedMatrix,
+    decode_expert,
+    dequantize,
+    encode_expert,
+    expert_nbytes,
+    format_spec,
+    quantize,
+    reconstruction_error,
+    view_expert,
+)
+
+QUANTIZED = ("int8", "int4", "int2")
+
+
+def _weights(hidden: int, inter: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(inter, hidden, generator=g) * 0.02, torch.randn(inter, hidden, generator=g) * 0.02,
+            torch.randn(hidden, inter, generator=g) * 0.02)
+
+
+def _half_scale_per_element(q: QuantizedMatrix) -> torch.Tensor:
+    """scale/2 broadcast to [out, in] (each element's group)."""
+    return q.scales.float().repeat_interleave(q.group_size, dim=1)[:, : q.shape[1]] / 2
+
+
+def test_format_table_matches_the_design():
+    assert {f: (s.bits, s.group_size) for f, s in FORMATS.items()} == {
+        "bf16": (16, 0), "int8": (8, 128), "int4": (4, 64), "int2": (2, 32)}
+    assert format_spec("int4") is FORMATS["int4"]
+
+
+def test_unknown_format_names_the_known_ones():
+    with pytest.raises(CodecError, match="int3.*bf16.*int2.*int4.*int8"):
+        format_spec("int3")
+    with pytest.raises(CodecError):
+        expert_nbytes("fp8", 64, 128)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("hidden,inter", [(128, 256), (200, 100), (192, 384)])
+def test_blob_size_and_section_alignment(fmt, hidden, inter):
+    blob = encode_expert(fmt, *_weights(hidden, inter))
+    assert len(blob) == expert_nbytes(fmt, hidden, inter)
+    arr = np.frombuffer(blob, dtype=np.uint8)
+    base = torch.from_numpy(arr.copy())
+    views = view_expert(fmt, base, hidden, inter)
+    for v in views.values():
+        tensors = [v.codes, v.scales, v.mins] if isinstance(v, QuantizedMatrix) else [v]
+        for t in tensors:
+            assert (t.data_ptr() - base.data_ptr()) % ALIGN == 0
+            assert t.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()  # zero-copy
+
+
+@pytest.mark.parametrize("fmt", QUANTIZED)
+@pytest.mark.parametrize("shape", [(48, 256), (16, 100), (8, 37)])
+def test_quantized_round_trip_error_is_at_most_half_a_step(fmt, shape):
+    spec = FORMATS[fmt]
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 0.02
+    q = quantize(w, spec.bits, spec.group_size)
+    n_groups = -(-shape[1] // spec.group_size)
+    assert q.codes.dtype == torch.uint8 and q.codes.shape == (shape[0], n_groups * spec.group_size * spec.bits // 8)
+    assert q.scales.dtype == q.mins.dtype == torch.float16 and q.scales.shape == (shape[0], n_groups)
+    w2 = dequantize(q)
+    assert w2.shape == w.shape and w2.dtype == torch.float32
+    err = (w2 - w).abs()
+    assert (err <= _half_scale_per_element(q) + 1e-7).all()
+    rel = (err.norm() / w.norm()).item()
+    assert rel < {"int8": 0.01, "int4": 0.12, "int2": 0.5}[fmt]
+    assert dequantize(q, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_padded_last_group_keeps_its_own_range():
+    # 100 inputs, int4 group 64: the second group holds 36 real values + 28 padding
+    w = torch.zeros(2, 100)
+    w[:, 64:] = torch.linspace(-1.0, 0.5, 36)
+    w[:, :64] = torch.linspace(3.0, 4.0, 64)
+    q = quantize(w, 4, 64)
+    assert q.n_groups == 2 and q.shape == (2, 100)
+    assert torch.equal(q.mins[:, 1].float(), torch.tensor([-1.0, -1.0]))
+    assert (q.scales[:, 1].float() >= 1.5 / 15).all() and (q.scales[:, 1].float() < 1.5 / 15 * 1.001).all()
+    assert dequantize(q).shape == (2, 100)
+
+
+def test_constant_groups():
+    w = torch.full((4, 128), 0.5)
+    w[1] = -0.25
+    w[2] = 0.0
+    w[3] = 0.1234567  # not an fp16 value: min rounds down, a tiny step covers it
+    for bits, group in ((8, 128), (4, 64), (2, 32)):
+        q = quantize(w, bits, group)
+        out = dequantize(q)
+        assert torch.isfinite(out).all()
+        assert torch.equal(out[:3], w[:3])  # exact, scale 0
+        assert (q.scales[:3] == 0).all()
+        assert (out[3] - w[3]).abs().max() < 1e-4
+
+
+def test_int4_packing_by_hand():
+    row = torch.zeros(1, 64)
+    row[0, :6] = torch.tensor([1.0, 2.0, 3.0, 4.0, 15.0, 0.0])  # min 0, max 15: scale 1, codes = values
+    q = quantize(row, 4, 64)
+    assert q.scales.item() == 1.0 and q.mins.item() == 0.0
+    # element 2j in the low nibble, 2j+1 in the high nibble
+    assert q.codes[0, :4].tolist() == [0x21, 0x43, 0x0F, 0x00]
+    assert q.codes[0, 4:].sum().item() == 0
+    blob = encode_expert("int4", row.expand(64, 64), row.expand(64, 64), row.expand(64, 64))
+    assert blob[:3] == bytes([0x21, 0x43, 0x0F])  # gate codes open the blob
+    codes_bytes = 64 * 32
+    assert np.frombuffer(blob[codes_bytes:codes_bytes + 2], dtype=np.float16)[0] == 1.0  # gate scales
+
+
+def test_int2_packing_by_hand():
+    row = torch.zeros(1, 32)
+    row[0, :8] = torch.tensor([1.0, 2.0, 3.0, 0.0, 3.0, 3.0, 0.0, 0.0])  # scale 1, codes = values
+    q = quantize(row, 2, 32)
+    assert q.scales.item() == 1.0 and q.mins.item() == 0.0
+    # element 4j+i in bits 2i..2i+1: [1,2,3,0] -> 0b00_11_10_01, [3,3,0,0] -> 0b00_00_11_11
+    assert q.codes[0, :2].tolist() == [0b00111001, 0b00001111]
+
+
+def test_dequantize_known_bytes():
+    """The unpacking alone: hand-made codes/scales/mins -> known weights."""
+    codes = torch.tensor([[0x21, 0x43, 0xF0, 0x00] + [0] * 28], dtype=torch.uint8)  # 64 int4 codes
+    q = QuantizedMatrix(codes, torch.tensor([[0.5]], dtype=torch.float16),
+                        torch.tensor([[-1.0]], dtype=torch.float16), (1, 64), 4, 64)
+    w = dequantize(q)
+    assert w[0, :6].tolist() == [-0.5, 0.0, 0.5, 1.0, -1.0, 6.5]
+    codes2 = torch.tensor([[0b11100100, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.uint8)  # 32 int2 codes
+    q2 = QuantizedMatrix(codes2, torch.tensor([[2.0]], dtype=torch.float16),
+                         torch.tensor([[1.0]], dtype=torch.float16), (1, 30), 2, 32)
+    assert dequantize(q2)[0, :5].tolist() == [1.0, 3.0, 5.0, 7.0, 1.0]
+    assert dequantize(q2).shape == (1, 30)
+
+
+def test_row_bytes_not_a_multiple_of_four_take_the_general_unpack():
+    w = torch.randn(3, 10)
+    q = quantize(w, 4, 2)  # 5 groups of 2 -> 5 code bytes per row
+    assert ((dequantize(q) - w).abs() <= _half_scale_per_element(q) + 1e-6).all()
+
+
+def test_bf16_is_an_exact_passthrough():
+    gate, up, down = _weights(64, 96)
+    blob = encode_expert("bf16", gate, up, down)
+    for got, ref in zip(decode_expert("bf16", blob, 64, 96), (gate, up, down)):
+        assert torch.equal(got, ref.to(torch.bfloat16).float())
+    g16, _, _ = decode_expert("bf16", blob, 64, 96, dtype=torch.bfloat16)
+    assert g16.dtype == torch.bfloat16 and torch.equal(g16, gate.to(torch.bfloat16))
+    assert reconstruction_error("bf16", gate.to(torch.bfloat16))["max_abs"] == 0.0
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_decode_accepts_every_blob_type(fmt):
+    hidden, inter = 64, 128
+    blob = encode_expert(fmt, *_weights(hidden, inter))
+    ref = decode_expert(fmt, blob, hidden, inter)
+    kinds = [bytearray(blob), memoryview(blob), np.frombuffer(blob, dtype=np.uint8),
+             torch.frombuffer(bytearray(blob), dtype=torch.uint8)]
+    for kind in kinds:
+        for got, want in zip(decode_expert(fmt, kind, hidden, inter), ref):
+            assert got.shape == want.shape and torch.equal(got, want), type(kind)
+    odd = bytearray(len(blob) + 1)
+    odd[1:] = blob
+    for got, want in zip(decode_expert(fmt, memoryview(odd)[1:], hidden, inter), ref):  # odd address
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_wrong_blob_size_or_type_raises(fmt):
+    blob = encode_expert(fmt, *_weights(64, 128))
+    with pytest.raises(CodecError, match=str(len(blob))):
+        decode_expert(fmt, blob[:-1], 64, 128)
+    with pytest.raises(CodecError):
+        decode_expert(fmt, blob + b"\0" * 16, 64, 128)
+    with pytest.raises(CodecError):
+        decode_expert(fmt, blob, 64, 64)  # shapes that do not match the blob
+    with pytest.raises(CodecError, match="uint8"):
+        decode_expert(fmt, np.zeros(len(blob) // 4, dtype=np.float32), 64, 128)
+    with pytest.raises(CodecError):
+        decode_expert(fmt, "not a blob", 64, 128)
+
+
+def test_encode_rejects_bad_inputs():
+    gate, up, down = _weights(64, 128)
+    with pytest.raises(CodecError, match="down"):
+        encode_expert("int4", gate, up, down.t())
+    with pytest.raises(CodecError):
+        encode_expert("int4", gate, up[:, :32], down)
+    with pytest.raises(CodecError, match="inf or nan"):
+        encode_expert("int4", gate.clone().fill_(float("nan")), up, down)
+    with pytest.raises(CodecError, match="fp16"):
+        quantize(torch.tensor([[-1e6, 1e6] * 32]), 4, 64)  # the min has no fp16 value
+    with pytest.raises(CodecError):
+        quantize(torch.zeros(4, 64, dtype=torch.int32), 4, 64)
+
+
+def test_views_share_the_buffer():
+    hidden, inter = 64, 128
+    buf = torch.frombuffer(bytearray(encode_expert("int4", *_weights(hidden, inter))), dtype=torch.uint8)
+    views = view_expert("int4", buf, hidden, inter)
+    before = dequantize(views["gate"]).clone()
+    buf[:] = 0  # the views see the change: nothing was copied
+    assert views["gate"].codes.sum().item() == 0 and not torch.equal(dequantize(views["gate"]), before)
+
+
+def test_reconstruction_error_ranks_the_formats():
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(3)) * 0.02
+    errs = {f: reconstruction_error(f, w) for f in FORMATS}
+    assert set(errs["int4"]) >= {"rel_fro", "max_abs", "bits_per_param"}
+    assert errs["bf16"]["rel_fro"] < errs["int8"]["rel_fro"] < errs["int4"]["rel_fro"] < errs["int2"]["rel_fro"]
+    assert errs["int4"]["bits_per_param"] == 4 + 2 * 16 / 64
+    assert errs["int2"]["bits_per_param"] == 2 + 2 * 16 / 32
+
+
+def test_layout_version_is_exported():
+    assert codec.LAYOUT_VERSION == 1

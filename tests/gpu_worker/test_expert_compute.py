@@ -1,0 +1,152 @@
+"""Expert compute forms: each matches the dequantized fp32 reference; nbytes is honest."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from expert_store.codec import FORMATS, CodecError, QuantizedMatrix, decode_expert, encode_expert
+from gpu_worker.expert_compute import COMPUTE_FORMS, default_compute_form, make_expert_compute
+
+# (hidden, inter): aligned to every kernel constraint; then K and N that need padding
+SHAPES = [(128, 256), (200, 100)]
+# relative Frobenius error of the expert output vs the fp32 reference of the same codes
+TOLERANCE = {"fp32": 0.0, "dequant_per_use": 0.0, "bf16": 2e-2, "int4_fused": 2e-2}
+
+
+def _swiglu(x, gate, up, down):
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def _expert(hidden: int, inter: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(inter, hidden, generator=g) * 0.02, torch.randn(inter, hidden, generator=g) * 0.02,
+            torch.randn(hidden, inter, generator=g) * 0.02)
+
+
+def _kept_tensors(obj, seen: dict | None = None) -> dict[int, torch.Tensor]:
+    """Every tensor reachable from an expert object (its own classes, lists, QuantizedMatrix)."""
+    seen = {} if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        seen[obj.untyped_storage().data_ptr()] = obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            _kept_tensors(o, seen)
+    elif isinstance(obj, QuantizedMatrix) or type(obj).__module__ == "gpu_worker.expert_compute":
+        for o in vars(obj).values():
+            _kept_tensors(o, seen)
+    return seen
+
+
+def _cases():
+    for fmt in FORMATS:
+        for form in COMPUTE_FORMS:
+            if form == "int4_fused" and fmt in ("bf16", "int8"):
+                continue
+            yield fmt, form
+
+
+@pytest.mark.parametrize("hidden,inter", SHAPES)
+@pytest.mark.parametrize("fmt,form", list(_cases()))
+def test_form_matches_dequantized_reference(fmt, form, hidden, inter):
+    blob = encode_expert(fmt, *_expert(hidden, inter))
+    x = torch.randn(7, hidden, generator=torch.Generator().manual_seed(1))
+    ref = _swiglu(x, *decode_expert(fmt, blob, hidden, inter))
+    expert = make_expert_compute(fmt, blob, hidden, inter, form)
+    y = expert(x)
+    assert y.shape == (7, hidden) and y.dtype == torch.float32
+    rel = ((y - ref).norm() / ref.norm()).item()
+    if TOLERANCE[form] == 0.0:
+        assert torch.equal(y, ref)  # same weights, same fp32 ops
+    else:
+        assert 0 < rel < TOLERANCE[form]
+
+
+def test_bf16_format_fp32_form_is_bit_identical_to_f_linear():
+    gate, up, down = _expert(96, 160)
+    blob = encode_expert("bf16", gate, up, down)
+    x = torch.randn(5, 96)
+    up32 = [w.to(torch.bfloat16).float() for w in (gate, up, down)]
+    assert torch.equal(make_expert_compute("bf16", blob, 96, 160, "fp32")(x), _swiglu(x, *up32))
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int2"])
+def test_fused_kernel_matches_dequant_reference_on_tiny_mixtral_shape(fmt):
+    hidden, inter = 192, 384
+    blob = encode_expert(fmt, *_expert(hidden, inter, seed=4))
+    x = torch.randn(3, hidden)
+    ref = _swiglu(x, *decode_expert(fmt, blob, hidden, inter))
+    bf16_ref = make_expert_compute(fmt, blob, hidden, inter, "bf16")(x)  # bf16 activations too
+    y = make_expert_compute(fmt, blob, hidden, inter, "int4_fused")(x)
+    rel = ((y - ref).norm() / ref.norm()).item()
+    rel_bf16 = ((bf16_ref - ref).norm() / ref.norm()).item()
+    assert rel < 2 * rel_bf16 + 1e-3  # no worse than bf16 compute (int2 codes are re-centred)
+
+
+@pytest.mark.parametrize("hidden,inter", SHAPES)
+@pytest.mark.parametrize("fmt,form", list(_cases()))
+def test_nbytes_is_the_sum_of_kept_tensors(fmt, form, hidden, inter):
+    blob = encode_expert(fmt, *_expert(hidden, inter))
+    expert = make_expert_compute(fmt, blob, hidden, inter, form)
+    kept = _kept_tensors(expert)
+    assert kept and expert.nbytes == sum(t.numel() * t.element_size() for t in kept.values())
+    n_params = 3 * hidden * inter
+    if form == "fp32":
+        assert expert.nbytes == 4 * n_params
+    elif form == "bf16":
+        assert expert.nbytes == 2 * n_params
+    elif form == "int4_fused" and fmt == "int4" and hidden % 64 == 0 and inter % 64 == 0:
+        assert expert.nbytes == n_params // 2 + 3 * 2 * 2 * (n_params // 3 // 64)  # codes + bf16 scale, zero
+    elif form == "dequant_per_use" and hidden % 128 == 0 and inter % 128 == 0:
+        assert expert.nbytes == len(blob)  # aligned shapes: the blob has no padding
+
+
+@pytest.mark.parametrize("form", COMPUTE_FORMS)
+def test_expert_does_not_keep_the_blob(form):
+    hidden, inter = 128, 256
+    buf = bytearray(encode_expert("int4", *_expert(hidden, inter)))
+    expert = make_expert_compute("int4", buf, hidden, inter, form)
+    x = torch.randn(2, hidden)
+    before = expert(x)
+    buf[:] = bytes(len(buf))  # the store reuses the slot
+    assert torch.equal(expert(x), before)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_fused_form_refuses_formats_the_kernel_cannot_hold(fmt):
+    blob = encode_expert(fmt, *_expert(64, 128))
+    with pytest.raises(CodecError, match="int4_fused"):
+        make_expert_compute(fmt, blob, 64, 128, "int4_fused")
+
+
+def test_bad_form_and_bad_input():
+    blob = encode_expert("int4", *_expert(64, 128))
+    with pytest.raises(CodecError, match="compute form"):
+        make_expert_compute("int4", blob, 64, 128, "int3_magic")
+    expert = make_expert_compute("int4", blob, 64, 128, "int4_fused")
+    with pytest.raises(CodecError, match=r"\[T, 64\]"):
+        expert(torch.randn(2, 63))
+    assert expert(torch.randn(0, 64)).shape == (0, 64)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_defaults_are_valid_forms_that_run(fmt):
+    for device in ("cpu", "cuda"):
+        assert default_compute_form(fmt, device) in COMPUTE_FORMS
+    assert default_compute_form("int4", "cpu") == "int4_fused"
+    assert default_compute_form("bf16", "cpu") == "fp32"
+    blob = encode_expert(fmt, *_expert(64, 128))
+    assert make_expert_compute(fmt, blob, 64, 128, "auto")(torch.randn(2, 64)).shape == (2, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt,form", list(_cases()))
+def test_cuda_forms_match_reference(fmt, form):
+    hidden, inter = 192, 384
+    blob = encode_expert(fmt, *_expert(hidden, inter))
+    x = torch.randn(4, hidden)
+    ref = _swiglu(x, *decode_expert(fmt, blob, hidden, inter))
+    y = make_expert_compute(fmt, blob, hidden, inter, form, "cuda")(x.cuda()).cpu()
+    assert ((y - ref).norm() / ref.norm()).item() < 2e-2
