@@ -8,7 +8,7 @@ the same interface.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol, Sequence
+from typing import Iterator, NamedTuple, Protocol, Sequence
 
 import torch
 
@@ -23,8 +23,12 @@ class ExpertId(NamedTuple):
 
 
 class ExpertProvider(Protocol):
-    def get_experts(self, layer: int, experts: Sequence[int]) -> dict[int, ExpertCompute]:
-        """Compute-ready experts of `layer`, keyed by expert id; every id asked for is present."""
+    def iter_experts(self, layer: int, experts: Sequence[int]) -> Iterator[tuple[int, ExpertCompute]]:
+        """Yield (expert id, compute-ready expert) once for every id asked for, in any order.
+
+        An expert yielded stays valid until the next item is requested: a budgeted cache
+        can evict it after that, so a layer never needs all its experts resident at once.
+        """
 
 
 class PackExpertSource:
@@ -48,11 +52,9 @@ class PackExpertSource:
             self.fmt, blob, a.hidden_size, a.expert_intermediate_size, self.form, self.device
         )
 
-    def get_experts(self, layer: int, experts: Sequence[int]) -> dict[int, ExpertCompute]:
-        out = {}
+    def iter_experts(self, layer: int, experts: Sequence[int]) -> Iterator[tuple[int, ExpertCompute]]:
         for e in experts:
             key = ExpertId(layer, e)
             if key not in self._experts:
                 self._experts[key] = self.load(layer, e)
-            out[e] = self._experts[key]
-        return out
+            yield e, self._experts[key]

@@ -216,12 +216,17 @@ class MoEModel:
             self.observer.on_routing(i, ids, weights)
         weights = weights.to(h.dtype)
         needed = torch.unique(ids).tolist()
-        computes = self.experts.get_experts(i, needed)
         out = torch.zeros_like(h)
-        for e in needed:
+        # The provider yields each expert when it is ready (resident ones first) and may
+        # evict it once we ask for the next: the order of the sum is fixed below, so the
+        # result does not depend on the arrival order.
+        ys: dict[int, torch.Tensor] = {}
+        for e, compute in self.experts.iter_experts(i, needed):
             tok, slot = torch.where(ids == e)
-            y = computes[e](h[tok]).to(h.dtype)  # [t_e, H]
-            out.index_add_(0, tok, y * weights[tok, slot, None])
+            ys[e] = compute(h[tok]).to(h.dtype) * weights[tok, slot, None]  # [t_e, H]
+        for e in needed:
+            tok, _ = torch.where(ids == e)
+            out.index_add_(0, tok, ys[e])
         shared = self.layers[i].shared
         if shared:
             s = swiglu(h, shared["gate"], shared["up"], shared["down"])
