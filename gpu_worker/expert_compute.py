@@ -16,7 +16,6 @@ Measured trade-offs and the per-device defaults: docs/codec.md.
 
 from __future__ import annotations
 
-import functools
 from typing import Protocol
 
 import torch
@@ -89,10 +88,11 @@ class DequantPerUseExpert:
 
     def __call__(self, x: Tensor) -> Tensor:
         _check_input(x, self.hidden)
-        gate, up, down = (self._weight(m) for m in self.mats)
+        # one expanded matrix alive at a time: a third of the scratch memory
         xc = x.to(self.dtype)
-        h = F.silu(F.linear(xc, gate)) * F.linear(xc, up)  # [T, I]
-        return F.linear(h, down).float()  # [T, H]
+        h = F.silu(F.linear(xc, self._weight(self.mats[0])))  # [T, I]
+        h = h * F.linear(xc, self._weight(self.mats[1]))
+        return F.linear(h, self._weight(self.mats[2])).float()  # [T, H]
 
 
 class Int4Linear:
@@ -125,8 +125,9 @@ class Int4Linear:
             codes = F.pad(codes, (0, 0, 0, n_pad))
             scale, zero = F.pad(scale, (0, 0, 0, n_pad)), F.pad(zero, (0, 0, 0, n_pad))
         sz = torch.stack([scale, zero], dim=-1).transpose(0, 1)  # [K/G, Np, 2]
-        # CPU kernel: only its bf16 path is vectorized (fp32/fp16 x measured 40-100x
-        # slower, docs/codec.md), and x, scales_and_zeros must share a dtype. CUDA: bf16.
+        # CPU kernel: only its bf16 path is fast (fp32 x measured 27x slower at 1 token,
+        # ~100x at 64, docs/codec.md); x and scales_and_zeros must share a dtype.
+        # CUDA (tinygemm) takes bf16 only.
         self.scales_and_zeros = sz.to(torch.bfloat16).contiguous().to(device)
         if device.type == "cuda":
             packed_u8 = (codes[:, ::2] << 4) | codes[:, 1::2]  # [Np, Kp/2], even element high
@@ -212,37 +213,23 @@ def make_expert_compute(fmt: str, blob: BlobLike, hidden: int, inter: int, form:
     return DequantPerUseExpert(owned, dtype)
 
 
-@functools.lru_cache(maxsize=1)
-def _cpu_has_native_bf16() -> bool:
-    """avx512_bf16 / amx_bf16 decide whether bf16 matmuls are fast on this CPU."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def default_compute_form(fmt: str, device: torch.device | str) -> str:
-    """The per-device default, chosen from measurements in docs/codec.md.
+    """The per-device default, chosen from the measurements in docs/codec.md.
 
-    CPU (2-core EPYC with avx512_bf16, torch 2.13, one run of bench/codec_bench.py):
-      - int4/int2 -> int4_fused: fastest at 1 and 8 tokens (decode dominates) and the
-        smallest cache footprint; at 64 tokens bf16 dense is faster, but its footprint
-        is 3.5x larger and prefill is a minority of expert calls.
-      - int8 -> bf16 on CPUs with native bf16 (faster than fp32 at every T measured,
-        half the bytes), else fp32 (the issue's reference machine: bf16 21.9 ms vs
-        fp32 4.8 ms at 64 tokens).
-      - bf16 -> fp32: the exact reference path for the format kept for fidelity.
-    CUDA (not measured here, no GPU on the bench machine): int4/int2 -> int4_fused
-    (tinygemm, the int4 bytes stay int4 in the cache), others -> bf16.
+    CPU (bench/codec_bench.py, 2-core EPYC, torch 2.13, cold weights, expert h1024 i2816):
+      - int4/int2 -> int4_fused: fastest at 1 and 8 tokens (0.23 ms vs bf16 0.88, fp32
+        1.96 at T=1) with the smallest footprint (4.9 MB vs 17.3 / 34.6). At 64 tokens
+        bf16 is faster (2.1 vs 3.6 ms) but 3.5x the bytes; decode calls dominate.
+      - int8, bf16 -> dequant_per_use: bit-identical to the fp32 form, about as fast
+        (1.72 vs 1.81 ms int8, 1.76 vs 1.87 bf16 at T=1; 4-10% slower at T=64) and
+        4x / 2x fewer bytes in the cache. The bf16 form is 2x faster but adds bf16
+        activation error (0.5%, as much as int8 itself) and needs native bf16 (the
+        issue's reference machine: bf16 matmul 21.9 ms vs fp32 4.8 at 64 tokens).
+    CUDA (not measured: no GPU on the bench machine): int4/int2 -> int4_fused (tinygemm,
+    the bytes stay int4 in the cache), others -> bf16 (Fate's choice).
     """
     spec = format_spec(fmt)
     device = torch.device(device)
     if spec.quantized and spec.bits in (2, 4) and spec.group_size in INT4_KERNEL_GROUP_SIZES:
         return "int4_fused"
-    if device.type == "cuda":
-        return "bf16"
-    if spec.quantized and _cpu_has_native_bf16():
-        return "bf16"
-    return "fp32"
+    return "bf16" if device.type == "cuda" else "dequant_per_use"

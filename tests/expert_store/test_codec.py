@@ -82,6 +82,17 @@ def test_quantized_round_trip_error_is_at_most_half_a_step(fmt, shape):
     assert dequantize(q, torch.bfloat16).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("fmt", QUANTIZED)
+def test_bound_holds_when_fp16_cannot_hold_the_min(fmt):
+    # values in [100.05, 100.06]; fp16's nearest to the min is 100.0625, above them all:
+    # the stored min is rounded down and the scale up, so the stored range covers them
+    spec = FORMATS[fmt]
+    w = 100.05 + torch.rand(8, 128, generator=torch.Generator().manual_seed(2)) * 0.01
+    q = quantize(w, spec.bits, spec.group_size)
+    assert (q.scales > 0).all() and (q.mins.float() <= w.amin()).all()
+    assert ((dequantize(q) - w).abs() <= _half_scale_per_element(q) + 1e-5).all()
+
+
 def test_padded_last_group_keeps_its_own_range():
     # 100 inputs, int4 group 64: the second group holds 36 real values + 28 padding
     w = torch.zeros(2, 100)

@@ -134,8 +134,8 @@ def test_bad_form_and_bad_input():
 def test_defaults_are_valid_forms_that_run(fmt):
     for device in ("cpu", "cuda"):
         assert default_compute_form(fmt, device) in COMPUTE_FORMS
-    assert default_compute_form("int4", "cpu") == "int4_fused"
-    assert default_compute_form("bf16", "cpu") == "fp32"
+    assert default_compute_form("int4", "cpu") == default_compute_form("int2", "cpu") == "int4_fused"
+    assert default_compute_form("bf16", "cpu") == "dequant_per_use"  # exact, like fp32, at 2 B/param
     blob = encode_expert(fmt, *_expert(64, 128))
     assert make_expert_compute(fmt, blob, 64, 128, "auto")(torch.randn(2, 64)).shape == (2, 64)
 
