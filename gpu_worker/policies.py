@@ -1,0 +1,331 @@
+"""Replacement policies (per MoE layer) and allocations of a cache budget across layers.
+
+Plain Python, no torch and no I/O: the worker's `ExpertCache` and the offline
+simulator drive these very classes, so a hit rate replayed from a trace is the hit
+rate the worker would have had.
+
+How a cache drives a policy, for one layer (expert ids are ints within the layer):
+- a routed expert is resident: `on_hit(e)`;
+- it is not: `on_miss(e)` first (ARC adapts here), then, while the layer needs room,
+  `victim(candidates)` and `on_evict(v)`, then `on_insert(e)` once it is resident;
+- a prefetched expert arrives: the same as a miss, with `prefetch=True`;
+- at the end of every forward step: `on_step()`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from typing import Callable, ClassVar, Collection, Sequence
+
+
+class PolicyError(ValueError):
+    """An unknown policy or allocation name, or a policy asked for a victim it does not hold."""
+
+
+class ReplacementPolicy(ABC):
+    """Chooses which resident expert of one layer leaves. Sees every hit, miss, insert and eviction."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def on_hit(self, expert: int) -> None:
+        """A resident expert was used."""
+
+    def on_miss(self, expert: int, prefetch: bool = False) -> None:
+        """`expert` is about to be brought in (before any victim is chosen for it)."""
+
+    @abstractmethod
+    def on_insert(self, expert: int, prefetch: bool = False) -> None:
+        """An expert became resident (after a demand fetch, or a prefetch when `prefetch`)."""
+
+    @abstractmethod
+    def victim(self, candidates: Collection[int]) -> int:
+        """One of `candidates` (resident, not pinned, never empty) to evict."""
+
+    @abstractmethod
+    def on_evict(self, expert: int) -> None:
+        """An expert left the cache (after `victim` chose it, or when the layer was trimmed)."""
+
+    def on_step(self) -> None:
+        """A forward step ended (for policies that age their counts)."""
+
+
+def _first_in(order: Collection[int], candidates: Collection[int], who: str) -> int:
+    for e in order:
+        if e in candidates:
+            return e
+    raise PolicyError(f"{who}: no victim among {sorted(candidates)}: they are not resident (a cache bug)")
+
+
+class LRUPolicy(ReplacementPolicy):
+    """Least recently used: the expert whose last hit or insert is oldest."""
+
+    name = "lru"
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[int, None] = OrderedDict()  # oldest first
+
+    def on_hit(self, expert: int) -> None:
+        self._order.move_to_end(expert)
+
+    def on_insert(self, expert: int, prefetch: bool = False) -> None:
+        self._order[expert] = None
+        self._order.move_to_end(expert)
+
+    def victim(self, candidates: Collection[int]) -> int:
+        return _first_in(self._order, candidates, "lru")
+
+    def on_evict(self, expert: int) -> None:
+        self._order.pop(expert, None)
+
+
+class LFUPolicy(ReplacementPolicy):
+    """Least frequently used, counting every use since start-up (counts survive eviction, so
+    an expert that was popular and comes back is judged by its history); ties go to the
+    least recently used. A prefetch is not a use."""
+
+    name = "lfu"
+
+    def __init__(self) -> None:
+        self._count: dict[int, float] = {}
+        self._recency: OrderedDict[int, None] = OrderedDict()  # resident experts, oldest first
+
+    def _bump(self, expert: int) -> None:
+        self._count[expert] = self._count.get(expert, 0.0) + self._increment()
+
+    def _increment(self) -> float:
+        return 1.0
+
+    def on_hit(self, expert: int) -> None:
+        self._bump(expert)
+        self._recency.move_to_end(expert)
+
+    def on_insert(self, expert: int, prefetch: bool = False) -> None:
+        if not prefetch:
+            self._bump(expert)
+        self._recency[expert] = None
+        self._recency.move_to_end(expert)
+
+    def victim(self, candidates: Collection[int]) -> int:
+        rank = {e: i for i, e in enumerate(self._recency)}
+        resident = [e for e in candidates if e in rank]
+        if not resident:
+            raise PolicyError(f"{self.name}: no victim among {sorted(candidates)}: they are not resident (a cache bug)")
+        return min(resident, key=lambda e: (self._count.get(e, 0.0), rank[e]))
+
+    def on_evict(self, expert: int) -> None:
+        self._recency.pop(expert, None)
+
+    def count(self, expert: int) -> float:
+        """The (decayed) count in units of one use at the current step."""
+        return self._count.get(expert, 0.0) / self._increment()
+
+
+class LFUDecayPolicy(LFUPolicy):
+    """LFU whose counts are multiplied by `decay` at every step, so old popularity fades.
+
+    Implemented without touching every count: each use adds decay**-step instead of 1,
+    which ranks experts exactly as multiplying all counts by `decay` each step would;
+    the counts are rescaled before the increment overflows.
+    """
+
+    name = "lfu_decay"
+
+    def __init__(self, decay: float = 0.9) -> None:
+        if not 0.0 < decay <= 1.0:
+            raise PolicyError(f"lfu_decay: decay must be in (0, 1], got {decay}")
+        super().__init__()
+        self.decay = decay
+        self._inc = 1.0
+
+    def _increment(self) -> float:
+        return self._inc
+
+    def on_step(self) -> None:
+        self._inc /= self.decay
+        if self._inc > 1e100:
+            self._count = {e: c / self._inc for e, c in self._count.items()}
+            self._inc = 1.0
+
+
+class ARCPolicy(ReplacementPolicy):
+    """Adaptive Replacement Cache (Megiddo & Modha, FAST 2003) for a layer of `capacity` slots.
+
+    T1: resident, seen once recently; T2: resident, seen at least twice; B1, B2: ghosts
+    (ids only) of what T1 and T2 evicted; p: the adaptive target size of T1. A ghost hit
+    in B1 grows p (recency was evicted too early), one in B2 shrinks it. When the layer
+    must evict, REPLACE takes T1's LRU if |T1| > p (or = p and the incoming id is a B2
+    ghost), else T2's LRU; pinned experts are skipped within the chosen list first.
+    """
+
+    name = "arc"
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise PolicyError(f"arc: capacity must be >= 1, got {capacity}")
+        self.c = capacity
+        self.p = 0.0
+        self.t1: OrderedDict[int, None] = OrderedDict()  # LRU first
+        self.t2: OrderedDict[int, None] = OrderedDict()
+        self.b1: OrderedDict[int, None] = OrderedDict()
+        self.b2: OrderedDict[int, None] = OrderedDict()
+        self._incoming_from: str | None = None  # "b1" | "b2" | None for the expert being brought in
+        self._incoming: int | None = None
+
+    def on_hit(self, expert: int) -> None:
+        self.t1.pop(expert, None)
+        self.t2[expert] = None
+        self.t2.move_to_end(expert)
+
+    def on_miss(self, expert: int, prefetch: bool = False) -> None:
+        self._incoming = expert
+        if expert in self.b1:
+            self.p = min(float(self.c), self.p + max(len(self.b2) / len(self.b1), 1.0))
+            del self.b1[expert]
+            self._incoming_from = "b1"
+        elif expert in self.b2:
+            self.p = max(0.0, self.p - max(len(self.b1) / len(self.b2), 1.0))
+            del self.b2[expert]
+            self._incoming_from = "b2"
+        else:
+            self._incoming_from = None
+
+    def victim(self, candidates: Collection[int]) -> int:
+        from_t1 = len(self.t1) >= 1 and (
+            (self._incoming_from == "b2" and len(self.t1) == self.p) or len(self.t1) > self.p
+        )
+        first, second = (self.t1, self.t2) if from_t1 else (self.t2, self.t1)
+        for lst in (first, second):
+            for e in lst:
+                if e in candidates:
+                    return e
+        raise PolicyError(f"arc: no victim among {sorted(candidates)}: they are not resident (a cache bug)")
+
+    def on_evict(self, expert: int) -> None:
+        if expert in self.t1:
+            del self.t1[expert]
+            self.b1[expert] = None
+        elif expert in self.t2:
+            del self.t2[expert]
+            self.b2[expert] = None
+        self._trim_ghosts()
+
+    def on_insert(self, expert: int, prefetch: bool = False) -> None:
+        if self._incoming != expert:  # inserted without on_miss (a direct fill): a plain new expert
+            self.on_miss(expert, prefetch)
+        if self._incoming_from is not None:
+            self.t2[expert] = None  # seen before (a ghost): frequency list
+        else:
+            self.t1[expert] = None
+        self._incoming = self._incoming_from = None
+        self._trim_ghosts()
+
+    def _trim_ghosts(self) -> None:
+        # The directory holds at most c ids of L1 = T1 + B1 and 2c in all (the paper's invariants).
+        while self.b1 and len(self.t1) + len(self.b1) > self.c:
+            self.b1.popitem(last=False)
+        while self.b2 and len(self.t1) + len(self.t2) + len(self.b1) + len(self.b2) > 2 * self.c:
+            self.b2.popitem(last=False)
+
+
+POLICY_NAMES = ("lru", "lfu", "lfu_decay", "arc")
+
+
+def make_policy_factory(name: str, lfu_decay: float = 0.9) -> Callable[[int], ReplacementPolicy]:
+    """name -> a function of the layer's slot count returning a fresh policy."""
+    factories: dict[str, Callable[[int], ReplacementPolicy]] = {
+        "lru": lambda slots: LRUPolicy(),
+        "lfu": lambda slots: LFUPolicy(),
+        "lfu_decay": lambda slots: LFUDecayPolicy(lfu_decay),
+        "arc": lambda slots: ARCPolicy(max(1, slots)),
+    }
+    if name not in factories:
+        raise PolicyError(f"unknown replacement policy {name!r}; known: {', '.join(POLICY_NAMES)}")
+    return factories[name]
+
+
+# -- allocation of the budget across MoE layers ---------------------------------------------
+
+
+class Allocation(ABC):
+    """Maps a budget in expert slots to resident slots per MoE layer (their sum <= total)."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def slots(self, total_slots: int, moe_layers: Sequence[int], num_experts: int) -> dict[int, int]:
+        """Slots for every layer of moe_layers (0..num_experts each)."""
+
+
+class UniformAllocation(Allocation):
+    """The same share for every MoE layer; the remainder (fewer slots than layers) goes to
+    the shallowest layers, one each."""
+
+    name = "uniform"
+
+    def slots(self, total_slots: int, moe_layers: Sequence[int], num_experts: int) -> dict[int, int]:
+        n = len(moe_layers)
+        if n == 0:
+            return {}
+        per, extra = divmod(max(0, total_slots), n)
+        return {l: min(num_experts, per + (1 if i < extra else 0)) for i, l in enumerate(moe_layers)}
+
+
+class ShallowFavoringAllocation(Allocation):
+    """Fate's allocation: the first `full_layers` MoE layers entirely resident; the rest of
+    the budget split evenly over the deeper layers. When fewer than `full_layers` whole
+    layers fit, layers are filled from the shallowest and the deeper ones get nothing.
+    (Shallow layers are the least predictable by the cross-layer gate and the first one
+    cannot be predicted at all, so the budget buys most there.)"""
+
+    name = "shallow_favoring"
+
+    def __init__(self, full_layers: int = 4) -> None:
+        if full_layers < 0:
+            raise PolicyError(f"shallow_favoring: full_layers must be >= 0, got {full_layers}")
+        self.full_layers = full_layers
+
+    def slots(self, total_slots: int, moe_layers: Sequence[int], num_experts: int) -> dict[int, int]:
+        left = max(0, total_slots)
+        out: dict[int, int] = {}
+        head = list(moe_layers[: self.full_layers])
+        for l in head:
+            out[l] = min(num_experts, left)
+            left -= out[l]
+        tail = list(moe_layers[len(head):])
+        out |= UniformAllocation().slots(left, tail, num_experts)
+        return out
+
+
+ALLOCATION_NAMES = ("uniform", "shallow_favoring")
+
+
+def make_allocation(name: str, full_layers: int = 4) -> Allocation:
+    if name == "uniform":
+        return UniformAllocation()
+    if name == "shallow_favoring":
+        return ShallowFavoringAllocation(full_layers)
+    raise PolicyError(f"unknown allocation {name!r}; known: {', '.join(ALLOCATION_NAMES)}")
+
+
+def replay_layer(policy: ReplacementPolicy, capacity: int, accesses: Sequence[int], step_every: int = 1) -> int:
+    """Hits of one layer with `capacity` slots over a sequence of expert ids, driven exactly
+    as the cache drives a policy (on_step after every `step_every` accesses)."""
+    resident: set[int] = set()
+    hits = 0
+    for i, e in enumerate(accesses):
+        if e in resident:
+            hits += 1
+            policy.on_hit(e)
+        elif capacity > 0:
+            policy.on_miss(e)
+            if len(resident) >= capacity:
+                v = policy.victim(resident)
+                resident.remove(v)
+                policy.on_evict(v)
+            resident.add(e)
+            policy.on_insert(e)
+        if (i + 1) % step_every == 0:
+            policy.on_step()
+    return hits
