@@ -1,14 +1,19 @@
 """`python -m client ...`: the command line of fate-moe's client.
 
-    python -m client demo     # the README's run command: default model -> pack -> generation
+    python -m client demo                       # the README's run command: store + worker + one generation
+    python -m client generate "prompt" --stream # stream a generation from a running worker
+    python -m client stats [--layers]           # the worker's counters
 
-`generate` (stream a generation from a running worker) and `stats` arrive with
-the servers (issue 3); the subcommand layout leaves room for them.
+The worker's address comes from --address, else $FATE_WORKER_ADDRESS, else
+127.0.0.1:50061. A failed call prints `error: CODE: message` and exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,8 +35,88 @@ def _cmd_demo(a: argparse.Namespace) -> int:
         checkpoint=a.checkpoint,
         device=a.device,
         seed=a.seed,
+        budget=a.budget,
+        transport=a.transport,
     )
     return run_demo(cfg)
+
+
+def _address(a: argparse.Namespace) -> str:
+    from .api import DEFAULT_ADDRESS
+
+    return a.address or os.environ.get("FATE_WORKER_ADDRESS") or DEFAULT_ADDRESS
+
+
+def summary_line(result) -> str:
+    """One line: finish reason, usage, timings and the request's expert statistics."""
+    t, e, u = result.timings, result.experts, result.usage
+    finish = result.finish_reason + (f" {result.stop_string!r}" if result.stop_string else "") + (
+        f" (token {result.stop_token_id})" if result.finish_reason in ("eos", "stop_token") else "")
+    rate = f"{result.decode_tokens_per_s:.1f} tokens/s" if result.decode_tokens_per_s else "n/a"
+    return (
+        f"[finish {finish}; {u.completion_tokens} tokens, prompt {u.prompt_tokens}; "
+        f"queue {t.queue_ns / 1e6:.1f} ms, prefill {t.prefill_ns / 1e6:.1f} ms, "
+        f"first token {t.time_to_first_token_ns / 1e6:.1f} ms, decode {rate}, total {t.total_ns / 1e6:.1f} ms; "
+        f"experts: {e.lookups} lookups, {e.hits} hits ({100 * e.hit_rate:.1f}%), {e.misses} misses, "
+        f"{e.bytes_fetched / 2**20:.2f} MiB fetched, fetch wait {e.fetch_wait_ns / 1e6:.1f} ms; seed {result.seed}]"
+    )
+
+
+def _cmd_generate(a: argparse.Namespace) -> int:
+    from .api import WorkerClient, WorkerError
+
+    sampling = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                    seed=a.seed, stop=a.stop or (), ignore_eos=a.ignore_eos)
+    ids = [int(t) for t in a.token_ids.split(",")] if a.token_ids else None
+    if (a.prompt is None) == (ids is None):
+        print("error: give a prompt or --token-ids (not both)", file=sys.stderr)
+        return 2
+    try:
+        with WorkerClient(_address(a)) as w:
+            gen = w.generate(a.prompt, token_ids=ids, **sampling)
+            for tok in gen:
+                if a.stream and a.json:
+                    print(json.dumps({"token": dataclasses.asdict(tok)}), flush=True)
+                elif a.stream:
+                    sys.stdout.write(tok.text)
+                    sys.stdout.flush()
+            result = gen.result
+    except WorkerError as e:
+        if a.stream and not a.json:
+            print()
+        print(f"error: {e.code}: {e.details}", file=sys.stderr)
+        return 1
+    if a.json:
+        print(json.dumps({"text": gen.text, "token_ids": [t.id for t in gen.tokens],
+                          "result": dataclasses.asdict(result)}))
+    else:
+        sys.stdout.write(result.trailing_text if a.stream else gen.text)
+        print(flush=True)
+        print(summary_line(result), file=sys.stderr)
+    return 0
+
+
+def _cmd_stats(a: argparse.Namespace) -> int:
+    from .api import WorkerClient, WorkerError
+
+    try:
+        with WorkerClient(_address(a)) as w:
+            s = w.stats(include_layers=a.layers)
+    except WorkerError as e:
+        print(f"error: {e.code}: {e.details}", file=sys.stderr)
+        return 1
+    if a.json:
+        print(json.dumps(s.to_dict()))
+        return 0
+    for f in dataclasses.fields(s):
+        if f.name != "layers":
+            print(f"{f.name:24} {getattr(s, f.name)}")
+    if s.layers:
+        print(f"{'layer':>6} {'slots':>6} {'resident':>9} {'lookups':>9} {'hits':>9} {'misses':>9} {'evictions':>10}")
+        for l in s.layers:
+            print(f"{l.layer:>6} {l.slots:>6} {l.resident_experts:>9} {l.lookups:>9} {l.hits:>9} {l.misses:>9} "
+                  f"{l.evictions:>10}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +145,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N")
     d.add_argument("--seed", type=int, default=0, help="seed of the default model's random weights")
+    d.add_argument("--budget", default="50%", help="the worker's expert-cache budget (default 50%% of the experts)")
+    d.add_argument("--transport", default="auto", choices=("auto", "shm", "grpc"), help="store -> worker path")
     d.set_defaults(func=_cmd_demo)
+
+    g = sub.add_parser("generate", help="generate from a running worker",
+                       description="Prints the text (as it arrives with --stream), then a summary line on stderr.")
+    g.add_argument("prompt", nargs="?", default=None, help="prompt text")
+    g.add_argument("--token-ids", default=None, help="comma-separated prompt token ids instead of text")
+    g.add_argument("--address", default=None, help="worker address (host:port or unix:/path)")
+    g.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    g.add_argument("--max-new-tokens", type=int, default=0, help="0: the worker's default")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=0.0, help="0 or 1: no nucleus cut")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--json", action="store_true", help="JSON output (JSON lines per token with --stream)")
+    g.set_defaults(func=_cmd_generate)
+
+    st = sub.add_parser("stats", help="print a running worker's statistics")
+    st.add_argument("--address", default=None, help="worker address (host:port or unix:/path)")
+    st.add_argument("--layers", action="store_true", help="per-layer cache statistics too")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_cmd_stats)
     return ap
 
 

@@ -1,9 +1,11 @@
-"""Command line of the expert store: `python -m expert_store {pack,inspect,verify} ...` (or `fate-store`).
+"""Command line of the expert store: `python -m expert_store {pack,inspect,verify,serve} ...` (or `fate-store`).
 
 User errors (a bad checkpoint, a damaged pack, a wrong path) print one line
 `error: ...` on stderr and exit 2, without a traceback: the message already
 says what to do. Only bugs show a traceback. `verify` exits 1 when the pack is
-corrupt. Each subcommand is one `_add_*` function; `serve` joins them later.
+corrupt. Each subcommand is one `_add_*` function. `serve` runs until SIGTERM or
+SIGINT and then exits 0; its flags and a `--config` TOML file fill the same
+`StoreConfig` (flags win).
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Callable
 
 from gpu_worker.model_args import ModelConfigError
 
 from .codec import CodecError
+from .config import ConfigError, StoreConfig, build_config, parse_size
 from .errors import FateError
 from .pack import DEFAULT_FORMATS, write_pack
 from .packfile import Pack
@@ -76,10 +80,69 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_verify)
 
 
+def _cmd_serve(ns: argparse.Namespace) -> int:
+    from .server import serve  # grpc and the server stack only for this subcommand
+
+    overrides = {k: v for k, v in vars(ns).items() if k in StoreConfig.__dataclass_fields__ and v is not None}
+    return serve(build_config(ns.config, overrides))
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _formats_arg(text: str) -> tuple[str, ...]:
+    return tuple(f.strip() for f in text.split(",") if f.strip())
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    d = StoreConfig.__dataclass_fields__
+    p = sub.add_parser(
+        "serve", help="serve a pack over gRPC (and shared memory to co-located workers) until SIGTERM",
+        description="Flags override the --config file, which overrides the defaults shown. Sizes take "
+                    "KiB/MiB/GiB (or K/M/G) suffixes.",
+    )
+    p.add_argument("pack", metavar="PACK", nargs="?", type=Path, default=None,
+                   help="pack directory (or `pack = ...` in the config file)")
+    p.add_argument("--config", type=Path, default=None, metavar="TOML",
+                   help="TOML file with StoreConfig keys, top level or in a [store] table")
+    p.add_argument("--listen", default=None, help=f"host:port or unix:/path (default {d['listen'].default})")
+    p.add_argument("--ram-bytes", type=_size_arg, default=None,
+                   help=f"RAM tier size, 0 for NVMe only (default {d['ram_bytes'].default})")
+    p.add_argument("--formats", type=_formats_arg, default=None,
+                   help="comma-separated formats to serve (default: all of the pack's)")
+    p.add_argument("--preferred-format", default=None, help="format the RAM tier is filled with first (default int4)")
+    p.add_argument("--popularity", type=Path, default=None,
+                   help='JSON profile for the RAM fill order: {"layer:expert": count} or [[layer, expert], ...]')
+    p.add_argument("--lease-ttl-ms", type=int, default=None, help=f"default {d['lease_ttl_ms'].default}")
+    p.add_argument("--max-lease-ttl-ms", type=int, default=None, help=f"default {d['max_lease_ttl_ms'].default}")
+    p.add_argument("--chunk-bytes", type=_size_arg, default=None, help=f"default {d['chunk_bytes'].default}")
+    p.add_argument("--max-chunk-bytes", type=_size_arg, default=None, help=f"default {d['max_chunk_bytes'].default}")
+    p.add_argument("--zstd-level", type=int, default=None, help="0 disables compression (default 1)")
+    p.add_argument("--zstd-min-saving", type=float, default=None,
+                   help="compress a chunk only if that saves this fraction (default 0.1)")
+    p.add_argument("--io-threads", type=int, default=None, help=f"default {d['io_threads'].default}")
+    p.add_argument("--prefetch-queue", type=int, default=None, help=f"default {d['prefetch_queue'].default}")
+    p.add_argument("--promote-on-grpc-miss", action=argparse.BooleanOptionalAction, default=None,
+                   help="promote experts served from NVMe over gRPC into RAM in the background (default on)")
+    p.add_argument("--verify-on-start", action=argparse.BooleanOptionalAction, default=None,
+                   help="check every blob before serving (default on; off: on first read)")
+    p.add_argument("--cold", action=argparse.BooleanOptionalAction, default=None,
+                   help="drop experts.bin from the page cache after start-up (honest cold reads)")
+    p.add_argument("--grace-s", type=float, default=None, help=f"default {d['grace_s'].default}")
+    p.add_argument("--max-message-bytes", type=_size_arg, default=None,
+                   help=f"default {d['max_message_bytes'].default}")
+    p.add_argument("--log-level", default=None, choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=_cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m expert_store", description="fate-moe expert store")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_pack, _add_inspect, _add_verify):  # `serve` adds its own _add_serve here
+    for add in (_add_pack, _add_inspect, _add_verify, _add_serve):
         add(sub)
     return parser
 

@@ -1,4 +1,12 @@
-"""`python -m gpu_worker generate|perplexity ...` (the server arrives with `serve`)."""
+"""`python -m gpu_worker serve|generate|perplexity ...`.
+
+    serve        the worker server (gRPC Generate/GetStats) over an expert store
+    generate     generate in process, reading experts straight from a pack
+    perplexity   perplexity of a pack on a text file
+
+User errors (bad flags or config, a budget below the minimum, an unreachable
+store) print one line `error: ...` on stderr and exit 2.
+"""
 
 from __future__ import annotations
 
@@ -68,9 +76,59 @@ def _cmd_perplexity(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(a: argparse.Namespace) -> int:
+    import logging
+
+    from .config import build_config
+    from .server import run
+
+    overrides = {k: getattr(a, k) for k in _SERVE_FLAGS}
+    cfg = build_config(a.config, overrides)
+    logging.basicConfig(level=cfg.log_level.upper(), format="[worker] %(levelname)s %(name)s: %(message)s")
+    return run(cfg)
+
+
+_SERVE_FLAGS = (
+    "store", "listen", "budget_bytes", "expert_format", "compute_form", "device", "transport", "metrics_port",
+    "metrics_host", "max_batch_size", "max_queue", "default_max_new_tokens", "threads", "policy", "predictor",
+    "worker_id", "store_wait_s", "grace_s", "log_level",
+)  # fmt: skip
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser(
+        "serve", help="serve Generate over gRPC with a budgeted expert cache fed by an expert store",
+        description="Flags override the TOML file (--config); see gpu_worker/config.py for every setting.",
+    )
+    s.add_argument("--config", default=None, help="TOML file with WorkerConfig keys (top level or [worker])")
+    s.add_argument("--store", default=None, help="expert store address: host:port or unix:/path")
+    s.add_argument("--listen", default=None, help="address to serve on (default 127.0.0.1:50061; unix:/path)")
+    s.add_argument("--budget-bytes", default=None,
+                   help='expert-cache budget: bytes, a size like 512MiB, or a share of the experts like 25%%')
+    s.add_argument("--format", dest="expert_format", default=None, help="expert format to fetch (default int4)")
+    s.add_argument("--compute-form", default=None, help="fp32, bf16, int4_fused, dequant_per_use")
+    s.add_argument("--device", default=None, help="auto (cuda when present), cpu, cuda, cuda:N")
+    s.add_argument("--transport", default=None, choices=("auto", "shm", "grpc"), help="how experts travel")
+    s.add_argument("--metrics-port", type=int, default=None, help="Prometheus endpoint port (0: off)")
+    s.add_argument("--metrics-host", default=None, help="address the metrics endpoint binds (127.0.0.1)")
+    s.add_argument("--max-batch-size", type=int, default=None, help="sequences per decode step at most")
+    s.add_argument("--max-queue", type=int, default=None, help="requests waiting at most")
+    s.add_argument("--default-max-new-tokens", type=int, default=None, help="for requests that send 0")
+    s.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
+    s.add_argument("--policy", default=None, help="cache replacement policy (lru)")
+    s.add_argument("--predictor", default=None, help="expert predictor (none)")
+    s.add_argument("--worker-id", default=None, help="id at the store (default worker-<pid>-<random>)")
+    s.add_argument("--store-wait-s", type=float, default=None, help="how long to wait for the store at start")
+    s.add_argument("--grace-s", type=float, default=None, help="SIGTERM grace for in-flight requests")
+    s.add_argument("--log-level", default=None, help="debug, info, warning, error")
+    s.set_defaults(func=_cmd_serve)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gpu_worker", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m gpu_worker", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    _add_serve(sub)
     g = sub.add_parser("generate", help="generate in process, reading experts straight from a pack")
     _add_runtime_args(g)
     src = g.add_mutually_exclusive_group(required=True)
@@ -94,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return a.func(a)
     except (FateError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

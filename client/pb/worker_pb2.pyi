@@ -115,7 +115,7 @@ class RequestExpertStats(_message.Message):
     def __init__(self, lookups: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., prefetch_hits: _Optional[int] = ..., prefetches_issued: _Optional[int] = ..., bytes_fetched: _Optional[int] = ..., fetch_wait_ns: _Optional[int] = ...) -> None: ...
 
 class GenerateFinal(_message.Message):
-    __slots__ = ("request_id", "finish_reason", "stop_string", "stop_token_id", "seed", "usage", "timings", "experts")
+    __slots__ = ("request_id", "finish_reason", "stop_string", "stop_token_id", "seed", "usage", "timings", "experts", "trailing_text")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     STOP_STRING_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,7 @@ class GenerateFinal(_message.Message):
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    TRAILING_TEXT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     finish_reason: FinishReason
     stop_string: str
@@ -132,7 +133,8 @@ class GenerateFinal(_message.Message):
     usage: GenerateUsage
     timings: GenerateTimings
     experts: RequestExpertStats
-    def __init__(self, request_id: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_string: _Optional[str] = ..., stop_token_id: _Optional[int] = ..., seed: _Optional[int] = ..., usage: _Optional[_Union[GenerateUsage, _Mapping]] = ..., timings: _Optional[_Union[GenerateTimings, _Mapping]] = ..., experts: _Optional[_Union[RequestExpertStats, _Mapping]] = ...) -> None: ...
+    trailing_text: str
+    def __init__(self, request_id: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_string: _Optional[str] = ..., stop_token_id: _Optional[int] = ..., seed: _Optional[int] = ..., usage: _Optional[_Union[GenerateUsage, _Mapping]] = ..., timings: _Optional[_Union[GenerateTimings, _Mapping]] = ..., experts: _Optional[_Union[RequestExpertStats, _Mapping]] = ..., trailing_text: _Optional[str] = ...) -> None: ...
 
 class GetWorkerStatsRequest(_message.Message):
     __slots__ = ("include_layers",)

@@ -1,0 +1,594 @@
+"""The store's two tiers: NVMe (experts.bin itself) and RAM (one shared-memory segment of slots).
+
+NvmeTier reads experts.bin with pread rather than through a mapping: the GIL
+is released while a cold read waits for the disk (a page fault on a mapping
+would hold it and stall the event loop), a promotion reads straight into its
+RAM slot (one copy), and no page of the file stays mapped in this process, so
+`drop_page_cache` (posix_fadvise DONTNEED) really empties the page cache and
+the next reads are real disk reads (honest cold tests). Each blob's crc32 is
+checked once per process before its bytes are first handed out (at start-up by
+`verify_all`, else on first use): a mismatch raises ChecksumError, never bytes.
+
+RamTier is ONE POSIX shared-memory segment divided into equal slots (slot size:
+the largest 4 KiB-aligned blob among the served formats), each holding one
+expert blob of any format. A slot's generation increments every time it gets
+new contents. Slots are filled at start-up in a hotness order (`fill_order`),
+then promoted into on demand, evicting the least recently used slot that no
+one holds. Holding is counted in `pins`: every lease (a co-located worker
+copying the bytes) and every in-flight gRPC read of the slot pins it, and a
+pinned slot is never overwritten. Leases expire after their TTL.
+
+Thread safety: RamTier's bookkeeping runs on the event loop thread only; the
+byte copies into a slot (`fill_view`, `write`) run in I/O threads while the
+slot is FILLING, which no one else can see or take.
+
+The segment is created 0600 (multiprocessing's default): workers must run as
+the store's user to attach it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import logging
+import os
+import time
+import traceback
+import zlib
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, NamedTuple
+
+from gpu_worker.model_args import ModelArgs
+
+from . import shm
+from .errors import ChecksumError, FateError
+from .pack import ALIGNMENT, align_up
+from .packfile import BlobRef, Pack
+
+logger = logging.getLogger(__name__)
+
+ExpertId = tuple[int, int]  # (decoder layer, expert)
+PREFERRED_FORMAT = "int4"
+_VERIFY_PIECE = 16 << 20  # bytes per pread while verifying
+
+
+class BlobKey(NamedTuple):
+    """One expert in one stored format."""
+
+    layer: int  # decoder layer index
+    expert: int
+    fmt: str  # "bf16", "int8", "int4", "int2"
+
+
+@dataclass
+class TierStats:
+    """Counters of one tier, since start-up."""
+
+    hits: int = 0  # expert fetches served from this tier
+    bytes_read: int = 0  # bytes this tier supplied
+    read_ns: int = 0  # time spent reading from it
+
+    def add(self, nbytes: int, ns: int, hits: int = 1) -> None:
+        self.hits += hits
+        self.bytes_read += nbytes
+        self.read_ns += ns
+
+
+class PopularityError(FateError):
+    """A popularity profile that cannot be read or names experts the model does not have."""
+
+
+@contextmanager
+def no_views_in_tracebacks() -> Iterator[None]:
+    """Drop the locals of the frames an exception passes through.
+
+    A traceback keeps its frames' locals alive, and a memoryview of a slot among them keeps the
+    segment's mapping exported, so it could not be closed at shutdown. Wrap code that handles slot
+    views and may raise (the exception keeps its message and line numbers).
+    """
+    try:
+        yield
+    except BaseException as e:
+        traceback.clear_frames(e.__traceback__)
+        raise
+
+
+# -- NVMe tier ----------------------------------------------------------------------------------
+
+
+class NvmeTier:
+    """experts.bin of an open pack, read with pread (the GIL is released while the disk reads)."""
+
+    def __init__(self, pack: Pack, formats: Iterable[str]):
+        self.pack = pack
+        self.formats = tuple(formats)
+        self.path = pack.path / pack.manifest["experts_file"]
+        self.capacity_bytes = int(pack.manifest["experts_nbytes"])
+        self.stats = TierStats()
+        self._verified: set[BlobKey] = set()
+        self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def keys(self) -> list[BlobKey]:
+        """Every served blob, in file order."""
+        keys = [BlobKey(l, e, f) for f in self.formats for l, e in self.pack.expert_ids]
+        return sorted(keys, key=lambda k: self.ref(k).offset)
+
+    @property
+    def blob_count(self) -> int:
+        return len(self.pack.expert_ids) * len(self.formats)
+
+    def ref(self, key: BlobKey) -> BlobRef:
+        return self.pack.blob_ref(key.layer, key.expert, key.fmt)
+
+    def checksum(self, key: BlobKey) -> str:
+        """The blob's checksum as the protocol writes it: "crc32:<8 hex digits>"."""
+        return f"crc32:{self.ref(key).crc32:08x}"
+
+    def is_verified(self, key: BlobKey) -> bool:
+        return key in self._verified
+
+    # -- reads (blocking: run them in I/O threads) ---------------------------------------------
+
+    def read_into(self, key: BlobKey, dest: memoryview, verify: bool = True) -> None:
+        """Read the whole blob into `dest` (len >= blob); with verify, check the crc of what was read
+        unless the blob was verified before."""
+        ref = self.ref(key)
+        self._pread_into(dest[: ref.nbytes], ref.offset)
+        if verify and key not in self._verified:
+            self._check(key, zlib.crc32(dest[: ref.nbytes]))
+
+    def read_range(self, key: BlobKey, start: int, nbytes: int) -> bytes:
+        """`nbytes` of the blob from `start` (call `verify_blob` first: this does not check)."""
+        ref = self.ref(key)
+        if start < 0 or start + nbytes > ref.nbytes:
+            raise ValueError(f"range {start}+{nbytes} outside the blob ({ref.nbytes} bytes)")  # a bug
+        data = os.pread(self._fd, nbytes, ref.offset + start)
+        if len(data) < nbytes:  # a regular file gives all unless at its end; stay correct anyway
+            rest = bytearray(nbytes - len(data))
+            self._pread_into(memoryview(rest), ref.offset + start + len(data))
+            data += rest
+        return data
+
+    def verify_blob(self, key: BlobKey, piece: memoryview | None = None) -> None:
+        """crc32 of the blob against the manifest; ChecksumError on a mismatch. No-op once verified."""
+        if key in self._verified:
+            return
+        ref = self.ref(key)
+        piece = piece if piece is not None else memoryview(bytearray(min(_VERIFY_PIECE, max(ref.nbytes, 1))))
+        crc, pos, end = 0, ref.offset, ref.offset + ref.nbytes
+        while pos < end:
+            n = min(len(piece), end - pos)
+            self._pread_into(piece[:n], pos)
+            crc = zlib.crc32(piece[:n], crc)
+            pos += n
+        self._check(key, crc)
+
+    def _check(self, key: BlobKey, crc: int) -> None:
+        ref = self.ref(key)
+        if crc != ref.crc32:
+            raise ChecksumError(
+                f"{self.path}: layer {key.layer} expert {key.expert} {key.fmt}: checksum mismatch (crc32 "
+                f"{crc:#010x}, manifest {ref.crc32:#010x}); the pack is corrupt, re-pack it",
+                key.layer, key.expert, key.fmt,
+            )
+        self._verified.add(key)
+
+    def _pread_into(self, dest: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(dest):
+            n = os.preadv(self._fd, [dest[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"{self.path}: unexpected end of file at byte {offset + done} (truncated pack?)")
+            done += n
+
+    def verify_all(
+        self, should_stop: Callable[[], bool] = lambda: False, progress: Callable[[int, int], None] | None = None
+    ) -> list[str]:
+        """Check every served blob, in file order; returns one line per bad blob (blocking)."""
+        problems: list[str] = []
+        keys = self.keys()
+        piece = memoryview(bytearray(min(_VERIFY_PIECE, max((self.ref(k).nbytes for k in keys), default=1))))
+        os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        try:
+            for i, key in enumerate(keys):
+                if should_stop():
+                    break
+                try:
+                    self.verify_blob(key, piece)
+                except ChecksumError as e:
+                    problems.append(str(e))
+                if progress is not None:
+                    progress(i + 1, len(keys))
+        finally:
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_NORMAL)
+        return problems
+
+    def will_need(self, key: BlobKey) -> None:
+        """Start the kernel's readahead of the blob (asynchronous)."""
+        ref = self.ref(key)
+        os.posix_fadvise(self._fd, ref.offset, ref.nbytes, os.POSIX_FADV_WILLNEED)
+
+    def drop_page_cache(self) -> None:
+        """Drop experts.bin from the page cache (pages other processes map stay): the next reads hit the disk."""
+        os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+# -- RAM tier -----------------------------------------------------------------------------------
+
+
+class SlotState(Enum):
+    FREE = "free"
+    FILLING = "filling"  # reserved for a copy in progress: invisible to lookups, never evicted
+    READY = "ready"
+
+
+@dataclass
+class Slot:
+    index: int
+    offset: int  # bytes from the start of the segment
+    key: BlobKey | None = None
+    nbytes: int = 0  # blob length (<= slot_bytes)
+    generation: int = 0  # incremented at every new content
+    state: SlotState = SlotState.FREE
+    pins: int = 0  # leases + in-flight reads; > 0: never overwritten
+
+
+@dataclass
+class Lease:
+    lease_id: int
+    client_id: str
+    slot: Slot
+    generation: int  # the slot's generation when granted
+    expires_at: float  # clock() seconds
+    ttl_ms: int
+
+
+@dataclass
+class RamCounters:
+    promotions: int = 0  # NVMe -> RAM copies after start-up
+    evictions: int = 0  # slots given to another blob
+    leases_granted: int = 0
+    leases_expired: int = 0  # ended by TTL rather than release
+
+
+def slot_bytes_for(blob_nbytes: Iterable[int]) -> int:
+    """Slot size: the largest blob, rounded up to 4 KiB (so every slot starts page-aligned)."""
+    return align_up(max(blob_nbytes, default=0), ALIGNMENT)
+
+
+class RamTier:
+    """Slots in one shared-memory segment; `RamTier.create` makes the segment, `close` unlinks it."""
+
+    def __init__(self, segment: SharedMemory | None, slot_bytes: int, num_slots: int,
+                 clock: Callable[[], float] = time.monotonic):
+        self.segment = segment
+        self.segment_name = segment.name if segment is not None else ""
+        self.slot_bytes = slot_bytes
+        self.capacity_bytes = slot_bytes * num_slots
+        self.stats = TierStats()
+        self.counters = RamCounters()
+        self._clock = clock
+        self._buf = segment.buf if segment is not None else memoryview(bytearray(0))
+        self.slots = [Slot(i, i * slot_bytes) for i in range(num_slots)]
+        self._free: list[Slot] = list(reversed(self.slots))  # pop() gives slot 0 first
+        self._where: dict[BlobKey, Slot] = {}
+        self._lru: OrderedDict[int, None] = OrderedDict()  # READY slots, least recently used first
+        self._leases: dict[int, Lease] = {}
+        self._by_client: dict[str, set[int]] = {}
+        self._expiry: list[tuple[float, int]] = []  # heap of (expires_at, lease_id)
+        self._lease_ids = itertools.count(1)
+
+    @classmethod
+    def create(cls, ram_bytes: int, slot_bytes: int, max_slots: int,
+               clock: Callable[[], float] = time.monotonic) -> "RamTier":
+        """A segment of as many slots as fit in ram_bytes (at most max_slots); none for 0 slots.
+
+        The segment's pages are reserved up front (posix_fallocate), so a /dev/shm too small for
+        it fails here with a clear error instead of a SIGBUS at the first write into a slot.
+        """
+        num = min(ram_bytes // slot_bytes, max_slots) if slot_bytes else 0
+        if num <= 0:
+            return cls(None, slot_bytes, 0, clock)
+        size = num * slot_bytes
+        segment = SharedMemory(name=shm.new_segment_name(), create=True, size=size)
+        try:
+            fd = getattr(segment, "_fd", -1)
+            if fd >= 0:
+                os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            segment.close()
+            segment.unlink()
+            raise FateError(
+                f"cannot reserve {size} bytes of shared memory in {shm.SHM_DIR} ({e.strerror}): lower --ram-bytes "
+                f"or give /dev/shm more room"
+            ) from None
+        return cls(segment, slot_bytes, num, clock)
+
+    # -- description --------------------------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.slots)
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.slots)
+
+    @property
+    def resident_count(self) -> int:
+        return len(self._where)
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of the slots that hold a blob (whole slots)."""
+        return len(self._where) * self.slot_bytes
+
+    @property
+    def leases_active(self) -> int:
+        return len(self._leases)
+
+    def resident(self, key: BlobKey) -> bool:
+        return key in self._where
+
+    # -- slots --------------------------------------------------------------------------------
+
+    def lookup(self, key: BlobKey) -> Slot | None:
+        """The READY slot holding `key` (now most recently used), or None."""
+        slot = self._where.get(key)
+        if slot is not None:
+            self._lru.move_to_end(slot.index)
+        return slot
+
+    def pin(self, slot: Slot) -> None:
+        slot.pins += 1
+
+    def unpin(self, slot: Slot) -> None:
+        if slot.pins <= 0:
+            raise RuntimeError(f"slot {slot.index} unpinned more often than pinned")  # a bug
+        slot.pins -= 1
+
+    def reserve(self, key: BlobKey) -> Slot | None:
+        """A slot to copy `key` into (FILLING): a free one, else the LRU unpinned one; None if all are held."""
+        self.expire_leases()
+        if self._free:
+            slot = self._free.pop()
+        else:
+            slot = next((self.slots[i] for i in self._lru if self.slots[i].pins == 0), None)
+            if slot is None:
+                return None
+            self._evict(slot)
+            self.counters.evictions += 1
+        slot.state, slot.key, slot.nbytes = SlotState.FILLING, key, 0
+        return slot
+
+    def write(self, slot: Slot, src: memoryview | bytes) -> None:
+        """Copy a blob into a FILLING slot (any thread); then `commit`."""
+        self.fill_view(slot)[: len(src)] = src
+        slot.nbytes = len(src)
+
+    def fill_view(self, slot: Slot) -> memoryview:
+        """The whole of a FILLING slot, to read a blob into (any thread); set `slot.nbytes`, then `commit`."""
+        if slot.state is not SlotState.FILLING:
+            raise RuntimeError(f"slot {slot.index}: filled in state {slot.state}")  # a bug
+        return self._buf[slot.offset : slot.offset + self.slot_bytes]
+
+    def commit(self, slot: Slot, promotion: bool = True) -> None:
+        """The copy into `slot` is complete: it becomes visible (new generation, most recently used)."""
+        if slot.state is not SlotState.FILLING or slot.key is None or not 0 < slot.nbytes <= self.slot_bytes:
+            raise RuntimeError(f"slot {slot.index}: commit in state {slot.state} with {slot.nbytes} bytes")  # a bug
+        slot.generation += 1
+        slot.state = SlotState.READY
+        self._where[slot.key] = slot
+        self._lru[slot.index] = None
+        self._lru.move_to_end(slot.index)
+        if promotion:
+            self.counters.promotions += 1
+
+    def abort(self, slot: Slot) -> None:
+        """A copy that failed: the slot is free again."""
+        if slot.state is SlotState.FILLING:
+            slot.state, slot.key, slot.nbytes = SlotState.FREE, None, 0
+            self._free.append(slot)
+
+    def view(self, slot: Slot) -> memoryview:
+        return self._buf[slot.offset : slot.offset + slot.nbytes]
+
+    def _evict(self, slot: Slot) -> None:
+        if slot.key is not None:
+            self._where.pop(slot.key, None)
+        self._lru.pop(slot.index, None)
+        slot.state, slot.key, slot.nbytes = SlotState.FREE, None, 0
+
+    def fill(self, keys: Iterable[BlobKey], load: Callable[[BlobKey, memoryview], int],
+             should_stop: Callable[[], bool] = lambda: False) -> int:
+        """Start-up fill in hotness order (hottest first) until the free slots run out; blocking.
+
+        `load(key, slot_view)` reads the blob into the slot and returns its length (0: leave this
+        key out). The first key
+        ends up most recently used, so the coldest of the fill is evicted first.
+        """
+        filled: list[Slot] = []
+        for key in keys:
+            if not self._free or should_stop():
+                break
+            if key in self._where:
+                continue
+            slot = self.reserve(key)
+            if slot is None:
+                break
+            try:
+                with no_views_in_tracebacks():
+                    slot.nbytes = load(key, self.fill_view(slot))
+                if slot.nbytes == 0:  # the loader left this one out
+                    self.abort(slot)
+                    continue
+                self.commit(slot, promotion=False)
+            except BaseException:
+                self.abort(slot)
+                raise
+            filled.append(slot)
+        for slot in reversed(filled):
+            self._lru.move_to_end(slot.index)
+        return len(filled)
+
+    # -- leases -------------------------------------------------------------------------------
+
+    def lease(self, slot: Slot, client_id: str, ttl_ms: int) -> Lease:
+        """Pin a READY slot for `client_id` until released or `ttl_ms` passed."""
+        if slot.state is not SlotState.READY:
+            raise RuntimeError(f"slot {slot.index}: lease in state {slot.state}")  # a bug
+        lease = Lease(next(self._lease_ids), client_id, slot, slot.generation, self._clock() + ttl_ms / 1000, ttl_ms)
+        slot.pins += 1
+        self._leases[lease.lease_id] = lease
+        self._by_client.setdefault(client_id, set()).add(lease.lease_id)
+        heapq.heappush(self._expiry, (lease.expires_at, lease.lease_id))
+        self.counters.leases_granted += 1
+        return lease
+
+    def release(self, client_id: str, lease_ids: Iterable[int] = (), release_all: bool = False) -> tuple[int, int]:
+        """End leases of `client_id` (the given ids, or all of them); returns (released, unknown).
+
+        An id that is not held by this client (expired, released, another client's) is unknown.
+        """
+        self.expire_leases()
+        held = self._by_client.get(client_id, set())
+        ids = list(held) if release_all else list(lease_ids)
+        released = unknown = 0
+        for lease_id in ids:
+            if lease_id in held and lease_id in self._leases:
+                self._end(self._leases[lease_id])
+                released += 1
+            else:
+                unknown += 1
+        return released, unknown
+
+    def expire_leases(self) -> int:
+        """End every lease past its expiry time; returns how many."""
+        now, n = self._clock(), 0
+        while self._expiry and self._expiry[0][0] <= now:
+            _, lease_id = heapq.heappop(self._expiry)
+            lease = self._leases.get(lease_id)
+            if lease is not None:
+                self._end(lease)
+                self.counters.leases_expired += 1
+                n += 1
+        return n
+
+    def _end(self, lease: Lease) -> None:
+        del self._leases[lease.lease_id]
+        ids = self._by_client.get(lease.client_id)
+        if ids is not None:
+            ids.discard(lease.lease_id)
+            if not ids:
+                del self._by_client[lease.client_id]
+        self.unpin(lease.slot)
+
+    # -- lifetime -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Unmap and UNLINK the segment (idempotent). Workers' mappings stay valid until they close them."""
+        segment, self.segment = self.segment, None
+        if segment is None:
+            return
+        self._buf.release()
+        try:
+            segment.close()
+        except BufferError:
+            logger.warning("shared-memory segment %s still has views in this process; unlinking anyway",
+                           segment.name)
+        finally:
+            try:
+                segment.unlink()
+            except FileNotFoundError:
+                pass
+
+
+# -- start-up order -----------------------------------------------------------------------------
+
+
+def load_popularity(path: str | Path, args: ModelArgs) -> list[ExpertId]:
+    """Experts hottest first, from a JSON profile in one of two forms:
+
+    - counts: {"layer:expert": count, ...}, e.g. {"0:3": 120, "1:7": 95}, sorted by count, highest
+      first (ties: shallower layer, then lower expert id first);
+    - an ordered list: [[layer, expert], ...], hottest first (duplicates after the first are ignored).
+
+    Layers are decoder layer indices. An entry that is not an MoE layer's expert is an error.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise PopularityError(f"{path}: cannot read the popularity profile ({e.strerror})") from None
+    except ValueError as e:
+        raise PopularityError(f"{path}: not JSON ({e})") from None
+    ids: list[ExpertId] = []
+    try:
+        if isinstance(data, dict):
+            counted = []
+            for name, count in data.items():
+                layer, expert = (int(p) for p in str(name).split(":"))
+                if isinstance(count, bool) or not isinstance(count, (int, float)):
+                    raise ValueError(f"count {count!r} of {name!r} is not a number")
+                counted.append((-count, layer, expert))
+            ids = [(l, e) for _, l, e in sorted(counted)]
+        elif isinstance(data, list):
+            for item in data:
+                if not isinstance(item, list) or len(item) != 2 or not all(isinstance(v, int) for v in item):
+                    raise ValueError(f"entry {item!r} is not [layer, expert]")
+                ids.append((item[0], item[1]))
+        else:
+            raise ValueError("expected an object {\"layer:expert\": count} or a list [[layer, expert], ...]")
+    except ValueError as e:
+        raise PopularityError(f"{path}: {e}") from None
+    moe = set(args.moe_layers)
+    for layer, expert in ids:
+        if layer not in moe or not 0 <= expert < args.num_experts:
+            raise PopularityError(
+                f"{path}: layer {layer} expert {expert} is not in this model (MoE layers {list(args.moe_layers)}, "
+                f"experts 0..{args.num_experts - 1}): a profile of another model?"
+            )
+    return list(dict.fromkeys(ids))
+
+
+def shallow_first(args: ModelArgs) -> list[ExpertId]:
+    """Every expert, shallowest MoE layer first (a token meets those first, and they are reused most)."""
+    return [(layer, e) for layer in args.moe_layers for e in range(args.num_experts)]
+
+
+def preferred_format(formats: Iterable[str], blob_nbytes: dict[str, int], wanted: str | None = None) -> str:
+    """`wanted` if given, else int4 when served, else the smallest served format."""
+    formats = tuple(formats)
+    if wanted is not None:
+        if wanted not in formats:
+            raise FateError(f"preferred format {wanted!r} is not served (serving: {', '.join(formats)})")
+        return wanted
+    if PREFERRED_FORMAT in formats:
+        return PREFERRED_FORMAT
+    return min(formats, key=lambda f: (blob_nbytes[f], f))
+
+
+def fill_order(args: ModelArgs, formats: Iterable[str], blob_nbytes: dict[str, int], preferred: str,
+               popularity: list[ExpertId] | None = None) -> list[BlobKey]:
+    """Start-up fill order: the preferred format, hottest expert first (profile order, then shallow
+    layers first for the experts the profile does not name); then the other formats, smallest first."""
+    hot = list(dict.fromkeys((popularity or []) + shallow_first(args)))
+    others = sorted((f for f in formats if f != preferred), key=lambda f: (blob_nbytes[f], f))
+    return [BlobKey(l, e, f) for f in (preferred, *others) for l, e in hot]
+
+
+__all__ = [
+    "BlobKey", "ExpertId", "Lease", "NvmeTier", "PopularityError", "RamTier", "Slot", "SlotState", "TierStats",
+    "fill_order", "load_popularity", "preferred_format", "shallow_first", "slot_bytes_for", "no_views_in_tracebacks",
+]

@@ -1,0 +1,211 @@
+"""Configuration of the worker server: one frozen dataclass, filled by a TOML file and CLI flags.
+
+Precedence: the dataclass defaults, then the TOML file (`--config worker.toml`),
+then flags given on the command line. The file holds WorkerConfig's field names as
+keys, at the top level or in a `[worker]` table (when a `[worker]` table is present
+only it is read, so one deploy file can also carry the store's `[store]` table). An
+unknown key is an error that names it. Sizes are integers (bytes) or strings with a
+unit ("512MiB", "2GiB"); the budget may also be a share of the pack's expert bytes
+in the chosen format ("25%"), resolved once the store's manifest is known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from expert_store.config import ConfigError, parse_size
+
+DEFAULT_LISTEN = "127.0.0.1:50061"
+FORMAT_NAMES = ("bf16", "int8", "int4", "int2")
+COMPUTE_FORMS = ("fp32", "bf16", "int4_fused", "dequant_per_use")
+TRANSPORTS = ("auto", "shm", "grpc")
+POLICIES = ("lru",)  # issue 4 adds lfu, lfu_decay, arc
+PREDICTORS = ("none",)  # issue 4 adds cross_layer, eap, prev_token
+
+__all__ = ["ConfigError", "WorkerConfig", "build_config", "load_toml", "parse_budget", "resolve_budget"]
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    store: str
+    """Address of the expert store: `host:port` or `unix:/path/to.sock`."""
+
+    listen: str = DEFAULT_LISTEN
+    """Address to serve Generate on: `host:port` (port 0 picks a free one) or `unix:/path/to.sock`."""
+
+    budget_bytes: int | str = "100%"
+    """Expert-cache budget on the device, never exceeded: bytes (an int or "512MiB") or a share of the
+    pack's expert bytes in `expert_format` ("25%"). Below the minimum (one layer's top-k experts) the
+    worker refuses to start and prints the minimum."""
+
+    expert_format: str | None = None
+    """Stored expert format to fetch: bf16, int8, int4, int2; None: int4 when the store has it."""
+
+    compute_form: str | None = None
+    """How cached experts are held and computed (fp32, bf16, int4_fused, dequant_per_use); None: the
+    device's default for the format (gpu_worker.expert_compute.default_compute_form)."""
+
+    device: str = "auto"
+    """auto (cuda when present), cpu, cuda, cuda:N."""
+
+    transport: str = "auto"
+    """How experts travel from the store: shm (shared memory, co-located only), grpc, or auto (shm when
+    co-located)."""
+
+    metrics_port: int = 0
+    """Port of the Prometheus HTTP endpoint; 0: off."""
+
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics endpoint binds."""
+
+    max_batch_size: int = 8
+    """Sequences in one decode step at most; more requests wait in the queue."""
+
+    max_queue: int = 64
+    """Requests waiting for a batch slot at most; beyond it Generate answers RESOURCE_EXHAUSTED."""
+
+    default_max_new_tokens: int = 128
+    """max_new_tokens of a request that sends 0."""
+
+    threads: int = 1
+    """torch.set_num_threads for the compute thread. 1 by default: on a small shared CPU, 2 threads on
+    tiny matrices measured 10-40x slower per decode step than 1 (synchronisation under load)."""
+
+    policy: str = "lru"
+    """Cache replacement policy (issue 4 adds more)."""
+
+    predictor: str = "none"
+    """Expert predictor for prefetching (issue 4 adds cross_layer and others)."""
+
+    worker_id: str = ""
+    """This worker's id (its client_id at the store, its leases' owner); empty: worker-<pid>-<random>."""
+
+    store_wait_s: float = 60.0
+    """How long start-up waits for the store to report SERVING."""
+
+    grace_s: float = 10.0
+    """On SIGTERM/SIGINT, how long in-flight requests get to finish before they end with UNAVAILABLE."""
+
+    log_level: str = "info"
+    """Logging level: debug, info, warning, error."""
+
+    def __post_init__(self) -> None:
+        if not self.store:
+            raise ConfigError("store: give the expert store's address (--store host:port or unix:/path)")
+        parse_budget(self.budget_bytes)
+        _check(self.expert_format is None or self.expert_format in FORMAT_NAMES, "expert_format",
+               self.expert_format, f"choose from {', '.join(FORMAT_NAMES)}")
+        _check(self.compute_form is None or self.compute_form in COMPUTE_FORMS, "compute_form",
+               self.compute_form, f"choose from {', '.join(COMPUTE_FORMS)}")
+        _check(self.transport in TRANSPORTS, "transport", self.transport, f"choose from {', '.join(TRANSPORTS)}")
+        _check(0 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port, "must be 0 (off) to 65535")
+        _check(1 <= self.max_batch_size <= 1024, "max_batch_size", self.max_batch_size, "must be 1..1024")
+        _check(self.max_queue >= 0, "max_queue", self.max_queue, "must be >= 0")
+        _check(self.default_max_new_tokens >= 1, "default_max_new_tokens", self.default_max_new_tokens,
+               "must be >= 1")
+        _check(1 <= self.threads <= 256, "threads", self.threads, "must be 1..256")
+        _check(self.policy in POLICIES, "policy", self.policy, f"choose from {', '.join(POLICIES)}")
+        _check(self.predictor in PREDICTORS, "predictor", self.predictor, f"choose from {', '.join(PREDICTORS)}")
+        _check(self.store_wait_s >= 0, "store_wait_s", self.store_wait_s, "must be >= 0")
+        _check(self.grace_s >= 0, "grace_s", self.grace_s, "must be >= 0")
+        _check(self.log_level.lower() in ("debug", "info", "warning", "error"), "log_level", self.log_level,
+               "choose from debug, info, warning, error")
+        _check_address("listen", self.listen)
+
+
+def parse_budget(value: int | str) -> int | float:
+    """Bytes (int) or a fraction of the expert bytes (float in (0, 1]) from 123, "512MiB", "25%"."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            pct = float(value.strip()[:-1])
+        except ValueError:
+            raise ConfigError(f"budget_bytes = {value!r}: expected a percentage like '25%'") from None
+        if not 0 < pct <= 100 or math.isnan(pct):
+            raise ConfigError(f"budget_bytes = {value!r}: a percentage must be in (0, 100]")
+        return pct / 100.0
+    return parse_size(value, "budget_bytes")
+
+
+def resolve_budget(value: int | str, expert_bytes_total: int) -> int:
+    """The budget in bytes, a percentage taken of `expert_bytes_total` (every expert in the format)."""
+    b = parse_budget(value)
+    return int(b * expert_bytes_total) if isinstance(b, float) else b
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(WorkerConfig)}
+_INT_FIELDS = {"metrics_port", "max_batch_size", "max_queue", "default_max_new_tokens", "threads"}
+_FLOAT_FIELDS = {"store_wait_s", "grace_s"}
+_OPTIONAL_STR_FIELDS = {"expert_format", "compute_form"}
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """The WorkerConfig keys of a TOML file (top level, or its [worker] table), type-checked."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    table = data["worker"] if isinstance(data.get("worker"), dict) else data
+    where = f"{path} [worker]" if table is not data else str(path)
+    unknown = sorted(k for k in table if k not in _FIELDS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(_FIELDS)})")
+    return {k: _convert(k, v, where) for k, v in table.items()}
+
+
+def _convert(key: str, value: Any, where: str) -> Any:
+    def bad(want: str) -> ConfigError:
+        return ConfigError(f"{where}: {key} = {value!r}: expected {want}")
+
+    if key == "budget_bytes":
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise bad('bytes, a size like "512MiB", or a share like "25%"')
+        return value
+    if key in _INT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if key in _FLOAT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if not isinstance(value, str):
+        raise bad("a string")
+    if key in _OPTIONAL_STR_FIELDS and value in ("", "auto"):
+        return None
+    return value
+
+
+def build_config(toml_path: str | Path | None, overrides: Mapping[str, Any]) -> WorkerConfig:
+    """Defaults < TOML file < overrides (flags given on the command line, already typed; None = not given)."""
+    values: dict[str, Any] = load_toml(toml_path) if toml_path is not None else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if not values.get("store"):
+        raise ConfigError("no store address: give --store ADDR or `store = ...` in the config file")
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}")
+    return WorkerConfig(**values)
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r}: {why}")
+
+
+def _check_address(key: str, address: str) -> None:
+    if address.startswith("unix:"):
+        if not address[len("unix:"):]:
+            raise ConfigError(f"{key} = {address!r}: give a socket path after unix:")
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{key} = {address!r}: expected host:port (e.g. 127.0.0.1:50061) or unix:/path/to.sock")

@@ -1,0 +1,311 @@
+"""The worker's store client: chunk reassembly and checksums (pure functions), retries and errors
+against a scripted in-process store, and the real store subprocess over gRPC and shared memory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+import zlib
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+import zstandard
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from client.pb import store_pb2 as pb
+from client.pb import store_pb2_grpc as pb_grpc
+from expert_store.errors import ChecksumError
+from expert_store.packfile import Pack
+from gpu_worker.store_client import (
+    ExpertChunkAssembler,
+    PackFetcher,
+    StoreClient,
+    StoreError,
+    StoreManifest,
+    StoreUnavailableError,
+    assemble_dense,
+    verify_checksum,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+FMT = "int4"
+_PB_FMT = {"bf16": pb.EXPERT_FORMAT_BF16, "int8": pb.EXPERT_FORMAT_INT8, "int4": pb.EXPERT_FORMAT_INT4,
+           "int2": pb.EXPERT_FORMAT_INT2}
+
+
+@pytest.fixture(scope="module")
+def pack(tiny_mixtral_pack):
+    with Pack.open(tiny_mixtral_pack) as p:
+        yield p
+
+
+def _crc(data) -> str:
+    return f"crc32:{zlib.crc32(data):08x}"
+
+
+def _expert_chunks(index, key, blob, pieces=3, zstd_piece=None, corrupt_piece=None, checksum=None):
+    step = -(-len(blob) // pieces)
+    out = []
+    for n, off in enumerate(range(0, len(blob), step)):
+        data = bytes(blob[off:off + step])
+        raw_len = len(data)
+        if corrupt_piece == n:
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        compression = pb.COMPRESSION_NONE
+        if zstd_piece == n:
+            data, compression = zstandard.ZstdCompressor().compress(data), pb.COMPRESSION_ZSTD
+        last = off + step >= len(blob)
+        out.append(pb.ExpertChunk(
+            index=index, key=pb.ExpertKey(layer=key[0], expert=key[1], format=_PB_FMT[key[2]]),
+            total_bytes=len(blob), last=last, tier=pb.STORE_TIER_RAM,
+            chunk=pb.DataChunk(offset_bytes=off, data=data, compression=compression, uncompressed_bytes=raw_len),
+            checksum=(checksum or _crc(blob)) if last else ""))
+    return out
+
+
+# -- pure functions ---------------------------------------------------------------------------------
+
+
+def test_verify_checksum():
+    data = b"expert bytes" * 100
+    assert verify_checksum(data, _crc(data), "x") == zlib.crc32(data)
+    with pytest.raises(ChecksumError, match="mismatch"):
+        verify_checksum(data[:-1] + b"?", _crc(data), "x")
+    for bad in ("sha1:00", "crc32:", "crc32:zz", ""):
+        with pytest.raises(ChecksumError):
+            verify_checksum(data, bad, "x")
+
+
+def test_expert_chunks_reassemble_and_verify(pack):
+    keys = [(1, 3, FMT), (2, 5, FMT)]
+    blobs = [pack.expert_blob(*k) for k in keys]
+    crcs = [pack.blob_ref(*k).crc32 for k in keys]
+    asm = ExpertChunkAssembler(keys, crcs)
+    # experts may arrive in any order; one chunk zstd-compressed
+    for msg in _expert_chunks(1, keys[1], blobs[1]) + _expert_chunks(0, keys[0], blobs[0], zstd_piece=1):
+        asm.add(msg)
+    assert asm.done[0] == (bytes(blobs[0]), "ram") and asm.done[1][0] == bytes(blobs[1])
+
+
+@pytest.mark.parametrize("case", ["corrupt_chunk", "store_checksum_of_bad_bytes", "wrong_expert"])
+def test_damaged_expert_is_refused(pack, case):
+    key = (1, 3, FMT)
+    blob = bytes(pack.expert_blob(*key))
+    asm = ExpertChunkAssembler([key], [pack.blob_ref(*key).crc32])
+    if case == "corrupt_chunk":
+        chunks = _expert_chunks(0, key, blob, corrupt_piece=1)
+    elif case == "store_checksum_of_bad_bytes":  # consistent with itself, not with the manifest
+        bad = bytes([blob[0] ^ 1]) + blob[1:]
+        chunks = _expert_chunks(0, key, bad)
+    else:
+        chunks = _expert_chunks(0, (1, 4, FMT), blob)
+    with pytest.raises((ChecksumError, StoreError)):
+        for msg in chunks:
+            asm.add(msg)
+    assert 0 not in asm.done
+
+
+def _dense_chunks(pack, corrupt: str | None = None, chunk_bytes=4096):
+    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+    for name, t in pack.dense_tensors().items():
+        raw = t.contiguous().view(torch.uint8).numpy().tobytes()
+        header = pb.TensorHeader(name=name, dtype=names[t.dtype], shape=list(t.shape), total_bytes=len(raw),
+                                 checksum=_crc(raw))
+        if name == corrupt:
+            raw = bytes([raw[0] ^ 1]) + raw[1:]
+        for off in range(0, max(1, len(raw)), chunk_bytes):
+            data = raw[off:off + chunk_bytes]
+            yield pb.DenseChunk(name=name, header=header if off == 0 else None, last=off + chunk_bytes >= len(raw),
+                                chunk=pb.DataChunk(offset_bytes=off, data=data, uncompressed_bytes=len(data)))
+
+
+def test_dense_reassembly(pack):
+    want = pack.dense_tensors()
+    got = assemble_dense(_dense_chunks(pack))
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+    victim = next(iter(want))
+    with pytest.raises(ChecksumError, match=victim):
+        assemble_dense(_dense_chunks(pack, corrupt=victim))
+
+
+def test_pack_fetcher(pack):
+    keys = [(0, 1, FMT), (7, 15, "bf16")]
+    blobs = PackFetcher(pack).fetch(keys)
+    assert [b.key for b in blobs] == keys
+    assert [bytes(b.data) for b in blobs] == [bytes(pack.expert_blob(*k)) for k in keys]
+    assert blobs[0].nbytes == pack.expert_nbytes(FMT) and blobs[0].transport == "local"
+
+
+# -- a scripted in-process store: retries and wire corruption -------------------------------------------
+
+
+class _ScriptedStore(pb_grpc.ExpertStoreServicer):
+    """Serves a pack over FetchExperts; fails the first `fail_first` fetches with UNAVAILABLE."""
+
+    def __init__(self, pack: Pack, fail_first: int = 0, corrupt: bool = False):
+        self.pack, self.fail_first, self.corrupt, self.fetches = pack, fail_first, corrupt, 0
+
+    def GetManifest(self, request, context):
+        m = self.pack.manifest
+        return pb.GetManifestResponse(
+            pack_id=hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()[:16],
+            model_args_json=json.dumps(self.pack.args.to_dict()), family=self.pack.args.family,
+            formats=[pb.ExpertFormatInfo(format=_PB_FMT[f], expert_bytes=self.pack.expert_nbytes(f))
+                     for f in self.pack.formats],
+            manifest_json=json.dumps(m).encode(), tokenizer_files=m["tokenizer_files"])
+
+    def FetchExperts(self, request, context):
+        self.fetches += 1
+        if self.fetches <= self.fail_first:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "scripted outage")
+        fmts = {v: k for k, v in _PB_FMT.items()}
+        for i, k in enumerate(request.experts):
+            key = (k.layer, k.expert, fmts[k.format])
+            yield from _expert_chunks(i, key, bytes(self.pack.expert_blob(*key)), corrupt_piece=0 if self.corrupt else None)
+
+
+@pytest.fixture
+def scripted(pack, tmp_path):
+    servers = []
+
+    def start(**kw):
+        store = _ScriptedStore(pack, **kw)
+        server = grpc.server(futures.ThreadPoolExecutor(4))
+        pb_grpc.add_ExpertStoreServicer_to_server(store, server)
+        hs = health.HealthServicer()
+        hs.set("", health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+        addr = f"unix:{tmp_path}/scripted-{len(servers)}.sock"
+        server.add_insecure_port(addr)
+        server.start()
+        servers.append(server)
+        return store, StoreClient(addr, transport="auto", retry_backoff_s=0.01)
+
+    yield start
+    for s in servers:
+        s.stop(0)
+
+
+def test_transient_unavailable_is_retried(pack, scripted):
+    store, client = scripted(fail_first=2)
+    client.wait_ready(5)
+    assert client.transport == "grpc"  # the store offers no shared memory
+    keys = [(3, 4, FMT), (3, 9, FMT)]
+    blobs = client.fetch(keys)
+    assert [bytes(b.data) for b in blobs] == [bytes(pack.expert_blob(*k)) for k in keys]
+    assert client.counters.retries == 2 and store.fetches == 3
+    assert client.counters.bytes_fetched_grpc == 2 * pack.expert_nbytes(FMT)
+    client.close()
+
+
+def test_persistent_unavailable_raises_after_bounded_retries(scripted):
+    store, client = scripted(fail_first=100)
+    with pytest.raises(StoreUnavailableError, match="unavailable"):
+        client.fetch([(3, 4, FMT)])
+    assert store.fetches == client.max_retries + 1
+    client.close()
+
+
+def test_corruption_on_the_wire_is_a_checksum_error(scripted):
+    _, client = scripted(corrupt=True)
+    with pytest.raises(ChecksumError):
+        client.fetch([(3, 4, FMT)])
+    client.close()
+
+
+def test_store_down_is_unavailable_quickly(tmp_path):
+    addr = f"unix:{tmp_path}/nobody.sock"
+    client = StoreClient(addr, retry_backoff_s=0.01)
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailableError, match=str(tmp_path)):
+        client.wait_ready(0.5)
+    with pytest.raises(StoreUnavailableError, match=str(tmp_path)):
+        client.fetch([(0, 0, FMT)])
+    assert time.monotonic() - t0 < 5
+    client.close()
+
+
+# -- the real store ------------------------------------------------------------------------------------
+
+
+def _server_exists() -> bool:
+    return (REPO / "expert_store" / "server.py").is_file()
+
+
+@pytest.fixture(scope="module")
+def store(pack, tmp_path_factory):
+    """`python -m expert_store serve` on a unix socket, its RAM tier at 25% of the int4 experts."""
+    if not _server_exists():
+        pytest.skip("expert_store/server.py has not landed yet")
+    tmp = tmp_path_factory.mktemp("store")
+    addr = f"unix:{tmp}/s.sock"
+    ram = len(pack.expert_ids) * pack.expert_nbytes(FMT) // 4
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "expert_store", "serve", str(pack.path), "--listen", addr,
+                             "--ram-bytes", str(ram)], cwd=REPO, env=env, stderr=open(tmp / "stderr", "wb"))
+    client = StoreClient(addr)
+    try:
+        client.wait_ready(30)
+    except StoreUnavailableError:
+        proc.kill()
+        pytest.fail(f"store did not start: {(tmp / 'stderr').read_text()[-2000:]}")
+    client.close()
+    yield addr
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.mark.slow
+def test_real_store_manifest_dense_files(pack, store):
+    with StoreClient(store) as client:
+        m = client.manifest()
+        assert isinstance(m, StoreManifest)
+        assert m.shm_enabled and client.transport == "shm"  # "auto", co-located
+        assert m.args == pack.args and m.pack_manifest == pack.manifest
+        assert m.expert_bytes(FMT) == pack.expert_nbytes(FMT)
+        assert set(m.formats) == set(pack.formats)
+        dense = client.dense_tensors()
+        want = pack.dense_tensors()
+        assert set(dense) == set(want)
+        assert all(dense[n].dtype == want[n].dtype and torch.equal(dense[n], want[n]) for n in want)
+        files = client.files(list(m.tokenizer_files))
+        assert set(files) == set(pack.manifest["tokenizer_files"])
+        assert all(files[n] == (pack.path / n).read_bytes() for n in files)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["grpc", "shm"])
+def test_real_store_fetch(pack, store, transport):
+    keys = [(layer, e, FMT) for layer in (0, 5) for e in range(16)] + [(2, 3, "bf16"), (2, 3, "int2")]
+    with StoreClient(store, transport=transport) as client:
+        assert client.transport == transport
+        blobs = client.fetch(keys)
+        blobs += client.fetch(keys[:4], priority="prefetch")
+        assert [b.key for b in blobs] == keys + keys[:4]
+        assert all(bytes(b.data) == bytes(pack.expert_blob(*b.key)) for b in blobs)
+        c = client.counters
+        total = sum(b.nbytes for b in blobs)
+        assert c.bytes_fetched_shm + c.bytes_fetched_grpc == total
+        if transport == "shm":
+            assert c.bytes_fetched_shm > 0 and c.fetch_ns_shm > 0
+            assert c.shm_unavailable > 0  # 34 experts, 9 RAM slots: the rest came over gRPC
+            assert {b.transport for b in blobs} <= {"shm", "grpc"}
+        else:
+            assert c.bytes_fetched_shm == 0 and {b.transport for b in blobs} == {"grpc"}
+        assert {b.tier for b in blobs} <= {"ram", "nvme"}
+        deadline = time.monotonic() + 5  # leases are released without waiting for the answer
+        while client.store_stats().leases_active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.store_stats().leases_active == 0

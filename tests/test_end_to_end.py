@@ -1,0 +1,390 @@
+"""End to end with real subprocesses: expert store + worker + client on tiny-mixtral (int4).
+
+- greedy tokens through client -> worker -> store equal the in-process runtime's, over shared
+  memory and over gRPC, at cache budgets of 100% and 25% of the expert bytes, with 8 requests at
+  once (batched decode) and the cache's high-water mark never above its budget;
+- bad input gets the right status and the worker goes on serving; a full queue is
+  RESOURCE_EXHAUSTED; a cancelled stream frees its sequence;
+- SIGTERM on the worker or on the store: in-flight requests finish or end with UNAVAILABLE, both
+  exit 0, and no shared-memory segment of the store remains.
+
+Servers listen on unix sockets in a short temp dir; each call and wait is bounded; no timing
+assertions. The main store and workers are shared by the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from client.api import WorkerClient, WorkerError
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+NEW_TOKENS = 24
+START_TIMEOUT_S = 120
+CALL_TIMEOUT_S = 120
+
+
+class Service:
+    """A server subprocess with its output in a log file (shown when a test fails)."""
+
+    def __init__(self, name: str, cmd: list[str], log: Path):
+        self.name, self.log = name, log
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        env.pop("NOTIFY_SOCKET", None)
+        self._out = open(log, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_serving(self, address: str, timeout_s: float = START_TIMEOUT_S) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(address) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while time.monotonic() < deadline:
+                assert self.proc.poll() is None, f"{self.name} exited {self.proc.returncode}:\n{self.output()[-3000:]}"
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        pytest.fail(f"{self.name} not SERVING within {timeout_s} s:\n{self.output()[-3000:]}")
+
+    def terminate(self, timeout_s: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"{self.name} did not exit within {timeout_s} s of SIGTERM:\n{self.output()[-3000:]}")
+        self._out.close()
+        return rc
+
+
+def start_store(tmp: Path, pack: Path, name: str, ram_bytes: int) -> tuple[Service, str]:
+    address = f"unix:{tmp}/{name}.sock"
+    cmd = [sys.executable, "-m", "expert_store", "serve", str(pack), "--listen", address, "--ram-bytes",
+           str(ram_bytes), "--formats", "int4", "--grace-s", "2"]
+    return Service(name, cmd, tmp / f"{name}.log"), address
+
+
+def start_worker(tmp: Path, store: str, name: str, *extra: str) -> tuple[Service, str]:
+    address = f"unix:{tmp}/{name}.sock"
+    cmd = [sys.executable, "-m", "gpu_worker", "serve", "--store", store, "--listen", address, "--device", "cpu",
+           "--format", "int4", *extra]
+    return Service(name, cmd, tmp / f"{name}.log"), address
+
+
+def shm_segments_of(pid: int) -> list[str]:
+    return [n for n in os.listdir("/dev/shm") if n.startswith(f"fate-moe-{pid}-")]
+
+
+def wait_until(cond, timeout_s: float = 30, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sock_dir():
+    d = Path(tempfile.mkdtemp(prefix="fm-e2e-"))  # short: unix socket paths are limited to ~100 bytes
+    yield d
+    for p in d.iterdir():
+        p.unlink()
+    d.rmdir()
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_mixtral_dir) -> list[str]:
+    lines = (tiny_mixtral_dir / "prompts.jsonl").read_text().splitlines()
+    return [json.loads(line)["prompt"] for line in lines[:8]]
+
+
+@pytest.fixture(scope="module")
+def int4_expert_bytes(tiny_mixtral_pack) -> int:
+    from expert_store.packfile import Pack
+
+    with Pack.open(tiny_mixtral_pack) as p:
+        return p.expert_nbytes("int4") * len(p.expert_ids)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_mixtral_pack, prompts) -> list[list[int]]:
+    """Greedy tokens of the in-process runtime (PackExpertSource, no cache, no servers)."""
+    from gpu_worker.generate import SamplingParams, generate
+    from gpu_worker.runtime import load_local
+
+    rt = load_local(tiny_mixtral_pack, fmt="int4", device="cpu")
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    return [list(generate(rt.model, rt.tokenizer.encode(p), params)) for p in prompts]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+METRICS_PORT = free_port()
+WORKERS = {  # name -> worker flags
+    "shm-100": ("--transport", "shm", "--budget-bytes", "100%", "--metrics-port", str(METRICS_PORT)),
+    "shm-25": ("--transport", "shm", "--budget-bytes", "25%"),
+    "grpc-100": ("--transport", "grpc", "--budget-bytes", "100%"),
+    "grpc-25": ("--transport", "grpc", "--budget-bytes", "25%"),
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(sock_dir, tiny_mixtral_pack, int4_expert_bytes):
+    """One store (RAM tier: half the int4 experts) and the four workers of WORKERS, plus "small"
+    (batch 1, queue 1, from a TOML file) for queue and cancellation tests."""
+    store, store_addr = start_store(sock_dir, tiny_mixtral_pack, "store", int4_expert_bytes // 2)
+    services = {"store": store}
+    addresses = {"store": store_addr}
+    try:
+        store.wait_serving(store_addr)
+        toml = sock_dir / "small.toml"
+        toml.write_text(f'[worker]\nstore = "{store_addr}"\nmax_batch_size = 1\nmax_queue = 1\n'
+                        'budget_bytes = "50%"\ngrace_s = 1\n')
+        for name, flags in {**WORKERS, "small": ("--config", str(toml))}.items():
+            services[name], addresses[name] = start_worker(sock_dir, store_addr, name, *flags)
+        for name in [*WORKERS, "small"]:
+            services[name].wait_serving(addresses[name])
+        yield services, addresses
+    finally:
+        rcs = {name: s.terminate() for name, s in reversed(services.items())}
+        assert rcs == {name: 0 for name in services}, {n: services[n].output()[-2000:] for n in rcs if rcs[n]}
+        assert shm_segments_of(store.proc.pid) == []
+
+
+# -- tests ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("worker", list(WORKERS))
+def test_greedy_tokens_equal_the_in_process_runtime(cluster, worker, prompts, reference):
+    services, addresses = cluster
+    with WorkerClient(addresses[worker], timeout_s=CALL_TIMEOUT_S) as w:
+        alone = w.generate_text(prompts[3], max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        with ThreadPoolExecutor(8) as pool:  # 8 at once: batched decode steps
+            batched = list(pool.map(lambda p: w.generate_text(p, max_new_tokens=NEW_TOKENS, ignore_eos=True),
+                                    prompts))
+        stats = w.stats(include_layers=True)
+    assert list(alone.token_ids) == reference[3]
+    assert [list(c.token_ids) for c in batched] == reference
+    for c in batched:
+        r = c.result
+        assert r.finish_reason == "length" and r.usage.completion_tokens == NEW_TOKENS
+        assert r.experts.lookups == r.experts.hits + r.experts.misses > 0
+    assert stats.high_water_bytes <= stats.budget_bytes
+    assert stats.requests_total == 9 and stats.active_requests == 0 and stats.requests_failed == 0
+    assert stats.lookups == stats.hits + stats.misses
+    transport = worker.split("-")[0]
+    if transport == "shm":
+        assert stats.bytes_fetched_shm > 0
+    else:
+        assert stats.bytes_fetched_grpc > 0 and stats.bytes_fetched_shm == 0
+    if worker.endswith("-25"):
+        assert stats.evictions > 0 and stats.resident_experts < 8 * 16
+        assert 0.24 * 16 * 8 <= sum(l.slots for l in stats.layers) <= 0.26 * 16 * 8
+
+
+def test_bad_input_gets_the_right_status_and_the_worker_keeps_serving(cluster):
+    _, addresses = cluster
+    cases = [
+        (dict(prompt=""), "INVALID_ARGUMENT"),
+        (dict(token_ids=[]), "INVALID_ARGUMENT"),
+        (dict(prompt="hi", temperature=-1.0), "INVALID_ARGUMENT"),
+        (dict(prompt="hi", temperature=float("nan")), "INVALID_ARGUMENT"),
+        (dict(prompt="hi", top_p=1.5), "INVALID_ARGUMENT"),
+        (dict(prompt="hi", top_p=-0.1), "INVALID_ARGUMENT"),
+        (dict(token_ids=[1, 4096]), "INVALID_ARGUMENT"),
+        (dict(prompt="hi", stop=[""]), "INVALID_ARGUMENT"),
+        (dict(prompt="hi", max_new_tokens=5000), "OUT_OF_RANGE"),
+    ]
+    with WorkerClient(addresses["shm-100"], timeout_s=CALL_TIMEOUT_S) as w:
+        for kw, code in cases:
+            with pytest.raises(WorkerError) as err:
+                w.generate_text(**kw)
+            assert err.value.code == code, kw
+        ok = w.generate_text("The command", max_new_tokens=4)
+        assert len(ok.token_ids) == 4 or ok.result.finish_reason == "eos"
+
+
+def test_full_queue_is_resource_exhausted_and_cancel_frees_the_sequence(cluster, prompts):
+    _, addresses = cluster
+    with WorkerClient(addresses["small"], timeout_s=CALL_TIMEOUT_S) as w:
+        before = w.stats()
+        long_gen = w.generate(prompts[0], max_new_tokens=900, ignore_eos=True)
+        it = iter(long_gen)
+        next(it), next(it)  # it is decoding: the batch (size 1) is full
+        queued = w.generate(prompts[1], max_new_tokens=900, ignore_eos=True)
+        wait_until(lambda: w.stats().queued_requests == 1, what="the second request to queue")
+        with pytest.raises(WorkerError) as err:
+            w.generate_text(prompts[2], max_new_tokens=4)
+        assert err.value.code == "RESOURCE_EXHAUSTED"
+        long_gen.cancel()
+        queued.cancel()
+        wait_until(lambda: (s := w.stats()).active_requests == 0 and s.queued_requests == 0,
+                   what="the cancelled requests to leave the batch")
+        after = w.stats()
+        assert after.requests_cancelled - before.requests_cancelled == 2
+        assert after.requests_failed == before.requests_failed
+        # and it still serves
+        assert len(w.generate_text(prompts[2], max_new_tokens=3, ignore_eos=True).token_ids) == 3
+
+
+def test_sigterm_on_the_worker_finishes_or_fails_in_flight_requests(sock_dir, tiny_mixtral_pack, int4_expert_bytes,
+                                                                    prompts):
+    store, store_addr = start_store(sock_dir, tiny_mixtral_pack, "store-w", int4_expert_bytes // 4)
+    worker = None
+    try:
+        store.wait_serving(store_addr)
+        worker, addr = start_worker(sock_dir, store_addr, "worker-w", "--budget-bytes", "25%", "--grace-s", "1")
+        worker.wait_serving(addr)
+        outcomes: dict[str, str] = {}
+        started = threading.Barrier(4)
+
+        def run(name: str, n: int) -> None:
+            with WorkerClient(addr, timeout_s=CALL_TIMEOUT_S) as w:
+                gen = w.generate(prompts[0], max_new_tokens=n, ignore_eos=True)
+                try:
+                    it = iter(gen)
+                    next(it)
+                    started.wait(CALL_TIMEOUT_S)
+                    for _ in it:
+                        pass
+                    outcomes[name] = gen.result.finish_reason
+                except WorkerError as e:
+                    outcomes[name] = e.code
+
+        threads = [threading.Thread(target=run, args=(f"long{i}", 900)) for i in range(2)]
+        threads.append(threading.Thread(target=run, args=("short", 40)))
+        for t in threads:
+            t.start()
+        started.wait(CALL_TIMEOUT_S)  # every request has its first token
+        assert worker.terminate() == 0, worker.output()[-3000:]
+        for t in threads:
+            t.join(CALL_TIMEOUT_S)
+        assert set(outcomes) == {"long0", "long1", "short"}
+        assert set(outcomes.values()) <= {"length", "UNAVAILABLE"}, outcomes
+        assert outcomes["long0"] == outcomes["long1"] == "UNAVAILABLE"  # 900 tokens do not fit 1 s of grace
+    finally:
+        if worker is not None:
+            worker.terminate()
+        assert store.terminate() == 0, store.output()[-3000:]
+    assert shm_segments_of(store.proc.pid) == []
+
+
+def test_sigterm_on_the_store_fails_requests_with_unavailable(sock_dir, tiny_mixtral_pack, int4_expert_bytes,
+                                                              prompts):
+    store, store_addr = start_store(sock_dir, tiny_mixtral_pack, "store-s", int4_expert_bytes // 4)
+    worker = None
+    try:
+        store.wait_serving(store_addr)
+        worker, addr = start_worker(sock_dir, store_addr, "worker-s", "--budget-bytes", "25%")
+        worker.wait_serving(addr)
+        with WorkerClient(addr, timeout_s=CALL_TIMEOUT_S) as w:
+            gen = w.generate(prompts[0], max_new_tokens=900, ignore_eos=True)
+            it = iter(gen)
+            next(it)
+            assert store.terminate() == 0, store.output()[-3000:]
+            with pytest.raises(WorkerError) as err:  # 25% of the experts: a miss soon needs the store
+                for _ in it:
+                    pass
+            assert err.value.code == "UNAVAILABLE"
+            stats = w.stats()
+            assert stats.store_connected is False and stats.active_requests == 0
+            with pytest.raises(WorkerError) as err:
+                w.generate_text(prompts[1], max_new_tokens=4)
+            assert err.value.code == "UNAVAILABLE"
+            assert w.health() == "NOT_SERVING"
+        assert worker.terminate() == 0, worker.output()[-3000:]
+    finally:
+        if worker is not None:
+            worker.terminate()
+        store.terminate()
+    assert shm_segments_of(store.proc.pid) == []
+
+
+def test_metrics_endpoint_and_cli(cluster):
+    import urllib.request
+
+    _, addresses = cluster
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run(
+        [sys.executable, "-m", "client", "generate", "The command", "--address", addresses["shm-100"],
+         "--max-new-tokens", "5", "--ignore-eos", "--json"],
+        capture_output=True, text=True, timeout=CALL_TIMEOUT_S, env=env, cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert len(doc["token_ids"]) == 5 and doc["result"]["finish_reason"] == "length"
+    assert doc["result"]["experts"]["lookups"] > 0
+    out = subprocess.run([sys.executable, "-m", "client", "stats", "--address", addresses["shm-100"], "--json"],
+                         capture_output=True, text=True, timeout=CALL_TIMEOUT_S, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["generated_tokens_total"] >= 5
+    out = subprocess.run([sys.executable, "-m", "client", "generate", "", "--address", addresses["shm-100"]],
+                         capture_output=True, text=True, timeout=CALL_TIMEOUT_S, env=env, cwd=REPO)
+    assert out.returncode == 1 and "INVALID_ARGUMENT" in out.stderr
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
+    for name in ("fate_worker_request_duration_seconds_count", "fate_worker_tokens_total{kind=\"generated\"}",
+                 "fate_worker_cache_hits_total", "fate_worker_cache_budget_bytes", "fate_worker_cache_used_bytes",
+                 "fate_worker_fetch_bytes_total{transport=\"shm\"}", "fate_worker_active_requests"):
+        assert name in text, name
+
+
+def test_budget_below_the_minimum_is_a_one_line_start_up_error(cluster, sock_dir):
+    _, addresses = cluster
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run(
+        [sys.executable, "-m", "gpu_worker", "serve", "--store", addresses["store"], "--listen",
+         f"unix:{sock_dir}/tiny.sock", "--budget-bytes", "1000", "--log-level", "warning"],
+        capture_output=True, text=True, timeout=CALL_TIMEOUT_S, env=env, cwd=REPO,
+    )
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "minimum" in lines[0], out.stderr
+
+
+async def test_async_client_streams_the_same_tokens(cluster, prompts, reference):
+    from client.api import AsyncWorkerClient
+
+    _, addresses = cluster
+    async with AsyncWorkerClient(addresses["grpc-25"], timeout_s=CALL_TIMEOUT_S) as w:
+        await w.wait_ready(10)
+        gen = w.generate(prompts[5], max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        ids = [tok.id async for tok in gen]
+        stats = await w.stats()
+        with pytest.raises(WorkerError) as err:
+            await w.generate_text(prompts[5], top_p=2.0)
+    assert ids == reference[5] and gen.result.finish_reason == "length"
+    assert stats.generated_tokens_total >= NEW_TOKENS
+    assert err.value.code == "INVALID_ARGUMENT"
