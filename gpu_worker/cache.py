@@ -5,11 +5,13 @@ Accounting: every cached expert costs `expert_bytes` (its compute form's real by
 fetched or built for the cache (a reservation, taken before the fetch starts). Their sum,
 `used_bytes`, never exceeds `budget_bytes`; `high_water_bytes` records the most it reached.
 
-Layout: an `Allocation` turns the budget into resident slots per MoE layer; a layer may
-use the unallocated rest of the budget as scratch while it computes and is trimmed back
-to its slots when its `iter_experts` ends. A `ReplacementPolicy` per layer picks victims.
-Both are plain Python (no torch, no grpc), so the offline simulator replays traces
-through these same classes.
+Layout: an `Allocation` turns the budget (in experts) into resident slots per MoE layer;
+a layer may use the unallocated rest of the budget as scratch while it computes (or, when
+there is none, borrow other layers' unpinned experts) and is trimmed back to its slots
+when its `iter_experts` ends. A `ReplacementPolicy` per layer picks victims, driven as
+`gpu_worker.policies` describes (on_hit; on_miss before room is made, on_insert after;
+on_evict; on_step per forward). Policies and allocations live in that torch-free module,
+so the offline simulator replays traces through these same classes.
 
 Threads: the compute thread calls `iter_experts`; a prefetch thread may call `prefetch`
 concurrently. One lock guards the state; fetches and compute builds run outside it.
@@ -20,10 +22,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from abc import ABC, abstractmethod
-from collections import OrderedDict
 from dataclasses import dataclass, field, fields
-from typing import Callable, ClassVar, Collection, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -32,6 +32,7 @@ from expert_store.errors import FateError
 
 from .expert_compute import ExpertCompute, default_compute_form, make_expert_compute
 from .model_args import ModelArgs
+from .policies import Allocation, ReplacementPolicy, make_allocation, make_policy_factory
 from .store_client import ExpertFetcher, Priority
 
 log = logging.getLogger(__name__)
@@ -45,108 +46,6 @@ class CacheError(FateError, ValueError):
 
 class CacheBudgetError(CacheError):
     """A budget that cannot work (below one layer's top-k experts), or a cache that cannot make room."""
-
-
-# -- replacement policies (per layer; expert ids are ints within the layer) --------------------
-
-
-class ReplacementPolicy(ABC):
-    """Chooses which resident expert of one layer leaves. Sees every hit, insert and eviction."""
-
-    name: ClassVar[str]
-
-    @abstractmethod
-    def on_hit(self, expert: int) -> None:
-        """A resident expert was used."""
-
-    @abstractmethod
-    def on_insert(self, expert: int) -> None:
-        """An expert became resident (a demand fetch or a prefetch)."""
-
-    @abstractmethod
-    def victim(self, candidates: Collection[int]) -> int:
-        """One of `candidates` (resident, not pinned, never empty) to evict."""
-
-    @abstractmethod
-    def on_evict(self, expert: int) -> None:
-        """An expert left the cache (after `victim` chose it, or when the layer was trimmed)."""
-
-    def on_step(self) -> None:
-        """A forward step ended (for policies that age their counts)."""
-
-
-class LRUPolicy(ReplacementPolicy):
-    """Least recently used: the expert whose last hit or insert is oldest."""
-
-    name = "lru"
-
-    def __init__(self) -> None:
-        self._order: OrderedDict[int, None] = OrderedDict()  # oldest first
-
-    def on_hit(self, expert: int) -> None:
-        self._order.move_to_end(expert)
-
-    def on_insert(self, expert: int) -> None:
-        self._order[expert] = None
-        self._order.move_to_end(expert)
-
-    def victim(self, candidates: Collection[int]) -> int:
-        for e in self._order:
-            if e in candidates:
-                return e
-        raise CacheError(f"LRU: no victim among {sorted(candidates)}: they are not resident (a cache bug)")
-
-    def on_evict(self, expert: int) -> None:
-        self._order.pop(expert, None)
-
-
-REPLACEMENT_POLICIES: dict[str, Callable[[], ReplacementPolicy]] = {"lru": LRUPolicy}
-
-
-def make_policy(policy: str | Callable[[], ReplacementPolicy]) -> Callable[[], ReplacementPolicy]:
-    if callable(policy):
-        return policy
-    try:
-        return REPLACEMENT_POLICIES[policy]
-    except KeyError:
-        raise CacheError(f"unknown replacement policy {policy!r}; known: {', '.join(REPLACEMENT_POLICIES)}") from None
-
-
-# -- allocation of the budget across MoE layers -----------------------------------------------
-
-
-class Allocation(ABC):
-    """Maps a byte budget to resident slots per MoE layer (sum of slots x expert bytes <= budget)."""
-
-    name: ClassVar[str]
-
-    @abstractmethod
-    def slots(self, budget_bytes: int, expert_bytes: int, moe_layers: Sequence[int], num_experts: int,
-              top_k: int) -> dict[int, int]:
-        """Slots (resident experts kept after the layer's step) for every layer in moe_layers."""
-
-
-class UniformAllocation(Allocation):
-    """An even split: every MoE layer gets the same slots; the remainder is shared scratch."""
-
-    name = "uniform"
-
-    def slots(self, budget_bytes: int, expert_bytes: int, moe_layers: Sequence[int], num_experts: int,
-              top_k: int) -> dict[int, int]:
-        per_layer = min(num_experts, budget_bytes // expert_bytes // max(1, len(moe_layers)))
-        return {layer: per_layer for layer in moe_layers}
-
-
-ALLOCATIONS: dict[str, Callable[[], Allocation]] = {"uniform": UniformAllocation}
-
-
-def make_allocation(allocation: str | Allocation) -> Allocation:
-    if isinstance(allocation, Allocation):
-        return allocation
-    try:
-        return ALLOCATIONS[allocation]()
-    except KeyError:
-        raise CacheError(f"unknown allocation {allocation!r}; known: {', '.join(ALLOCATIONS)}") from None
 
 
 # -- sizes --------------------------------------------------------------------------------------
@@ -261,7 +160,7 @@ class ExpertCache:
         form: str = "auto",
         device: torch.device | str = "cpu",
         budget_bytes: int = 0,
-        policy: str | Callable[[], ReplacementPolicy] = "lru",
+        policy: str | Callable[[int], ReplacementPolicy] = "lru",
         allocation: str | Allocation = "uniform",
         wait_poll_s: float = 0.5,
     ):
@@ -278,15 +177,14 @@ class ExpertCache:
                 f"expert cache budget {self.budget_bytes} bytes ({self.budget_bytes / MIB:.2f} MiB) is below the "
                 f"minimum {minimum} bytes ({minimum / MIB:.2f} MiB): one layer's top-{args.top_k} experts in "
                 f"compute form {self.form!r} ({self.expert_bytes} bytes each); raise the budget")
-        self.allocation = make_allocation(allocation)
-        new_policy = make_policy(policy)
-        slots = self.allocation.slots(self.budget_bytes, self.expert_bytes, args.moe_layers, args.num_experts,
-                                      args.top_k)
+        self.allocation = make_allocation(allocation) if isinstance(allocation, str) else allocation
+        new_policy = make_policy_factory(policy) if isinstance(policy, str) else policy  # slots -> policy
+        slots = self.allocation.slots(self.budget_bytes // self.expert_bytes, args.moe_layers, args.num_experts)
         if set(slots) != set(args.moe_layers) or any(not 0 <= s <= args.num_experts for s in slots.values()) \
                 or sum(slots.values()) * self.expert_bytes > self.budget_bytes:
             raise CacheBudgetError(f"allocation {self.allocation.name!r} gave slots {slots} that do not fit "
                                    f"{args.num_experts} experts per layer and {self.budget_bytes} bytes")
-        self._layers = {layer: _LayerState(new_policy(), slots[layer]) for layer in args.moe_layers}
+        self._layers = {layer: _LayerState(new_policy(slots[layer]), slots[layer]) for layer in args.moe_layers}
         self._cond = threading.Condition(threading.Lock())
         self._used = 0  # resident + reserved bytes
         self._reserved = 0
@@ -336,7 +234,7 @@ class ExpertCache:
         L = self._layer(layer)
         with self._cond:
             todo = [e for e in dict.fromkeys(int(x) for x in experts) if e not in L.resident and e not in L.pending]
-            wave = todo[: self._reserve(L, len(todo), borrow=False)]
+            wave = self._reserve(L, todo, borrow=False, prefetch=True)
             L.pending.update(wave)
         if not wave:
             return []
@@ -351,7 +249,7 @@ class ExpertCache:
         with self._cond:
             L.pending.difference_update(wave)
             for e, c in zip(wave, computes):
-                self._insert(L, e, c)
+                self._insert(L, e, c, prefetch=True)
                 L.prefetched.add(e)
             L.stats.prefetched += len(wave)
             L.stats.bytes_fetched += nbytes
@@ -455,7 +353,7 @@ class ExpertCache:
                 if ready:  # a prefetch landed since we looked
                     self._use(L, layer, ready, pinned, step)
                 to_fetch = [e for e in remaining if e not in L.resident and e not in L.pending]
-                wave = to_fetch[: self._reserve(L, len(to_fetch), borrow=True)] if to_fetch else []
+                wave = self._reserve(L, to_fetch, borrow=True, prefetch=False)
                 if ready or wave:
                     L.pending.update(wave)
                     break
@@ -486,7 +384,7 @@ class ExpertCache:
         with self._cond:
             L.pending.difference_update(wave)
             for e, c in zip(wave, computes):
-                self._insert(L, e, c)
+                self._insert(L, e, c, prefetch=False)
                 L.pins[e] = L.pins.get(e, 0) + 1
                 pinned.add(e)
             L.stats.misses += len(wave)
@@ -516,22 +414,26 @@ class ExpertCache:
                                     self.device)
             if c.nbytes != self.expert_bytes:
                 raise CacheError(f"expert {b.key} takes {c.nbytes} bytes in form {self.form!r}, the cache "
-                                       f"budgets {self.expert_bytes} per expert (a compute form bug)")
+                                 f"budgets {self.expert_bytes} per expert (a compute form bug)")
             computes.append(c)
         return computes, sum(b.nbytes for b in blobs), time.perf_counter_ns() - t0
 
-    def _reserve(self, L: _LayerState, want: int, borrow: bool) -> int:
-        """Reserve room for up to `want` experts of layer L: free bytes first, then L's unpinned experts
-        (by its policy), then (borrow) other layers' unpinned experts. Lock held. Returns how many."""
-        n = 0
-        while n < want:
+    def _reserve(self, L: _LayerState, experts: list[int], borrow: bool, prefetch: bool) -> list[int]:
+        """Room for the first experts of `experts` that fit, in layer L: free bytes first, then L's unpinned
+        experts (by its policy), then (borrow) other layers' unpinned experts. Lock held. Returns those
+        reserved; each had its policy's on_miss just before room was made for it."""
+        room = (self.budget_bytes - self._used) // self.expert_bytes + len(L.evictable())
+        if borrow:
+            room += sum(len(S.evictable()) for S in self._layers.values() if S is not L)
+        chosen = experts[:room]
+        for e in chosen:
+            L.policy.on_miss(e, prefetch)
             if self.budget_bytes - self._used < self.expert_bytes and not self._evict_one(L, borrow):
-                break
+                raise CacheError(f"cache accounting: no room after counting {room} (a cache bug)")
             self._used += self.expert_bytes
             self._reserved += self.expert_bytes
-            n += 1
         self._high_water = max(self._high_water, self._used)
-        return n
+        return chosen
 
     def _evict_one(self, L: _LayerState, borrow: bool) -> bool:
         candidates = L.evictable()
@@ -551,11 +453,11 @@ class ExpertCache:
         self._used -= n * self.expert_bytes
         self._reserved -= n * self.expert_bytes
 
-    def _insert(self, L: _LayerState, e: int, compute: ExpertCompute) -> None:
+    def _insert(self, L: _LayerState, e: int, compute: ExpertCompute, prefetch: bool) -> None:
         """A reserved expert becomes resident (its bytes move from reserved to resident)."""
         self._reserved -= self.expert_bytes
         L.resident[e] = compute
-        L.policy.on_insert(e)
+        L.policy.on_insert(e, prefetch)
 
     def _evict(self, L: _LayerState, e: int) -> None:
         del L.resident[e]

@@ -639,7 +639,8 @@ class StoreClient:
         self._stub.ReleaseLeases.future(req, timeout=self.rpc_timeout_s).add_done_callback(self._released)
 
     def _released(self, fut: grpc.Future) -> None:
-        if fut.code() != grpc.StatusCode.OK:  # the leases expire by TTL; the bytes we copied are verified
+        if fut.code() not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):  # CANCELLED: closing
+            # the leases expire by TTL; the bytes we copied are verified
             log.warning("ReleaseLeases to %s failed (%s): the leases will expire by TTL", self.address,
                         fut.code().name)
             with self._lock:

@@ -14,8 +14,6 @@ from expert_store.packfile import Pack
 from gpu_worker.cache import (
     CacheBudgetError,
     ExpertCache,
-    LRUPolicy,
-    UniformAllocation,
     expert_compute_nbytes,
     full_budget_bytes,
     min_budget_bytes,
@@ -111,6 +109,18 @@ class _Routings:
         self.experts[layer] = set(expert_ids.flatten().tolist())
 
 
+@pytest.mark.parametrize("allocation", ["uniform", "shallow_favoring"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "lfu_decay", "arc"])
+def test_every_policy_and_allocation_is_transparent(pack, prompt_ids, reference, eb, policy, allocation):
+    budget = full_budget_bytes(pack.args, FMT, "auto", CPU) // 4
+    cache = _cache(pack, budget, policy=policy, allocation=allocation)
+    model = build_model(pack, cache, CPU)
+    assert _greedy(model, prompt_ids[0]) == reference[0]
+    s = cache.stats()
+    assert s.high_water_bytes <= budget and s.total.evictions > 0
+    assert sum(cache.slots().values()) == budget // eb
+
+
 def test_budget_never_exceeded_in_a_batched_forward(pack, prompt_ids, eb):
     """Several sequences in one forward (prefill together, then decode together) at a tight budget:
     the union of their experts per layer is more than the budget holds, so it fetches in waves."""
@@ -165,27 +175,7 @@ def test_compute_bytes_are_what_the_cache_counts(pack):
     assert compute.nbytes == fp32 == cache.expert_bytes
 
 
-# -- LRU and the mechanics, by hand ----------------------------------------------------------------
-
-
-def test_lru_policy_by_hand():
-    p = LRUPolicy()
-    for e in (1, 2, 3):
-        p.on_insert(e)
-    p.on_hit(1)  # order: 2 3 1
-    assert p.victim({1, 2, 3}) == 2
-    assert p.victim({1, 3}) == 3  # 2 pinned: the next oldest
-    p.on_evict(2)
-    p.on_insert(4)  # 3 1 4
-    p.on_hit(3)  # 1 4 3
-    assert p.victim({1, 3, 4}) == 1
-
-
-def test_uniform_allocation():
-    alloc = UniformAllocation()
-    assert alloc.slots(10 * 100, 100, [0, 1, 3], 16, 2) == {0: 3, 1: 3, 3: 3}  # 1 expert of scratch
-    assert alloc.slots(100 * 100, 100, [0, 1], 16, 2) == {0: 16, 1: 16}  # capped at every expert
-    assert alloc.slots(2 * 100, 100, [0, 1, 2], 16, 2) == {0: 0, 1: 0, 2: 0}  # all scratch
+# -- LRU and the mechanics, by hand (the policies alone: test_policies.py) ----------------------------------------------------------------
 
 
 def _access(cache, layer, experts):
@@ -230,27 +220,30 @@ def test_misses_are_one_batched_fetch_when_they_fit(pack, eb):
 
 def test_waves_when_misses_do_not_fit(pack, eb):
     fetcher = RecordingFetcher(pack)
-    cache = _cache(pack, 2 * eb, fetcher)  # the minimum: 0 slots, 2 experts of scratch
+    cache = _cache(pack, 2 * eb, fetcher)  # the minimum: 2 slots in all, so most layers have none
+    L = pack.args.moe_layers[-1]
+    assert cache.slots()[L] == 0
     got = []
-    for e, compute in cache.iter_experts(0, [0, 1, 2, 3, 4]):
+    for e, compute in cache.iter_experts(L, [0, 1, 2, 3, 4]):
         got.append(e)
         assert cache.used_bytes <= 2 * eb
         compute(torch.zeros(1, pack.args.hidden_size))  # still valid while we hold it
     assert got == [0, 1, 2, 3, 4]
     assert [len(k) for k, _ in fetcher.calls] == [2, 2, 1]
-    assert cache.resident(0) == [] and cache.used_bytes == 0  # trimmed back to 0 slots
+    assert cache.resident(L) == []  # trimmed back to its 0 slots
     assert cache.high_water_bytes == 2 * eb
 
 
 def test_pinned_experts_are_never_evicted(pack, eb):
-    cache = _cache(pack, 2 * eb)
-    it = cache.iter_experts(0, [0, 1])
+    cache = _cache(pack, 2 * eb)  # the minimum
+    L, other = pack.args.moe_layers[-1], pack.args.moe_layers[-2]
+    it = cache.iter_experts(L, [0, 1])
     e, compute = next(it)  # 0 is in use; 1 is fetched with it and waits its turn
-    assert cache.prefetch(0, [5, 6]) == []  # no room: both residents are pinned
-    assert cache.prefetch(1, [5]) == []
-    assert sorted(cache.resident(0)) == [0, 1]
+    assert cache.prefetch(L, [5, 6]) == []  # no room: both residents are pinned
+    assert cache.prefetch(other, [5]) == []
+    assert sorted(cache.resident(L)) == [0, 1]
     assert [x for x, _ in it] == [1]
-    assert cache.used_bytes == 0  # trimmed: 0 slots
+    assert cache.resident(L) == [] and cache.used_bytes == 0  # trimmed to its 0 slots
 
 
 def test_a_failed_fetch_releases_its_reservation(pack, eb):
