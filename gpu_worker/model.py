@@ -224,6 +224,7 @@ class MoEModel:
         for e, compute in self.experts.iter_experts(i, needed):
             tok, slot = torch.where(ids == e)
             ys[e] = compute(h[tok]).to(h.dtype) * weights[tok, slot, None]  # [t_e, H]
+            del compute  # let the cache free it before it builds the next one
         for e in needed:
             tok, _ = torch.where(ids == e)
             out.index_add_(0, tok, ys[e])
