@@ -32,9 +32,8 @@ from expert_store.config import ConfigError, StoreConfig, build_config, load_tom
 from expert_store.errors import PackError
 from expert_store.pack import align_up, write_pack
 from expert_store.packfile import Pack
-from expert_store.server import (
-    PRIORITY_DEMAND, PRIORITY_PREFETCH, IoScheduler, WireCompression, finish_start, start_store, zstd_pays,
-)
+from expert_store.core import PRIORITY_DEMAND, PRIORITY_PREFETCH, IoScheduler, WireCompression, zstd_pays
+from expert_store.server import finish_start, start_store
 from expert_store.tiers import BlobKey
 
 from .test_tiers import corrupt_copy

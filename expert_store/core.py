@@ -1,0 +1,733 @@
+"""The store's domain: the pack, its tiers, I/O scheduling and counters, free of protobuf.
+
+`StoreCore` verifies and maps the pack, fills the RAM tier, and answers fetches (bytes in
+chunks, or shared-memory grants under a lease), prefetch hints and stats; the gRPC edge
+in `server.py` converts to and from protobuf around it.
+
+I/O: every blocking read, copy and compression runs in a small thread pool fed by a
+priority queue (demand fetches, then prefetches, then background promotions), so the
+event loop never waits for a disk and a prefetch never delays a demand fetch that
+arrives after it.
+"""
+
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import hashlib
+import itertools
+import json
+import logging
+import os
+import struct
+import threading
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import zstandard
+
+from client.pb import store_pb2
+
+from . import sdnotify, shm
+from .config import StoreConfig
+from .errors import ChecksumError, FateError, PackError
+from .packfile import Pack
+from .tiers import (
+    BlobKey, NvmeTier, RamTier, Slot, fill_order, load_popularity, no_views_in_tracebacks, preferred_format,
+    slot_bytes_for,
+)
+
+logger = logging.getLogger(__name__)
+
+PRIORITY_DEMAND, PRIORITY_PREFETCH, PRIORITY_BACKGROUND = 0, 1, 2  # the I/O queue's order
+_LEASE_SWEEP_S = 1.0
+_DENSE_SCAN_PIECE = 16 << 20
+
+T = TypeVar("T")
+
+
+class InvalidRequest(FateError):
+    """A request the store cannot serve as asked (unknown expert or format, empty batch...)."""
+
+
+class StoreUnavailable(FateError):
+    """The store is starting up or shutting down: retry later."""
+
+
+# -- compression on the wire --------------------------------------------------------------------
+
+
+def zstd_pays(raw_nbytes: int, compressed_nbytes: int, min_saving: float = 0.1) -> bool:
+    """Send compressed only if that saves at least `min_saving` of the bytes (default: < 0.9x raw)."""
+    return compressed_nbytes < (1.0 - min_saving) * raw_nbytes
+
+
+class WireCompression:
+    """zstd for chunks, used only where it pays; remembers per blob whether it did.
+
+    A blob none of whose chunks paid is never compressed again (quantized experts mostly don't
+    compress: their codes are near-uniform), so incompressible data costs one try, not one per fetch.
+    Thread-safe: one compressor per thread.
+    """
+
+    def __init__(self, level: int, min_saving: float):
+        self.level = level
+        self.min_saving = min_saving
+        self._paid: dict[Any, bool] = {}
+        self._local = threading.local()
+
+    @property
+    def enabled(self) -> bool:
+        return self.level > 0
+
+    def should_try(self, blob: Any) -> bool:
+        return self.enabled and self._paid.get(blob, True)
+
+    def record(self, blob: Any, paid: bool) -> None:
+        self._paid[blob] = paid
+
+    def encode(self, raw: bytes) -> tuple[bytes, int]:
+        """(data, compression) for one chunk: zstd if it pays, else the raw bytes."""
+        compressor = getattr(self._local, "compressor", None)
+        if compressor is None:
+            compressor = self._local.compressor = zstandard.ZstdCompressor(level=self.level)
+        packed = compressor.compress(raw)
+        if zstd_pays(len(raw), len(packed), self.min_saving):
+            return packed, store_pb2.COMPRESSION_ZSTD
+        return raw, store_pb2.COMPRESSION_NONE
+
+
+# -- blocking work off the event loop -----------------------------------------------------------
+
+
+class IoScheduler:
+    """Runs blocking functions in `threads` threads, lowest priority number first, FIFO within one."""
+
+    def __init__(self, threads: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="store-io")
+        self._queue: asyncio.PriorityQueue = asyncio.PriorityQueue()
+        self._seq = itertools.count()
+        self._workers = [asyncio.create_task(self._work(), name=f"store-io-{i}") for i in range(threads)]
+
+    async def run(self, priority: int, fn: Callable[..., T], *args: Any) -> T:
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((priority, next(self._seq), fut, fn, args))
+        return await fut
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            _, _, fut, fn, args = await self._queue.get()
+            if fut.done():  # its caller went away (cancelled) while it waited
+                continue
+            try:
+                result = await loop.run_in_executor(self._executor, fn, *args)
+            except Exception as e:  # delivered to the caller
+                if not fut.done():
+                    fut.set_exception(e)
+            else:
+                if not fut.done():
+                    fut.set_result(result)
+
+    async def close(self) -> None:
+        """Stop taking work and wait for the jobs running in threads (they may touch the segment)."""
+        for w in self._workers:
+            w.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        await asyncio.get_running_loop().run_in_executor(None, functools.partial(self._executor.shutdown, wait=True))
+
+
+# -- dense tensors ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DenseTensor:
+    name: str
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+    start: int  # absolute offset in the file
+    nbytes: int
+    checksum: str  # "crc32:<hex>"
+
+
+class DenseFile:
+    """dense.safetensors read raw: the header gives each tensor's byte range; crc32 per tensor at start-up."""
+
+    def __init__(self, path: Path, expected_crc32: int):
+        self.path = path
+        self.expected_crc32 = expected_crc32
+        self.tensors: dict[str, DenseTensor] = {}  # file order once scanned
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def scan(self) -> None:
+        """Parse the header, check the file's crc32 against the manifest, compute per-tensor crc32s (blocking)."""
+        head = os.pread(self._fd, 8, 0)
+        if len(head) != 8:
+            raise PackError(f"{self.path}: too short for a safetensors file; re-pack the checkpoint")
+        (header_len,) = struct.unpack("<Q", head)
+        try:
+            header = json.loads(os.pread(self._fd, header_len, 8))
+        except ValueError as e:
+            raise PackError(f"{self.path}: unreadable safetensors header ({e}); re-pack the checkpoint") from None
+        base = 8 + header_len
+        spans = sorted(
+            ((base + int(v["data_offsets"][0]), base + int(v["data_offsets"][1]), k, v)
+             for k, v in header.items() if k != "__metadata__"),
+        )
+        file_crc, crcs = 0, [0] * len(spans)
+        first, pos = 0, 0
+        buf = memoryview(bytearray(_DENSE_SCAN_PIECE))
+        while True:
+            n = os.preadv(self._fd, [buf], pos)
+            if n <= 0:
+                break
+            piece, end = buf[:n], pos + n
+            file_crc = zlib.crc32(piece, file_crc)
+            while first < len(spans) and spans[first][1] <= pos:
+                first += 1
+            j = first
+            while j < len(spans) and spans[j][0] < end:
+                a, b = max(spans[j][0], pos), min(spans[j][1], end)
+                if a < b:
+                    crcs[j] = zlib.crc32(piece[a - pos : b - pos], crcs[j])
+                j += 1
+            pos = end
+        if file_crc != self.expected_crc32:
+            raise ChecksumError(
+                f"{self.path}: checksum mismatch (crc32 {file_crc:#010x}, manifest {self.expected_crc32:#010x}); "
+                f"the pack is corrupt, re-pack it"
+            )
+        self.tensors = {
+            name: DenseTensor(name, str(info["dtype"]), tuple(int(d) for d in info["shape"]), a, b - a,
+                              f"crc32:{crc:08x}")
+            for (a, b, name, info), crc in zip(spans, crcs)
+        }
+
+    def read(self, start: int, nbytes: int) -> bytes:
+        data = os.pread(self._fd, nbytes, start)
+        if len(data) != nbytes:
+            raise PackError(f"{self.path}: short read at {start} (truncated?); re-pack the checkpoint")
+        return data
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+# -- domain results (converted to protobuf at the edge) -----------------------------------------
+
+
+@dataclass(frozen=True)
+class ExpertPiece:
+    """One chunk of one expert of a FetchExperts reply."""
+
+    index: int
+    key: BlobKey
+    total_bytes: int
+    offset: int
+    data: bytes
+    compression: int  # store_pb2.Compression value
+    raw_nbytes: int
+    last: bool
+    tier: int  # store_pb2.StoreTier value
+    checksum: str  # on the last chunk only
+
+
+@dataclass(frozen=True)
+class ShmGrant:
+    index: int
+    key: BlobKey
+    offset: int
+    nbytes: int
+    lease_id: int
+    generation: int
+    ttl_ms: int
+    tier: int
+    checksum: str
+
+
+@dataclass
+class StoreCounters:
+    fetch_requests: int = 0
+    experts_served_grpc: int = 0
+    experts_served_shm: int = 0
+    bytes_served_grpc: int = 0
+    bytes_sent_wire: int = 0
+    bytes_served_shm: int = 0
+    dense_bytes_served: int = 0
+    prefetch_hints: int = 0
+    prefetch_promotions: int = 0
+    checksum_failures: int = 0
+
+
+@dataclass
+class _Planned:
+    """One expert of a FetchExperts request on its way out."""
+
+    index: int
+    key: BlobKey
+    nbytes: int
+    slot: Slot | None  # pinned RAM slot (until its last chunk is out), or None: read from NVMe
+    try_zstd: bool
+    tier: int = store_pb2.STORE_TIER_NVME
+    read_ns: int = 0
+    wire_bytes: int = 0
+    compressed_chunks: int = 0
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+
+
+# -- the store ----------------------------------------------------------------------------------
+
+
+class StoreCore:
+    """Pack + tiers + I/O scheduling + counters; needs a running event loop."""
+
+    def __init__(self, pack: Pack, config: StoreConfig):
+        self.pack = pack
+        self.config = config
+        self.args = pack.args
+        self.formats = self._served_formats(pack, config)
+        self.blob_nbytes = {f: pack.expert_nbytes(f) for f in self.formats}
+        self.preferred = preferred_format(self.formats, self.blob_nbytes, config.preferred_format)
+        self.popularity = load_popularity(config.popularity, self.args) if config.popularity else None
+        self.pack_id = hashlib.sha256((pack.path / "manifest.json").read_bytes()).hexdigest()
+        self.manifest_json = (pack.path / "manifest.json").read_bytes()
+        self.host_id = shm.host_id()
+        self.nvme = NvmeTier(pack, self.formats)
+        self.dense = DenseFile(pack.path / pack.manifest["dense"]["file"], int(pack.manifest["dense"]["crc32"]))
+        self.ram = RamTier(None, slot_bytes_for(self.blob_nbytes.values()), 0)
+        self.wire = WireCompression(config.zstd_level, config.zstd_min_saving)
+        self.counters = StoreCounters()
+        self.io = IoScheduler(config.io_threads)
+        self.ready = False
+        self.started_at = time.monotonic()
+        self.stop_requested = threading.Event()  # read by start-up threads, so a SIGTERM ends them early
+        self._moe_layers = set(self.args.moe_layers)
+        self._promotions: dict[BlobKey, asyncio.Task[None]] = {}
+        self._prefetch_queue: asyncio.Queue[tuple[BlobKey, bool]] = asyncio.Queue(max(config.prefetch_queue, 1))
+        self._queued: set[BlobKey] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @staticmethod
+    def _served_formats(pack: Pack, config: StoreConfig) -> tuple[str, ...]:
+        if not config.formats:
+            return pack.formats
+        missing = [f for f in config.formats if f not in pack.formats]
+        if missing:
+            raise FateError(f"format(s) {', '.join(missing)} not in the pack {pack.path} (it has "
+                            f"{', '.join(pack.formats)}); choose --formats among those")
+        return tuple(dict.fromkeys(config.formats))
+
+    # -- start-up and shutdown ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Verify, scan the dense file, create and fill the RAM tier; then `ready` (UNAVAILABLE before)."""
+        cfg, t0 = self.config, time.perf_counter()
+        if cfg.verify_on_start:
+            total = self.nvme.blob_count
+            logger.info("verifying %d expert blobs (%s) of %s", total, ", ".join(self.formats), self.pack.path)
+            sdnotify.status("verifying the pack")
+            problems = await asyncio.to_thread(self.nvme.verify_all, self.stop_requested.is_set, _Progress(total))
+            if problems:
+                raise PackError(f"{self.pack.path}: {len(problems)} corrupt expert blob(s), e.g. {problems[0]}; "
+                                f"re-pack the checkpoint")
+        await asyncio.to_thread(self.dense.scan)
+        if cfg.verify_on_start:
+            logger.info("verified %d expert blobs and the dense file in %.1f s", self.nvme.blob_count,
+                        time.perf_counter() - t0)
+        if self.stop_requested.is_set():
+            return
+        max_slots = self.nvme.blob_count
+        self.ram = await asyncio.to_thread(RamTier.create, cfg.ram_bytes, self.ram.slot_bytes, max_slots)
+        if cfg.ram_bytes and not self.ram.enabled:
+            logger.warning("--ram-bytes %d is less than one slot (%d bytes): RAM tier off, NVMe only",
+                           cfg.ram_bytes, self.ram.slot_bytes)
+        if self.ram.enabled:
+            order = fill_order(self.args, self.formats, self.blob_nbytes, self.preferred, self.popularity)
+            filled = await asyncio.to_thread(self.ram.fill, order, self._fill_blob, self.stop_requested.is_set)
+            logger.info("RAM tier: segment %s, %d slots of %d bytes (%.1f MiB), filled with %d blobs (%s first%s)",
+                        self.ram.segment_name, self.ram.num_slots, self.ram.slot_bytes,
+                        self.ram.capacity_bytes / 2**20, filled, self.preferred,
+                        ", popularity profile order" if self.popularity else ", shallow layers first")
+        if cfg.cold:
+            self.nvme.drop_page_cache()
+        self._tasks.append(asyncio.create_task(self._sweep_leases(), name="lease-sweeper"))
+        for i in range(min(2, cfg.io_threads)):
+            self._tasks.append(asyncio.create_task(self._prefetch_worker(), name=f"prefetch-{i}"))
+        self.ready = not self.stop_requested.is_set()
+        logger.debug("start-up took %.2f s", time.perf_counter() - t0)
+
+    async def close(self) -> None:
+        """Stop background work, wait for I/O threads, unlink the segment, close files (idempotent)."""
+        self.ready = False
+        self.stop_requested.set()
+        for t in self._tasks + list(self._promotions.values()):
+            t.cancel()
+        await asyncio.gather(*self._tasks, *self._promotions.values(), return_exceptions=True)
+        self._tasks.clear()
+        try:
+            await self.io.close()
+        finally:
+            self.ram.close()
+            self.nvme.close()
+            self.dense.close()
+
+    def _load_blob(self, key: BlobKey, dest: memoryview) -> int:
+        """Read a blob into a slot (I/O thread); its length."""
+        self.nvme.read_into(key, dest)
+        return self.nvme.ref(key).nbytes
+
+    def _fill_blob(self, key: BlobKey, dest: memoryview) -> int:
+        """`_load_blob` for the start-up fill: a corrupt blob is left out (0), not a reason to stop."""
+        try:
+            return self._load_blob(key, dest)
+        except ChecksumError as e:
+            self.counters.checksum_failures += 1
+            logger.error("%s (left out of the RAM tier; fetching it answers DATA_LOSS)", e)
+            return 0
+
+    def _require_ready(self) -> None:
+        if not self.ready:
+            raise StoreUnavailable("the store is starting up or shutting down; retry when health says SERVING")
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def check_key(self, key: BlobKey, where: str) -> BlobKey:
+        if key.fmt not in self.formats:
+            raise InvalidRequest(f"{where}: format {key.fmt} is not served here (serving: {', '.join(self.formats)})")
+        if key.layer not in self._moe_layers:
+            raise InvalidRequest(f"{where}: layer {key.layer} is not an MoE layer (MoE layers: "
+                                 f"{list(self.args.moe_layers)})")
+        if not 0 <= key.expert < self.args.num_experts:
+            raise InvalidRequest(f"{where}: expert {key.expert} does not exist (layer {key.layer} has experts "
+                                 f"0..{self.args.num_experts - 1})")
+        return key
+
+    async def fetch(self, keys: Sequence[BlobKey], priority: int, accept_zstd: bool,
+                    chunk_bytes: int) -> AsyncIterator[ExpertPiece]:
+        """The blobs' bytes in chunks: RAM-tier hits first, then NVMe reads; a few chunks read ahead."""
+        self._require_ready()
+        if not keys:
+            raise InvalidRequest("no experts in the request")
+        self.counters.fetch_requests += 1
+        chunk = self._chunk_size(chunk_bytes)
+        plan: list[_Planned] = []
+        for i, key in enumerate(keys):
+            slot = self.ram.lookup(key) if self.ram.enabled else None
+            if slot is not None:
+                self.ram.pin(slot)
+            n = self.blob_nbytes[key.fmt]
+            p = _Planned(i, key, n, slot, accept_zstd and self.wire.should_try(key))
+            p.tier = store_pb2.STORE_TIER_RAM if slot is not None else store_pb2.STORE_TIER_NVME
+            p.ranges = [(a, min(chunk, n - a)) for a in range(0, n, chunk)]
+            plan.append(p)
+        plan.sort(key=lambda p: p.slot is None)  # stable: RAM hits first, each group in request order
+        window = max(2, self.config.io_threads)
+        jobs = ((p, a, n) for p in plan for a, n in p.ranges)
+        pending: collections.deque[tuple[_Planned, int, int, asyncio.Future[tuple[bytes, int, int]]]] = (
+            collections.deque())
+        try:
+            while True:
+                while len(pending) < window:
+                    job = next(jobs, None)
+                    if job is None:
+                        break
+                    p, a, n = job
+                    pending.append((p, a, n, self._chunk_job(p, a, n, priority)))
+                if not pending:
+                    break
+                p, a, n, fut = pending.popleft()
+                try:
+                    data, compression, ns = await fut
+                except ChecksumError:
+                    self.counters.checksum_failures += 1
+                    raise
+                p.read_ns += ns
+                p.wire_bytes += len(data)
+                p.compressed_chunks += compression == store_pb2.COMPRESSION_ZSTD
+                last = a + n == p.nbytes
+                if last:
+                    self._finish_grpc(p)
+                    if p.slot is not None:  # all its bytes are copied out: the slot may go
+                        self.ram.unpin(p.slot)
+                        p.slot = None
+                yield ExpertPiece(p.index, p.key, p.nbytes, a, data, compression, n, last, p.tier,
+                                  self.nvme.checksum(p.key) if last else "")
+        finally:
+            for _, _, _, fut in pending:
+                fut.cancel()
+            for p in plan:
+                if p.slot is not None:
+                    self.ram.unpin(p.slot)
+                    p.slot = None
+
+    def _chunk_job(self, p: _Planned, start: int, nbytes: int, priority: int) -> asyncio.Future[tuple[bytes, int, int]]:
+        if p.slot is not None and not p.try_zstd:  # a memcpy of resident bytes: no thread needed
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_result(self._read_chunk(p.key, p.slot, start, nbytes, False))
+            return fut
+        return asyncio.ensure_future(self.io.run(priority, self._read_chunk, p.key, p.slot, start, nbytes, p.try_zstd))
+
+    def _read_chunk(self, key: BlobKey, slot: Slot | None, start: int, nbytes: int,
+                    try_zstd: bool) -> tuple[bytes, int, int]:
+        """(data, compression, read ns) of one chunk (an I/O thread, or the loop for RAM copies)."""
+        t0 = time.perf_counter_ns()
+        if slot is not None:
+            raw = bytes(self.ram.view(slot)[start : start + nbytes])
+        else:
+            if start == 0:
+                self.nvme.will_need(key)  # the kernel reads the rest of the blob ahead of our preads
+                self.nvme.verify_blob(key)  # before any of its bytes leave; no-op once verified
+            raw = self.nvme.read_range(key, start, nbytes)
+        ns = time.perf_counter_ns() - t0
+        if try_zstd:
+            data, compression = self.wire.encode(raw)
+            return data, compression, ns
+        return raw, store_pb2.COMPRESSION_NONE, ns
+
+    def _finish_grpc(self, p: _Planned) -> None:
+        tier = self.ram if p.tier == store_pb2.STORE_TIER_RAM else self.nvme
+        tier.stats.add(p.nbytes, p.read_ns)
+        self.counters.experts_served_grpc += 1
+        self.counters.bytes_served_grpc += p.nbytes
+        self.counters.bytes_sent_wire += p.wire_bytes
+        if p.try_zstd:
+            self.wire.record(p.key, p.compressed_chunks > 0)
+        if p.tier == store_pb2.STORE_TIER_NVME and self.ram.enabled and self.config.promote_on_grpc_miss:
+            self._enqueue_promotion(p.key, background=True)
+
+    async def fetch_shm(self, keys: Sequence[BlobKey], priority: int, client_id: str,
+                        ttl_ms: int) -> tuple[list[ShmGrant], list[int]]:
+        """Lease every blob in the RAM tier (promoting what is not there); (grants, unavailable indices)."""
+        self._require_ready()
+        if not keys:
+            raise InvalidRequest("no experts in the request")
+        if not client_id:
+            raise InvalidRequest("client_id is required: leases belong to a client (ReleaseLeases names it)")
+        self.counters.fetch_requests += 1
+        if not self.ram.enabled:
+            return [], list(range(len(keys)))
+        ttl = min(ttl_ms or self.config.lease_ttl_ms, self.config.max_lease_ttl_ms)
+        grants: list[ShmGrant] = []
+        missing: list[tuple[int, BlobKey]] = []
+        try:
+            for i, key in enumerate(keys):  # resident ones first, leased at once, so promotions cannot evict them
+                slot = self.ram.lookup(key)
+                if slot is None:
+                    missing.append((i, key))
+                else:
+                    self.ram.stats.add(slot.nbytes, 0)
+                    grants.append(self._grant(i, key, slot, ttl, client_id, store_pb2.STORE_TIER_RAM))
+            acquiring = [asyncio.ensure_future(self._acquire(key, priority)) for _, key in missing]
+            try:
+                await asyncio.gather(*acquiring, return_exceptions=True)
+            except BaseException:  # cancelled (the client went away): give back the pins already taken
+                for t in acquiring:
+                    if t.done() and not t.cancelled() and t.exception() is None and t.result()[0] is not None:
+                        self.ram.unpin(t.result()[0])
+                raise
+            unavailable: list[int] = []
+            failure: BaseException | None = None
+            for (i, key), t in zip(missing, acquiring):
+                if t.exception() is not None:
+                    failure = failure or t.exception()
+                    continue
+                slot, promoted = t.result()
+                if slot is None:
+                    unavailable.append(i)
+                    continue
+                if promoted:
+                    self.nvme.stats.add(0, 0)  # its bytes and read time were counted by the promotion
+                else:
+                    self.ram.stats.add(slot.nbytes, 0)
+                tier = store_pb2.STORE_TIER_NVME if promoted else store_pb2.STORE_TIER_RAM
+                grants.append(self._grant(i, key, slot, ttl, client_id, tier))
+                self.ram.unpin(slot)  # the lease holds it now
+            if failure is not None:
+                raise failure
+        except BaseException:
+            self.ram.release(client_id, [g.lease_id for g in grants])  # the client never learns of them
+            raise
+        grants.sort(key=lambda g: g.index)
+        return grants, sorted(unavailable)
+
+    def _grant(self, index: int, key: BlobKey, slot: Slot, ttl_ms: int, client_id: str, tier: int) -> ShmGrant:
+        lease = self.ram.lease(slot, client_id, ttl_ms)
+        self.counters.experts_served_shm += 1
+        self.counters.bytes_served_shm += slot.nbytes
+        return ShmGrant(index, key, slot.offset, slot.nbytes, lease.lease_id, slot.generation, ttl_ms, tier,
+                        self.nvme.checksum(key))
+
+    async def _acquire(self, key: BlobKey, priority: int) -> tuple[Slot | None, bool]:
+        """(the blob's slot, pinned; or None when every slot is held, promoted: it came from NVMe now)."""
+        promoted = False
+        for _ in range(4):  # a slot promoted for us can be evicted before we run again: look once more
+            slot = self.ram.lookup(key)
+            if slot is not None:
+                self.ram.pin(slot)
+                return slot, promoted
+            task = self._promotions.get(key)
+            if task is None:
+                target = self.ram.reserve(key)
+                if target is None:
+                    return None, promoted
+                task = asyncio.create_task(self._promote(key, target, priority))
+                self._promotions[key] = task
+                task.add_done_callback(functools.partial(self._promotion_done, key))
+            await asyncio.shield(task)
+            promoted = True
+        return None, promoted
+
+    def _promotion_done(self, key: BlobKey, task: asyncio.Task[None]) -> None:
+        if self._promotions.get(key) is task:
+            del self._promotions[key]
+        if not task.cancelled() and isinstance(task.exception(), ChecksumError):
+            self.counters.checksum_failures += 1
+
+    async def _promote(self, key: BlobKey, slot: Slot, priority: int) -> None:
+        """Copy a blob from NVMe into its reserved slot (not cancelled by a requester going away)."""
+        try:
+            ns = await self.io.run(priority, self._timed_load, key, slot)
+        except asyncio.CancelledError:
+            raise  # shutdown: the slot stays FILLING (a thread may still write it); the segment goes anyway
+        except BaseException:
+            self.ram.abort(slot)
+            raise
+        self.ram.commit(slot)
+        self.nvme.stats.add(slot.nbytes, ns, hits=0)  # the requesters count their hits
+
+    def _timed_load(self, key: BlobKey, slot: Slot) -> int:
+        t0 = time.perf_counter_ns()
+        with no_views_in_tracebacks():
+            slot.nbytes = self._load_blob(key, self.ram.fill_view(slot))
+        return time.perf_counter_ns() - t0
+
+    def release(self, client_id: str, lease_ids: Sequence[int], release_all: bool) -> tuple[int, int]:
+        self._require_ready()
+        if not client_id:
+            raise InvalidRequest("client_id is required (the client the leases were granted to)")
+        if not release_all and not lease_ids:
+            raise InvalidRequest("no lease ids (give lease_ids, or all = true)")
+        return self.ram.release(client_id, lease_ids, release_all)
+
+    def prefetch(self, keys: Sequence[BlobKey]) -> tuple[int, int, int]:
+        """Queue promotions; (accepted, already resident, dropped). Never waits for a read."""
+        self._require_ready()
+        if not keys:
+            raise InvalidRequest("no experts in the request")
+        self.counters.prefetch_hints += len(keys)
+        accepted = resident = dropped = 0
+        for key in keys:
+            if self.ram.resident(key):
+                resident += 1
+            elif self._enqueue_promotion(key, background=False):
+                accepted += 1
+            else:
+                dropped += 1
+        return accepted, resident, dropped
+
+    def _enqueue_promotion(self, key: BlobKey, background: bool) -> bool:
+        if not self.ram.enabled or self.config.prefetch_queue == 0:
+            return False
+        if key in self._queued or key in self._promotions:
+            return True
+        try:
+            self._prefetch_queue.put_nowait((key, background))
+        except asyncio.QueueFull:
+            return False
+        self._queued.add(key)
+        return True
+
+    async def _prefetch_worker(self) -> None:
+        while True:
+            key, background = await self._prefetch_queue.get()
+            self._queued.discard(key)
+            try:
+                slot, promoted = await self._acquire(key, PRIORITY_BACKGROUND if background else PRIORITY_PREFETCH)
+                if slot is not None:
+                    self.ram.unpin(slot)
+                    if promoted and not background:
+                        self.counters.prefetch_promotions += 1
+            except FateError as e:
+                logger.warning("promotion of layer %d expert %d %s failed: %s", key.layer, key.expert, key.fmt, e)
+            except Exception:
+                logger.exception("promotion of %s failed (a bug)", key)
+
+    async def _sweep_leases(self) -> None:
+        while True:
+            await asyncio.sleep(_LEASE_SWEEP_S)
+            if n := self.ram.expire_leases():
+                logger.debug("%d lease(s) expired", n)
+
+    def _chunk_size(self, asked: int) -> int:
+        return max(4096, min(asked or self.config.chunk_bytes, self.config.max_chunk_bytes))
+
+    # -- dense and files ------------------------------------------------------------------------
+
+    def dense_tensors(self, names: Sequence[str]) -> list[DenseTensor]:
+        self._require_ready()
+        if not names:
+            return list(self.dense.tensors.values())
+        unknown = [n for n in names if n not in self.dense.tensors]
+        if unknown:
+            raise InvalidRequest(f"no dense tensor(s) {', '.join(map(repr, unknown[:5]))} in this pack "
+                                 f"(GetManifest's manifest_json lists them)")
+        return [self.dense.tensors[n] for n in dict.fromkeys(names)]
+
+    async def dense_chunks(self, t: DenseTensor, chunk_bytes: int,
+                           accept_zstd: bool) -> AsyncIterator[tuple[int, bytes, int, int]]:
+        """(offset, data, compression, raw length) of one tensor, in order; at least one (empty) chunk."""
+        chunk = self._chunk_size(chunk_bytes)
+        try_zstd = accept_zstd and self.wire.should_try(("dense", t.name))
+        paid = False
+        for a in range(0, max(t.nbytes, 1), chunk):
+            n = min(chunk, t.nbytes - a)
+            raw = await self.io.run(PRIORITY_DEMAND, self.dense.read, t.start + a, n) if n else b""
+            data, compression = raw, store_pb2.COMPRESSION_NONE
+            if try_zstd and n:
+                data, compression = await self.io.run(PRIORITY_DEMAND, self.wire.encode, raw)
+                paid |= compression == store_pb2.COMPRESSION_ZSTD
+            self.counters.dense_bytes_served += n
+            yield a, data, compression, n
+        if try_zstd:
+            self.wire.record(("dense", t.name), paid)
+
+    def file_path(self, name: str) -> Path:
+        files = self.pack.manifest.get("tokenizer_files") or []
+        if name not in files:
+            raise InvalidRequest(f"no file {name!r} in this pack (it has: {', '.join(files) or 'none'})")
+        return self.pack.path / name
+
+
+class _Progress:
+    """Start-up progress in the log and the systemd status line, every few seconds (called from a thread)."""
+
+    def __init__(self, total: int, every_s: float = 5.0):
+        self.total, self.every_s = total, every_s
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - self.last >= self.every_s:
+            self.last = now
+            pct = done * 100 // max(total, 1)
+            logger.info("verified %d/%d blobs (%d%%, %.0f s)", done, total, pct, now - self.t0)
+            sdnotify.status(f"verifying the pack: {pct}%")
+
+
+# -- the gRPC edge ------------------------------------------------------------------------------
+
+
