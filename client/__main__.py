@@ -57,8 +57,11 @@ def summary_line(result) -> str:
         f"[finish {finish}; {u.completion_tokens} tokens, prompt {u.prompt_tokens}; "
         f"queue {t.queue_ns / 1e6:.1f} ms, prefill {t.prefill_ns / 1e6:.1f} ms, "
         f"first token {t.time_to_first_token_ns / 1e6:.1f} ms, decode {rate}, total {t.total_ns / 1e6:.1f} ms; "
-        f"experts: {e.lookups} lookups, {e.hits} hits ({100 * e.hit_rate:.1f}%), {e.misses} misses, "
-        f"{e.bytes_fetched / 2**20:.2f} MiB fetched, fetch wait {e.fetch_wait_ns / 1e6:.1f} ms; seed {result.seed}]"
+        f"experts: {e.lookups} lookups, {e.hits} hits ({100 * e.hit_rate:.1f}%, {e.prefetch_hits} by prefetch), "
+        f"{e.misses} misses, {e.bytes_fetched / 2**20:.2f} MiB fetched on demand, "
+        f"{e.prefetch_bytes / 2**20:.2f} MiB prefetched, fetch wait {e.fetch_wait_ns / 1e6:.1f} ms"
+        + (f", strict top-k {100 * e.strict_topk_accuracy:.1f}%" if e.predictions else "")
+        + f"; seed {result.seed}]"
     )
 
 
@@ -105,17 +108,29 @@ def _cmd_stats(a: argparse.Namespace) -> int:
     except WorkerError as e:
         print(f"error: {e.code}: {e.details}", file=sys.stderr)
         return 1
+    derived = {
+        "hit_rate": s.hit_rate, "strict_topk_accuracy": s.strict_topk_accuracy,
+        "prefetch_recall": s.prefetch_recall, "prefetch_precision": s.prefetch_precision,
+        "wasted_bytes_per_token": s.prefetch_wasted_bytes / s.generated_tokens_total if s.generated_tokens_total else 0.0,
+        "fetch_wait_ms_per_token": s.fetch_wait_ns / 1e6 / s.generated_tokens_total if s.generated_tokens_total else 0.0,
+    }  # fmt: skip
     if a.json:
-        print(json.dumps(s.to_dict()))
+        print(json.dumps({**s.to_dict(), **derived}))
         return 0
     for f in dataclasses.fields(s):
         if f.name != "layers":
-            print(f"{f.name:24} {getattr(s, f.name)}")
+            print(f"{f.name:26} {getattr(s, f.name)}")
+    for name, value in derived.items():
+        print(f"{name:26} {value:.4f}")
     if s.layers:
-        print(f"{'layer':>6} {'slots':>6} {'resident':>9} {'lookups':>9} {'hits':>9} {'misses':>9} {'evictions':>10}")
+        print(f"{'layer':>5} {'slots':>5} {'resid':>5} {'lookups':>8} {'hit%':>6} {'cache':>7} {'prefetch':>8} "
+              f"{'miss':>6} {'evict':>6} {'pf_in':>6} {'wasted':>6} {'late':>5} {'strict%':>7} {'recall%':>7} "
+              f"{'prec%':>6} {'wait_ms':>8}")
         for l in s.layers:
-            print(f"{l.layer:>6} {l.slots:>6} {l.resident_experts:>9} {l.lookups:>9} {l.hits:>9} {l.misses:>9} "
-                  f"{l.evictions:>10}")
+            print(f"{l.layer:>5} {l.slots:>5} {l.resident_experts:>5} {l.lookups:>8} {100 * l.hit_rate:>6.2f} "
+                  f"{l.cache_hits:>7} {l.prefetch_hits:>8} {l.misses:>6} {l.evictions:>6} {l.prefetches_issued:>6} "
+                  f"{l.prefetch_unused_evictions:>6} {l.prefetch_late_hits:>5} {100 * l.strict_topk_accuracy:>7.2f} "
+                  f"{100 * l.prefetch_recall:>7.2f} {100 * l.prefetch_precision:>6.2f} {l.fetch_wait_ns / 1e6:>8.1f}")
     return 0
 
 

@@ -80,22 +80,64 @@ class Timings:
     total_ns: int
 
 
-@dataclass(frozen=True)
-class ExpertStats:
-    """The request's expert-cache statistics. Bytes fetched and fetch wait are those of the steps the
-    request took part in (a step shared by batched requests counts in each of them)."""
+class _Rates:
+    """Derived rates shared by the request, layer and worker statistics."""
 
+    @property
+    def hit_rate(self) -> float:
+        """(cache hits + prefetch hits) / lookups."""
+        return self.hits / self.lookups if self.lookups else 0.0
+
+    @property
+    def cache_hits(self) -> int:
+        """Hits on experts the cache held before this use (not brought by a prefetch)."""
+        return self.hits - self.prefetch_hits
+
+    @property
+    def strict_topk_accuracy(self) -> float:
+        """Share of predicted (token, layer) pairs whose predicted top-k equals the routed top-k as sets."""
+        return self.predictions_exact / self.predictions if self.predictions else 0.0
+
+    @property
+    def prefetch_recall(self) -> float:
+        """Of the lookups the cache did not already hold, the share a prefetch brought:
+        prefetch hits / (prefetch hits + misses)."""
+        n = self.prefetch_hits + self.misses
+        return self.prefetch_hits / n if n else 0.0
+
+
+@dataclass(frozen=True)
+class RequestLayerStats(_Rates):
+    layer: int
     lookups: int
     hits: int
     misses: int
     prefetch_hits: int
-    prefetches_issued: int
-    bytes_fetched: int
-    fetch_wait_ns: int
+    predictions: int = 0
+    predictions_exact: int = 0
+    predicted_routed: int = 0
 
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.lookups if self.lookups else 0.0
+
+@dataclass(frozen=True)
+class ExpertStats(_Rates):
+    """The request's expert-cache statistics. Bytes fetched, fetch wait, prefetches and wasted bytes are
+    those of the steps the request took part in (a step shared by batched requests counts in each of them)."""
+
+    lookups: int
+    hits: int  # prefetch hits included
+    misses: int
+    prefetch_hits: int
+    prefetches_issued: int
+    bytes_fetched: int  # demand fetches
+    fetch_wait_ns: int
+    predictions: int = 0  # (token, layer) pairs predicted
+    predictions_exact: int = 0  # predicted top-k == routed top-k
+    predicted_routed: int = 0  # routed experts inside the predictions
+    prefetch_bytes: int = 0
+    prefetch_wasted_bytes: int = 0
+    int2_misses: int = 0
+    layers: tuple[RequestLayerStats, ...] = ()
+    decode: RequestLayerStats | None = None  # the same counts over decode steps only (layer 0)
 
 
 @dataclass(frozen=True)
@@ -125,19 +167,36 @@ class Completion:
 
 
 @dataclass(frozen=True)
-class LayerStats:
+class LayerStats(_Rates):
     layer: int
     slots: int
     resident_experts: int
     lookups: int
-    hits: int
+    hits: int  # prefetch hits included
     misses: int
     prefetch_hits: int
     evictions: int
+    prefetches_issued: int = 0
+    prefetch_unused_evictions: int = 0
+    prefetch_bytes: int = 0
+    prefetch_wasted_bytes: int = 0
+    prefetch_late_hits: int = 0
+    prefetch_dropped: int = 0
+    fetch_wait_ns: int = 0
+    predictions: int = 0
+    predictions_exact: int = 0
+    predicted_routed: int = 0
+    int2_misses: int = 0
+    demand_bytes: int = 0
+
+    @property
+    def prefetch_precision(self) -> float:
+        """Prefetched experts used / prefetched experts."""
+        return self.prefetch_hits / self.prefetches_issued if self.prefetches_issued else 0.0
 
 
 @dataclass(frozen=True)
-class WorkerStats:
+class WorkerStats(_Rates):
     worker_id: str
     model_family: str
     device: str
@@ -167,6 +226,33 @@ class WorkerStats:
     bytes_fetched_grpc: int
     fetch_wait_ns: int
     layers: tuple[LayerStats, ...] = ()
+    allocation: str = ""
+    top_k: int = 0
+    total_slots: int = 0
+    staging_slots: int = 0
+    prefetch_width: int = 0
+    measured_width: int = 0
+    lookahead: int = 0
+    int2_tail: float = 0.0
+    layer_compute_ns: float = 0.0
+    expert_fetch_ns: float = 0.0
+    prefetch_bytes: int = 0
+    prefetch_wasted_bytes: int = 0
+    prefetch_unused_evictions: int = 0
+    prefetch_late_hits: int = 0
+    prefetch_dropped: int = 0
+    predictions: int = 0
+    predictions_exact: int = 0
+    predicted_routed: int = 0
+    int2_misses: int = 0
+    int2_bytes: int = 0
+    demand_bytes: int = 0
+    steps_total: int = 0
+
+    @property
+    def prefetch_precision(self) -> float:
+        """Prefetched experts used / prefetched experts (those still resident and unused count as unused)."""
+        return self.prefetch_hits / self.prefetches_issued if self.prefetches_issued else 0.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -210,6 +296,11 @@ def _token_from_pb(t: pb.GeneratedToken) -> TokenEvent:
     return TokenEvent(t.index, t.id, t.text, t.logprob if t.HasField("logprob") else None)
 
 
+def _layer_from_pb(l: pb.RequestLayerExpertStats) -> RequestLayerStats:
+    return RequestLayerStats(l.layer, l.lookups, l.hits, l.misses, l.prefetch_hits, l.predictions,
+                             l.predictions_exact, l.predicted_routed)
+
+
 def _result_from_pb(f: pb.GenerateFinal) -> GenerationResult:
     u, t, e = f.usage, f.timings, f.experts
     return GenerationResult(
@@ -220,8 +311,11 @@ def _result_from_pb(f: pb.GenerateFinal) -> GenerationResult:
         seed=f.seed,
         usage=Usage(u.prompt_tokens, u.completion_tokens),
         timings=Timings(t.queue_ns, t.prefill_ns, t.decode_ns, t.time_to_first_token_ns, t.total_ns),
-        experts=ExpertStats(e.lookups, e.hits, e.misses, e.prefetch_hits, e.prefetches_issued, e.bytes_fetched,
-                            e.fetch_wait_ns),
+        experts=ExpertStats(
+            e.lookups, e.hits, e.misses, e.prefetch_hits, e.prefetches_issued, e.bytes_fetched, e.fetch_wait_ns,
+            e.predictions, e.predictions_exact, e.predicted_routed, e.prefetch_bytes, e.prefetch_wasted_bytes,
+            e.int2_misses,
+            tuple(_layer_from_pb(l) for l in e.layers), _layer_from_pb(e.decode) if e.HasField("decode") else None),
         trailing_text=f.trailing_text,
     )
 

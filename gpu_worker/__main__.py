@@ -3,6 +3,8 @@
     serve        the worker server (gRPC Generate/GetStats) over an expert store
     generate     generate in process, reading experts straight from a pack
     perplexity   perplexity of a pack on a text file
+    simulate     replay expert traces through the cache policies (gpu_worker/simulator.py)
+    analyze      report + plots + a learned allocation from traces (gpu_worker/analysis.py)
 
 User errors (bad flags or config, a budget below the minimum, an unreachable
 store) print one line `error: ...` on stderr and exit 2.
@@ -17,7 +19,9 @@ from pathlib import Path
 
 from expert_store.errors import FateError
 
+from .analysis import add_analyze_parser
 from .generate import SamplingError, SamplingParams, generate
+from .simulator import add_simulate_parser
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -91,8 +95,21 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 _SERVE_FLAGS = (
     "store", "listen", "budget_bytes", "expert_format", "compute_form", "device", "transport", "metrics_port",
     "metrics_host", "max_batch_size", "max_queue", "default_max_new_tokens", "threads", "policy", "predictor",
-    "worker_id", "store_wait_s", "grace_s", "log_level",
+    "worker_id", "store_wait_s", "grace_s", "log_level", "lfu_decay", "allocation", "full_layers", "staging_slots",
+    "prefetch_width", "lookahead", "throttle", "int2_tail", "prefetch_sync",
 )  # fmt: skip
+
+
+def _staging_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a count, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -115,8 +132,24 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-queue", type=int, default=None, help="requests waiting at most")
     s.add_argument("--default-max-new-tokens", type=int, default=None, help="for requests that send 0")
     s.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
-    s.add_argument("--policy", default=None, help="cache replacement policy (lru)")
-    s.add_argument("--predictor", default=None, help="expert predictor (none)")
+    s.add_argument("--policy", default=None, help="cache replacement policy per layer: lru (default), lfu, "
+                   "lfu_decay, arc")
+    s.add_argument("--lfu-decay", type=float, default=None, help="lfu_decay's factor per step (0.9)")
+    s.add_argument("--allocation", default=None, help="budget split across layers: uniform (default), "
+                   "shallow_favoring")
+    s.add_argument("--full-layers", type=int, default=None, help="shallow_favoring: fully resident MoE layers (4)")
+    s.add_argument("--staging-slots", type=_staging_arg, default=None,
+                   help="budget units kept for prefetched experts: a count or auto (default)")
+    s.add_argument("--predictor", default=None, help="expert predictor: none (default), cross_layer, eap, prev_token")
+    s.add_argument("--prefetch-width", type=int, default=None,
+                   help="experts predicted per token; 0 (default): measured layer time / expert fetch time")
+    s.add_argument("--lookahead", type=int, default=None, help="layers ahead to prefetch: 1 (default) or 2")
+    s.add_argument("--throttle", default=None, action=argparse.BooleanOptionalAction,
+                   help="narrow the width when prefetches go unused or back up (default on)")
+    s.add_argument("--prefetch-sync", default=None, action=argparse.BooleanOptionalAction,
+                   help="analysis: prefetch on the compute thread (the hit rate of an infinitely fast link)")
+    s.add_argument("--int2-tail", type=float, default=None,
+                   help="prefill: share of token assignments whose least popular experts come as INT2 (0.3; 0: off)")
     s.add_argument("--worker-id", default=None, help="id at the store (default worker-<pid>-<random>)")
     s.add_argument("--store-wait-s", type=float, default=None, help="how long to wait for the store at start")
     s.add_argument("--grace-s", type=float, default=None, help="SIGTERM grace for in-flight requests")
@@ -148,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=8192)
     p.set_defaults(func=_cmd_perplexity)
+    add_simulate_parser(sub)
+    add_analyze_parser(sub)
     a = ap.parse_args(argv)
     try:
         return a.func(a)

@@ -20,12 +20,16 @@ from typing import Any, Mapping
 
 from expert_store.config import ConfigError, parse_size
 
+from .policies import ALLOCATION_NAMES, POLICY_NAMES
+from .predictors import PREDICTOR_NAMES
+
 DEFAULT_LISTEN = "127.0.0.1:50061"
 FORMAT_NAMES = ("bf16", "int8", "int4", "int2")
 COMPUTE_FORMS = ("fp32", "bf16", "int4_fused", "dequant_per_use")
 TRANSPORTS = ("auto", "shm", "grpc")
-POLICIES = ("lru",)  # issue 4 adds lfu, lfu_decay, arc
-PREDICTORS = ("none",)  # issue 4 adds cross_layer, eap, prev_token
+POLICIES = POLICY_NAMES
+PREDICTORS = PREDICTOR_NAMES
+ALLOCATIONS = ALLOCATION_NAMES
 
 __all__ = ["ConfigError", "WorkerConfig", "build_config", "load_toml", "parse_budget", "resolve_budget"]
 
@@ -77,10 +81,43 @@ class WorkerConfig:
     tiny matrices measured 10-40x slower per decode step than 1 (synchronisation under load)."""
 
     policy: str = "lru"
-    """Cache replacement policy (issue 4 adds more)."""
+    """Cache replacement policy per MoE layer: lru, lfu, lfu_decay, arc (Fate: arc)."""
+
+    lfu_decay: float = 0.9
+    """lfu_decay's factor: every count is multiplied by it at each forward step, in (0, 1]."""
+
+    allocation: str = "uniform"
+    """How the budget's slots are split across MoE layers: uniform, or shallow_favoring (Fate: the first
+    `full_layers` MoE layers fully resident, the rest split evenly over the deeper ones)."""
+
+    full_layers: int = 4
+    """shallow_favoring: MoE layers kept fully resident (capped by the budget: fewer fit, fewer are)."""
+
+    staging_slots: int | str = "auto"
+    """Expert units of the budget set aside for prefetched experts not used yet (and a layer's misses beyond
+    its slots): a count, or "auto" (predictor none: 0; else one layer's experts, at most half the budget)."""
 
     predictor: str = "none"
-    """Expert predictor for prefetching (issue 4 adds cross_layer and others)."""
+    """Expert predictor for prefetching: none (load on demand), cross_layer (Fate), eap (MoE-Infinity's
+    expert activation paths), prev_token."""
+
+    prefetch_width: int = 0
+    """Experts proposed per token row (decode); 0: measured at start-up as max(top_k, floor(layer compute
+    time / one expert's fetch + build time)) and tracked online."""
+
+    lookahead: int = 1
+    """Layers ahead the predictor proposes: 1 (layer l + 1 from layer l's gate input) or 2 (also l + 2)."""
+
+    throttle: bool = True
+    """Narrow the measured width when prefetched experts go unused or the prefetch queue backs up."""
+
+    prefetch_sync: bool = False
+    """Analysis only: run each prefetch to completion on the compute thread as soon as it is proposed (no
+    prefetch thread). The hit rate is then that of an infinitely fast link; decoding is slower."""
+
+    int2_tail: float = 0.3
+    """Prefill: the least popular experts carrying up to this share of the prompt's token assignments are
+    fetched as INT2 when they miss (used once, never cached); 0: off. Needs the store to serve int2."""
 
     worker_id: str = ""
     """This worker's id (its client_id at the store, its leases' owner); empty: worker-<pid>-<random>."""
@@ -111,6 +148,15 @@ class WorkerConfig:
         _check(1 <= self.threads <= 256, "threads", self.threads, "must be 1..256")
         _check(self.policy in POLICIES, "policy", self.policy, f"choose from {', '.join(POLICIES)}")
         _check(self.predictor in PREDICTORS, "predictor", self.predictor, f"choose from {', '.join(PREDICTORS)}")
+        _check(self.allocation in ALLOCATIONS, "allocation", self.allocation,
+               f"choose from {', '.join(ALLOCATIONS)}")
+        _check(0.0 < self.lfu_decay <= 1.0, "lfu_decay", self.lfu_decay, "must be in (0, 1]")
+        _check(self.full_layers >= 0, "full_layers", self.full_layers, "must be >= 0")
+        _check(self.staging_slots == "auto" or (isinstance(self.staging_slots, int) and self.staging_slots >= 0),
+               "staging_slots", self.staging_slots, 'must be "auto" or a count >= 0')
+        _check(self.prefetch_width >= 0, "prefetch_width", self.prefetch_width, "must be >= 0 (0: measured)")
+        _check(self.lookahead in (1, 2), "lookahead", self.lookahead, "must be 1 or 2")
+        _check(0.0 <= self.int2_tail < 1.0, "int2_tail", self.int2_tail, "must be in [0, 1) (0: off)")
         _check(self.store_wait_s >= 0, "store_wait_s", self.store_wait_s, "must be >= 0")
         _check(self.grace_s >= 0, "grace_s", self.grace_s, "must be >= 0")
         _check(self.log_level.lower() in ("debug", "info", "warning", "error"), "log_level", self.log_level,
@@ -131,6 +177,16 @@ def parse_budget(value: int | str) -> int | float:
     return parse_size(value, "budget_bytes")
 
 
+def resolve_staging(value: int | str, predictor: str, total_slots: int, num_experts: int) -> int:
+    """Staging units: a count as given, or "auto": 0 without a predictor, else one layer's experts, at most
+    half the budget's units."""
+    if value != "auto":
+        return min(int(value), total_slots)
+    if predictor == "none":
+        return 0
+    return min(num_experts, total_slots // 2)
+
+
 def resolve_budget(value: int | str, expert_bytes_total: int) -> int:
     """The budget in bytes, a percentage taken of `expert_bytes_total` (every expert in the format)."""
     b = parse_budget(value)
@@ -138,8 +194,10 @@ def resolve_budget(value: int | str, expert_bytes_total: int) -> int:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(WorkerConfig)}
-_INT_FIELDS = {"metrics_port", "max_batch_size", "max_queue", "default_max_new_tokens", "threads"}
-_FLOAT_FIELDS = {"store_wait_s", "grace_s"}
+_INT_FIELDS = {"metrics_port", "max_batch_size", "max_queue", "default_max_new_tokens", "threads", "full_layers",
+               "prefetch_width", "lookahead"}
+_FLOAT_FIELDS = {"store_wait_s", "grace_s", "lfu_decay", "int2_tail"}
+_BOOL_FIELDS = {"throttle", "prefetch_sync"}
 _OPTIONAL_STR_FIELDS = {"expert_format", "compute_form"}
 
 
@@ -173,6 +231,14 @@ def _convert(key: str, value: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
         return value
+    if key in _BOOL_FIELDS:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if key == "staging_slots":
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        raise bad('"auto" or an integer')
     if key in _FLOAT_FIELDS:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")

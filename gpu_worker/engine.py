@@ -85,6 +85,19 @@ class GenerationRequest:
 
 
 @dataclass
+class LayerExpertStats:
+    """One request's counts at one MoE layer (see the module docstring for attribution)."""
+
+    lookups: int = 0
+    hits: int = 0  # prefetch hits included
+    misses: int = 0
+    prefetch_hits: int = 0
+    predictions: int = 0  # token rows a prediction was made for
+    predictions_exact: int = 0  # predicted top-k == routed top-k (as sets)
+    predicted_routed: int = 0  # routed experts inside the row's prediction
+
+
+@dataclass
 class ExpertStats:
     """One request's expert-cache statistics (see the module docstring for attribution)."""
 
@@ -95,6 +108,17 @@ class ExpertStats:
     prefetches_issued: int = 0
     bytes_fetched: int = 0
     fetch_wait_ns: int = 0
+    predictions: int = 0
+    predictions_exact: int = 0
+    predicted_routed: int = 0
+    prefetch_bytes: int = 0  # step-charged, like bytes_fetched
+    prefetch_wasted_bytes: int = 0  # step-charged: prefetched experts evicted unused during its steps
+    int2_misses: int = 0  # step-charged: INT2 tail experts fetched during its steps
+    layers: dict[int, LayerExpertStats] = field(default_factory=dict)  # decoder layer -> counts
+    decode: LayerExpertStats = field(default_factory=LayerExpertStats)  # all layers, decode steps only
+
+    def copy(self) -> "ExpertStats":
+        return replace(self, layers={k: replace(v) for k, v in self.layers.items()}, decode=replace(self.decode))
 
 
 @dataclass(frozen=True)
@@ -162,6 +186,9 @@ class StepExperts:
     prefetches_issued: int = 0
     bytes_fetched: int = 0
     fetch_wait_ns: int = 0
+    prefetch_bytes: int = 0
+    prefetch_wasted_bytes: int = 0
+    int2_misses: int = 0
 
 
 class StepTracker(Protocol):
@@ -170,6 +197,18 @@ class StepTracker(Protocol):
     def begin_step(self) -> None: ...
 
     def end_step(self): ...  # -> an outcome `step_experts_from` understands
+
+
+class StepController(Protocol):
+    """Sees each step's token rows and requests' lifetimes (gpu_worker.prefetch.PrefetchController)."""
+
+    def start_request(self, rid: int) -> None: ...
+
+    def end_request(self, rid: int) -> None: ...
+
+    def begin_step(self, rids: Sequence[int], prefill: Sequence[bool]) -> None: ...
+
+    def end_step(self, outcome=None): ...  # -> StepPredictions (.by_request: {rid: {layer: counts}})
 
 
 def step_experts_from(outcome) -> StepExperts:
@@ -195,6 +234,9 @@ def step_experts_from(outcome) -> StepExperts:
         prefetches_issued=int(getattr(outcome, "prefetches_issued", 0) or 0),
         bytes_fetched=int(outcome.bytes_fetched),
         fetch_wait_ns=int(outcome.fetch_wait_ns),
+        prefetch_bytes=int(getattr(outcome, "prefetch_bytes", 0) or 0),
+        prefetch_wasted_bytes=int(getattr(outcome, "prefetch_wasted_bytes", 0) or 0),
+        int2_misses=int(getattr(outcome, "int2_misses", 0) or 0),
     )
 
 
@@ -255,6 +297,8 @@ class _Request:
     t_decode_start: int = 0
     t_last_token: int = 0
     experts: ExpertStats = field(default_factory=ExpertStats)
+    rid: int = 0  # the engine's integer id (predictors, traces)
+    started: bool = False  # the controller saw start_request
 
 
 def _now() -> int:
@@ -303,6 +347,7 @@ class Engine:
         max_batch_size: int = 8,
         max_queue: int = 64,
         tracker: StepTracker | None = None,
+        controller: StepController | None = None,
         on_final: Callable[[FinalEvent], None] | None = None,
         num_threads: int | None = None,
     ):
@@ -315,6 +360,7 @@ class Engine:
         if tracker is None and hasattr(model.experts, "begin_step") and hasattr(model.experts, "end_step"):
             tracker = model.experts  # type: ignore[assignment]
         self.tracker = tracker
+        self.controller = controller
         self.on_final = on_final
         self.num_threads = num_threads  # torch threads, set on the compute thread itself (OpenMP's is per thread)
         self.on_step_error: Callable[[BaseException], None] | None = None  # e.g. mark the store unreachable
@@ -326,6 +372,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._counts = dict(total=0, failed=0, cancelled=0, prompt=0, generated=0, steps=0)
         self._routing = _StepRouting()
+        self._next_rid = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -472,7 +519,12 @@ class Engine:
             r.generator = make_generator(p, self.model.device)
             r.decoder = self.tokenizer.stream() if self.tokenizer is not None else None
             r.next_input = list(r.req.prompt_ids)
+            r.rid = self._next_rid
+            self._next_rid += 1
             self._active.append(r)
+            if self.controller is not None:
+                self.controller.start_request(r.rid)
+                r.started = True
 
     def _drop_cancelled(self) -> None:
         gone = [r for r in self._active if r.handle.cancelled]
@@ -483,6 +535,16 @@ class Engine:
                     r.seq = None  # frees the KV cache
                     r.handle.done = True
                     self._counts["cancelled"] += 1
+                    self._release(r)
+
+    def _release(self, r: _Request) -> None:
+        """The controller forgets a finished, failed or cancelled request."""
+        if r.started and self.controller is not None:
+            r.started = False
+            try:
+                self.controller.end_request(r.rid)
+            except Exception:  # noqa: BLE001 - statistics must not break generation
+                log.exception("engine: controller.end_request failed")
 
     def _step(self) -> None:
         batch = list(self._active)
@@ -490,16 +552,25 @@ class Engine:
         self._routing.ids.clear()
         if self.tracker is not None:
             self.tracker.begin_step()
+        if self.controller is not None:
+            rids = [r.rid for r, t in zip(batch, tokens) for _ in range(t.numel())]
+            prefill = [not r.prefilled for r, t in zip(batch, tokens) for _ in range(t.numel())]
+            self.controller.begin_step(rids, prefill)
         t0 = _now()
+        predictions = None
         try:
             logits = self.model.forward([r.seq for r in batch], tokens)  # [B, V]
-            outcome = step_experts_from(self.tracker.end_step()) if self.tracker is not None else None
+            raw = self.tracker.end_step() if self.tracker is not None else None
+            outcome = step_experts_from(raw) if self.tracker is not None else None
+            if self.controller is not None:
+                predictions = self.controller.end_step(raw)
         except Exception as e:  # noqa: BLE001 - the step's requests fail, the engine goes on
-            if self.tracker is not None:
-                try:
-                    self.tracker.end_step()
-                except Exception:  # noqa: BLE001 - the step already failed; its outcome is moot
-                    pass
+            for end in (getattr(self.tracker, "end_step", None), getattr(self.controller, "end_step", None)):
+                if end is not None:
+                    try:
+                        end()
+                    except Exception:  # noqa: BLE001 - the step already failed; its outcome is moot
+                        pass
             if not isinstance(e, FateError):
                 log.exception("engine: a forward of %d sequences failed", len(batch))
             if self.on_step_error is not None:
@@ -508,7 +579,7 @@ class Engine:
             return
         t1 = _now()
         self._counts["steps"] += 1
-        self._attribute(batch, [len(t) for t in tokens], outcome)
+        self._attribute(batch, [len(t) for t in tokens], outcome, predictions)
         for j, r in enumerate(batch):
             if not r.prefilled:
                 r.prefilled = True
@@ -519,7 +590,8 @@ class Engine:
             token = sample(logits[j], r.req.params, r.generator)
             self._on_token(r, token, logits[j])
 
-    def _attribute(self, batch: list[_Request], lengths: list[int], outcome: StepExperts | None) -> None:
+    def _attribute(self, batch: list[_Request], lengths: list[int], outcome: StepExperts | None,
+                   predictions=None) -> None:
         starts = [0]
         for n in lengths:
             starts.append(starts[-1] + n)
@@ -530,15 +602,35 @@ class Engine:
             for j, r in enumerate(batch):
                 mine = set(ids[starts[j] : starts[j + 1]].reshape(-1).tolist())
                 s = r.experts
+                n_hits, n_misses, n_pre = len(mine & hits), len(mine & misses), len(mine & pre)
                 s.lookups += len(mine)
-                s.hits += len(mine & hits)
-                s.misses += len(mine & misses)
-                s.prefetch_hits += len(mine & pre)
+                s.hits += n_hits
+                s.misses += n_misses
+                s.prefetch_hits += n_pre
+                for ls in (s.layers.setdefault(layer, LayerExpertStats()),) + ((s.decode,) if r.prefilled else ()):
+                    ls.lookups += len(mine)
+                    ls.hits += n_hits
+                    ls.misses += n_misses
+                    ls.prefetch_hits += n_pre
+        if predictions is not None:
+            for r in batch:
+                for layer, c in predictions.by_request.get(r.rid, {}).items():
+                    s = r.experts
+                    s.predictions += c.predictions
+                    s.predictions_exact += c.exact
+                    s.predicted_routed += c.routed_in
+                    for ls in (s.layers.setdefault(layer, LayerExpertStats()),) + ((s.decode,) if r.prefilled else ()):
+                        ls.predictions += c.predictions
+                        ls.predictions_exact += c.exact
+                        ls.predicted_routed += c.routed_in
         if outcome is not None:
             for r in batch:
                 r.experts.bytes_fetched += outcome.bytes_fetched
                 r.experts.fetch_wait_ns += outcome.fetch_wait_ns
                 r.experts.prefetches_issued += outcome.prefetches_issued
+                r.experts.prefetch_bytes += outcome.prefetch_bytes
+                r.experts.prefetch_wasted_bytes += outcome.prefetch_wasted_bytes
+                r.experts.int2_misses += outcome.int2_misses
 
     def _on_token(self, r: _Request, token: int, logits: torch.Tensor) -> None:
         p = r.req.params
@@ -594,13 +686,14 @@ class Engine:
                 time_to_first_token_ns=r.t_first_token - r.t_accepted,
                 total_ns=now - r.t_accepted,
             ),
-            experts=replace(r.experts),
+            experts=r.experts.copy(),
             **kw,
         )
         with self._cond:
             self._active.remove(r)
             r.seq = None
             r.handle.done = True
+        self._release(r)
         self._emit(r, final)
         if self.on_final is not None:
             try:
@@ -617,6 +710,7 @@ class Engine:
                 r.handle.done = True
                 self._counts["failed"] += 1
         for r in batch:
+            self._release(r)
             self._emit(r, ErrorEvent(error))
 
     def _fail_all(self, error: BaseException) -> None:

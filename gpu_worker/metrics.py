@@ -27,11 +27,13 @@ class _Sources:
     """Callables returning the live counters (None when a part is not there yet)."""
 
     def __init__(self, engine_stats: Callable[[], EngineStats | None], cache_stats: Callable[[], object | None],
-                 fetch_counters: Callable[[], object | None], store_connected: Callable[[], bool]):
+                 fetch_counters: Callable[[], object | None], store_connected: Callable[[], bool],
+                 prediction_stats: Callable[[], object | None] = lambda: None):
         self.engine_stats = engine_stats
         self.cache_stats = cache_stats
         self.fetch_counters = fetch_counters
         self.store_connected = store_connected
+        self.prediction_stats = prediction_stats
 
 
 class _WorkerCollector(Collector):
@@ -82,6 +84,52 @@ class _WorkerCollector(Collector):
             yield counter("fate_worker_cache_evictions", "Experts evicted", t.evictions)
             yield counter("fate_worker_fetch_wait_seconds", "Time compute waited for experts",
                           t.fetch_wait_ns / 1e9)
+            yield gauge("fate_worker_cache_staging_slots", "Budget units kept for prefetched experts", c.staging_slots)
+            yield counter("fate_worker_prefetched_experts", "Experts inserted by prefetch", t.prefetched)
+            yield counter("fate_worker_prefetch_bytes", "Expert bytes fetched by prefetch", t.prefetch_bytes)
+            yield counter("fate_worker_prefetch_wasted_bytes", "Bytes of prefetched experts evicted before any use",
+                          t.prefetch_wasted_bytes)
+            yield counter("fate_worker_prefetch_unused_evictions", "Prefetched experts evicted before any use",
+                          t.prefetch_unused_evictions)
+            yield counter("fate_worker_prefetch_late_hits", "Prefetch hits the compute waited for",
+                          t.prefetch_late_hits)
+            yield counter("fate_worker_prefetch_dropped", "Experts of prefetches dropped (their layer had run)",
+                          t.prefetch_dropped)
+            yield counter("fate_worker_int2_misses", "Prefill experts fetched as INT2 (never cached)", t.int2_misses)
+            per_layer = {name: CounterMetricFamily(f"fate_worker_layer_{name}", doc, labels=["layer"]) for name, doc in (
+                ("lookups", "Expert lookups per MoE layer"),
+                ("hits", "Lookups found resident per MoE layer (prefetch hits included)"),
+                ("prefetch_hits", "Lookups found resident thanks to a prefetch, per MoE layer"),
+                ("misses", "Lookups fetched on demand per MoE layer"),
+                ("prefetched_experts", "Experts inserted by prefetch per MoE layer"),
+                ("prefetch_wasted_bytes", "Bytes of prefetched experts evicted unused, per MoE layer"),
+                ("fetch_wait_seconds", "Time compute waited for experts, per MoE layer"),
+            )}
+            for layer, ls in sorted(c.layers.items()):
+                values = dict(lookups=ls.lookups, hits=ls.hits + ls.prefetch_hits, prefetch_hits=ls.prefetch_hits,
+                              misses=ls.misses, prefetched_experts=ls.prefetched,
+                              prefetch_wasted_bytes=ls.prefetch_wasted_bytes, fetch_wait_seconds=ls.fetch_wait_ns / 1e9)
+                for name, m in per_layer.items():
+                    m.add_metric([str(layer)], values[name])
+            yield from per_layer.values()
+        p = self.src.prediction_stats()
+        if p is not None:
+            yield gauge("fate_worker_prefetch_width", "Experts per token the predictor proposes now", p.width)
+            yield gauge("fate_worker_prefetch_measured_width", "Width before the throttle", p.measured_width)
+            yield gauge("fate_worker_layer_compute_seconds", "EWMA of one MoE layer's compute time", p.layer_ns / 1e9)
+            yield gauge("fate_worker_expert_fetch_seconds", "EWMA of one expert's fetch + build time",
+                        p.expert_ns / 1e9)
+            preds = CounterMetricFamily("fate_worker_predictions", "(token, MoE layer) pairs predicted",
+                                        labels=["layer"])
+            exact = CounterMetricFamily("fate_worker_predictions_exact",
+                                        "Predictions whose top-k equals the routed top-k", labels=["layer"])
+            routed = CounterMetricFamily("fate_worker_predicted_routed",
+                                         "Routed experts inside the prediction list", labels=["layer"])
+            for layer, v in sorted(p.layers.items()):
+                preds.add_metric([str(layer)], v.predictions)
+                exact.add_metric([str(layer)], v.exact)
+                routed.add_metric([str(layer)], v.routed_in)
+            yield from (preds, exact, routed)
         f = self.src.fetch_counters()
         if f is not None:
             by_bytes = CounterMetricFamily("fate_worker_fetch_bytes", "Expert bytes fetched from the store",
@@ -109,6 +157,7 @@ class WorkerMetrics:
         cache_stats: Callable[[], object | None] = lambda: None,
         fetch_counters: Callable[[], object | None] = lambda: None,
         store_connected: Callable[[], bool] = lambda: True,
+        prediction_stats: Callable[[], object | None] = lambda: None,
     ):
         self.registry = CollectorRegistry()
         self.request_latency = Histogram(
@@ -119,7 +168,8 @@ class WorkerMetrics:
             "fate_worker_time_to_first_token_seconds", "Accepted -> first token, finished requests",
             buckets=_LATENCY_BUCKETS_S, registry=self.registry,
         )
-        self.registry.register(_WorkerCollector(_Sources(engine_stats, cache_stats, fetch_counters, store_connected)))
+        self.registry.register(_WorkerCollector(_Sources(engine_stats, cache_stats, fetch_counters, store_connected,
+                                                         prediction_stats)))
         self._server = None
         self.port = 0
 

@@ -215,13 +215,15 @@ class MoEModel:
         if self.observer is not None:
             self.observer.on_routing(i, ids, weights)
         weights = weights.to(h.dtype)
-        needed = torch.unique(ids).tolist()
+        needed = torch.unique(ids).tolist()  # ascending: the order of the sum below
+        counts = torch.bincount(ids.reshape(-1), minlength=self.args.num_experts).tolist()  # [E]
+        popular = sorted(needed, key=lambda e: (-counts[e], e))  # most token assignments first: fetch order
         out = torch.zeros_like(h)
         # The provider yields each expert when it is ready (resident ones first) and may
         # evict it once we ask for the next: the order of the sum is fixed below, so the
         # result does not depend on the arrival order.
         ys: dict[int, torch.Tensor] = {}
-        for e, compute in self.experts.iter_experts(i, needed):
+        for e, compute in self.experts.iter_experts(i, popular):
             tok, slot = torch.where(ids == e)
             ys[e] = compute(h[tok]).to(h.dtype) * weights[tok, slot, None]  # [t_e, H]
             del compute  # let the cache free it before it builds the next one

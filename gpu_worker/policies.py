@@ -108,11 +108,17 @@ class LFUPolicy(ReplacementPolicy):
         self._recency.move_to_end(expert)
 
     def victim(self, candidates: Collection[int]) -> int:
-        rank = {e: i for i, e in enumerate(self._recency)}
-        resident = [e for e in candidates if e in rank]
-        if not resident:
+        # one pass, oldest first: the strict < keeps the least recently used among equal counts
+        best, best_count = None, 0.0
+        count = self._count
+        for e in self._recency:
+            if e in candidates:
+                c = count.get(e, 0.0)
+                if best is None or c < best_count:
+                    best, best_count = e, c
+        if best is None:
             raise PolicyError(f"{self.name}: no victim among {sorted(candidates)}: they are not resident (a cache bug)")
-        return min(resident, key=lambda e: (self._count.get(e, 0.0), rank[e]))
+        return best
 
     def on_evict(self, expert: int) -> None:
         self._recency.pop(expert, None)

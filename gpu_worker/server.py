@@ -39,8 +39,8 @@ from expert_store import sdnotify
 from expert_store.config import ConfigError
 from expert_store.errors import ChecksumError, FateError
 
-from .cache import CacheBudgetError, ExpertCache, full_budget_bytes
-from .config import WorkerConfig, resolve_budget
+from .cache import CacheBudgetError, ExpertCache, expert_compute_nbytes, full_budget_bytes
+from .config import WorkerConfig, resolve_budget, resolve_staging
 from .engine import (
     AsyncRequestStream,
     ContextLengthError,
@@ -57,6 +57,9 @@ from .expert_compute import default_compute_form
 from .generate import SamplingError, SamplingParams
 from .metrics import WorkerMetrics
 from .model import MoEModel, TokenRangeError, WeightsError
+from .policies import make_allocation, make_policy_factory
+from .predictors import make_predictor
+from .prefetch import PrefetchController, measure_width_inputs
 from .runtime import FORMAT_PREFERENCE, pick_device
 from .store_client import StoreClient, StoreError, StoreManifest, StoreUnavailableError
 from .tokenizer import TextTokenizer, TokenizerError
@@ -144,6 +147,8 @@ class WorkerRuntime:
     expert_format: str
     budget_bytes: int
     started: float
+    controller: PrefetchController | None = None
+    int2_tail: float = 0.0  # in effect (0 when off or the store serves no int2)
     store_connected: bool = True
 
 
@@ -179,7 +184,16 @@ def load_runtime(cfg: WorkerConfig) -> WorkerRuntime:
         form = cfg.compute_form or default_compute_form(fmt, device)
         full = full_budget_bytes(m.args, fmt, form, device)
         budget = resolve_budget(cfg.budget_bytes, full)
-        cache = ExpertCache(m.args, store, fmt, form, device, budget, policy=cfg.policy)  # checks the minimum
+        total_slots = budget // expert_compute_nbytes(m.args, fmt, form, device)
+        staging = resolve_staging(cfg.staging_slots, cfg.predictor, total_slots, m.args.num_experts)
+        tail_fmt = "int2" if cfg.int2_tail > 0 and fmt != "int2" and "int2" in m.formats else None
+        cache = ExpertCache(m.args, store, fmt, form, device, budget,  # checks the minimum
+                            policy=make_policy_factory(cfg.policy, cfg.lfu_decay),
+                            allocation=make_allocation(cfg.allocation, cfg.full_layers), staging_slots=staging,
+                            tail_fmt=tail_fmt)
+        if cfg.int2_tail > 0 and fmt != "int2" and tail_fmt is None:
+            log.warning("int2_tail = %g: the store does not serve int2 experts (serve a pack with int2 and include "
+                        "it in the store's --formats); prefill tails are fetched as %s", cfg.int2_tail, fmt)
         transport = store.transport  # decided now: a worker asked for shm that cannot have it stops here
         t0 = time.perf_counter()
         dense = store.dense_tensors()
@@ -188,18 +202,33 @@ def load_runtime(cfg: WorkerConfig) -> WorkerRuntime:
         if unused:
             raise WeightsError(f"the store's dense tensors include ones the runtime does not use: {sorted(unused)[:5]}")
         tokenizer = _load_tokenizer(store, m)
+        predictor = make_predictor(cfg.predictor, routers=[model.layers[i].router for i in m.args.moe_layers],
+                                   num_moe_layers=m.args.num_moe_layers, num_experts=m.args.num_experts)
+        controller = PrefetchController(model, cache, predictor, width=cfg.prefetch_width, lookahead=cfg.lookahead,
+                                        throttle=cfg.throttle, int2_tail_share=cfg.int2_tail if tail_fmt else 0.0,
+                                        synchronous=cfg.prefetch_sync)
+        if controller.enabled and not cfg.prefetch_width:
+            layer_ns, expert_ns = measure_width_inputs(model, cache)
+            controller.width.observe_layer_ns(layer_ns)
+            controller.width.observe_expert_ns(expert_ns)
+            log.info("prefetch width %d: layer compute %.0f us (1 token), expert fetch + build %.0f us",
+                     controller.width.width, layer_ns / 1e3, expert_ns / 1e3)
+        model.observer = controller
         engine = Engine(model, tokenizer, max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
-                        num_threads=cfg.threads)
+                        num_threads=cfg.threads, controller=controller)
         log.info(
-            "model %s (%s) on %s: experts %s as %s, cache budget %d bytes (%.1f%% of %d), %d slots; "
-            "transport %s; dense weights loaded in %.2f s",
+            "model %s (%s) on %s: experts %s as %s, cache budget %d bytes (%.1f%% of %d), %d slots "
+            "(%s, %d staging), policy %s, predictor %s (lookahead %d), int2 tail %g; transport %s; "
+            "dense weights loaded in %.2f s",
             m.pack_id[:12], m.family, device, fmt, form, budget, 100.0 * budget / full, full,
-            sum(cache.slots().values()), transport, time.perf_counter() - t0,
+            sum(cache.slots().values()), cfg.allocation, staging, cfg.policy, cfg.predictor, cfg.lookahead,
+            controller.int2_tail_share, transport, time.perf_counter() - t0,
         )
     except BaseException:
         store.close()
         raise
-    return WorkerRuntime(cfg, store, m, cache, model, tokenizer, engine, fmt, budget, time.monotonic())
+    return WorkerRuntime(cfg, store, m, cache, model, tokenizer, engine, fmt, budget, time.monotonic(),
+                         controller, controller.int2_tail_share)
 
 
 # -- protobuf <-> domain (the edge) ---------------------------------------------------------------
@@ -264,9 +293,21 @@ def event_to_pb(ev: TokenEvent | FinalEvent) -> pb.GenerateResponse:
         usage=pb.GenerateUsage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens),
         timings=pb.GenerateTimings(queue_ns=t.queue_ns, prefill_ns=t.prefill_ns, decode_ns=t.decode_ns,
                                    time_to_first_token_ns=t.time_to_first_token_ns, total_ns=t.total_ns),
-        experts=pb.RequestExpertStats(lookups=e.lookups, hits=e.hits, misses=e.misses,
-                                      prefetch_hits=e.prefetch_hits, prefetches_issued=e.prefetches_issued,
-                                      bytes_fetched=e.bytes_fetched, fetch_wait_ns=e.fetch_wait_ns),
+        experts=pb.RequestExpertStats(
+            lookups=e.lookups, hits=e.hits, misses=e.misses, prefetch_hits=e.prefetch_hits,
+            prefetches_issued=e.prefetches_issued, bytes_fetched=e.bytes_fetched, fetch_wait_ns=e.fetch_wait_ns,
+            predictions=e.predictions, predictions_exact=e.predictions_exact, predicted_routed=e.predicted_routed,
+            prefetch_bytes=e.prefetch_bytes, prefetch_wasted_bytes=e.prefetch_wasted_bytes,
+            int2_misses=e.int2_misses,
+            layers=[pb.RequestLayerExpertStats(layer=layer, lookups=l.lookups, hits=l.hits, misses=l.misses,
+                                               prefetch_hits=l.prefetch_hits, predictions=l.predictions,
+                                               predictions_exact=l.predictions_exact,
+                                               predicted_routed=l.predicted_routed)
+                    for layer, l in sorted(e.layers.items())],
+            decode=pb.RequestLayerExpertStats(
+                layer=0, lookups=e.decode.lookups, hits=e.decode.hits, misses=e.decode.misses,
+                prefetch_hits=e.decode.prefetch_hits, predictions=e.decode.predictions,
+                predictions_exact=e.decode.predictions_exact, predicted_routed=e.decode.predicted_routed)),
         trailing_text=ev.trailing_text,
     ))  # fmt: skip
 
@@ -274,6 +315,8 @@ def event_to_pb(ev: TokenEvent | FinalEvent) -> pb.GenerateResponse:
 def stats_to_pb(rt: WorkerRuntime, include_layers: bool) -> pb.WorkerStats:
     e, c, f = rt.engine.stats(), rt.cache.stats(), rt.store.counters.snapshot()
     t = c.total
+    p = rt.controller.stats() if rt.controller is not None else None
+    preds = {layer: (v.predictions, v.exact, v.routed_in) for layer, v in (p.layers.items() if p else ())}
     s = pb.WorkerStats(
         worker_id=rt.store.client_id, model_family=rt.manifest.family, device=str(rt.model.device),
         expert_format=rt.expert_format, cache_policy=rt.config.policy, predictor=rt.config.predictor,
@@ -286,12 +329,27 @@ def stats_to_pb(rt: WorkerRuntime, include_layers: bool) -> pb.WorkerStats:
         prefetch_hits=t.prefetch_hits, prefetches_issued=t.prefetched, evictions=t.evictions,
         bytes_fetched_shm=f.bytes_fetched_shm, bytes_fetched_grpc=f.bytes_fetched_grpc,
         fetch_wait_ns=t.fetch_wait_ns,
+        allocation=rt.config.allocation, top_k=rt.model.args.top_k, total_slots=c.total_slots,
+        staging_slots=c.staging_slots, prefetch_width=p.width if p else 0, measured_width=p.measured_width if p else 0,
+        lookahead=rt.config.lookahead, int2_tail=rt.int2_tail, layer_compute_ns=p.layer_ns if p else 0.0,
+        expert_fetch_ns=p.expert_ns if p else 0.0, prefetch_bytes=t.prefetch_bytes,
+        prefetch_wasted_bytes=t.prefetch_wasted_bytes, prefetch_unused_evictions=t.prefetch_unused_evictions,
+        prefetch_late_hits=t.prefetch_late_hits, prefetch_dropped=t.prefetch_dropped,
+        predictions=sum(v[0] for v in preds.values()), predictions_exact=sum(v[1] for v in preds.values()),
+        predicted_routed=sum(v[2] for v in preds.values()), int2_misses=t.int2_misses, int2_bytes=t.int2_bytes,
+        demand_bytes=t.demand_bytes, steps_total=e.steps_total,
     )  # fmt: skip
     if include_layers:
         for layer, ls in sorted(c.layers.items()):
+            n, exact, routed = preds.get(layer, (0, 0, 0))
             s.layers.add(layer=layer, slots=ls.slots, resident_experts=ls.resident, lookups=ls.lookups,
                          hits=ls.hits + ls.prefetch_hits, misses=ls.misses, prefetch_hits=ls.prefetch_hits,
-                         evictions=ls.evictions)
+                         evictions=ls.evictions, prefetches_issued=ls.prefetched,
+                         prefetch_unused_evictions=ls.prefetch_unused_evictions, prefetch_bytes=ls.prefetch_bytes,
+                         prefetch_wasted_bytes=ls.prefetch_wasted_bytes, prefetch_late_hits=ls.prefetch_late_hits,
+                         prefetch_dropped=ls.prefetch_dropped, fetch_wait_ns=ls.fetch_wait_ns, predictions=n,
+                         predictions_exact=exact, predicted_routed=routed, int2_misses=ls.int2_misses,
+                         demand_bytes=ls.demand_bytes)
     return s
 
 
@@ -353,7 +411,8 @@ async def _watch_store(rt: WorkerRuntime, hl: _Health, stop: asyncio.Event) -> N
 async def serve(cfg: WorkerConfig) -> int:
     loop = asyncio.get_running_loop()
     rt = await loop.run_in_executor(None, load_runtime, cfg)
-    metrics = WorkerMetrics(rt.engine.stats, rt.cache.stats, rt.store.counters.snapshot, lambda: rt.store_connected)
+    metrics = WorkerMetrics(rt.engine.stats, rt.cache.stats, rt.store.counters.snapshot, lambda: rt.store_connected,
+                            rt.controller.stats if rt.controller is not None else (lambda: None))
     rt.engine.on_final = metrics.observe_final
     hl = _Health()
 
@@ -400,6 +459,8 @@ async def serve(cfg: WorkerConfig) -> int:
     if not drained:
         log.warning("grace period over: unfinished requests end with UNAVAILABLE")
     await loop.run_in_executor(None, rt.engine.shutdown)
+    if rt.controller is not None:
+        await loop.run_in_executor(None, rt.controller.close)
     await server.stop(grace=2.0)  # lets the handlers send their final messages or errors
     watcher.cancel()
     rt.store.close()  # releases our leases at the store

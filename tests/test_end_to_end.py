@@ -157,6 +157,10 @@ WORKERS = {  # name -> worker flags
     "shm-25": ("--transport", "shm", "--budget-bytes", "25%"),
     "grpc-100": ("--transport", "grpc", "--budget-bytes", "100%"),
     "grpc-25": ("--transport", "grpc", "--budget-bytes", "25%"),
+    # Fate (issue 4): the store serves int4 only, so the INT2 prefill tail falls back to int4 (with a warning)
+    "fate-shm-25": ("--transport", "shm", "--budget-bytes", "25%", "--predictor", "cross_layer", "--allocation",
+                    "shallow_favoring", "--policy", "arc", "--lookahead", "2"),
+    "eap-shm-25": ("--transport", "shm", "--budget-bytes", "25%", "--predictor", "eap", "--policy", "lfu_decay"),
 }
 
 
@@ -204,14 +208,51 @@ def test_greedy_tokens_equal_the_in_process_runtime(cluster, worker, prompts, re
     assert stats.high_water_bytes <= stats.budget_bytes
     assert stats.requests_total == 9 and stats.active_requests == 0 and stats.requests_failed == 0
     assert stats.lookups == stats.hits + stats.misses
-    transport = worker.split("-")[0]
+    transport = "grpc" if worker.startswith("grpc") else "shm"
     if transport == "shm":
         assert stats.bytes_fetched_shm > 0
     else:
         assert stats.bytes_fetched_grpc > 0 and stats.bytes_fetched_shm == 0
     if worker.endswith("-25"):
         assert stats.evictions > 0 and stats.resident_experts < 8 * 16
-        assert 0.24 * 16 * 8 <= sum(l.slots for l in stats.layers) <= 0.26 * 16 * 8
+        assert 0.24 * 16 * 8 <= sum(l.slots for l in stats.layers) + stats.staging_slots <= 0.26 * 16 * 8
+    if worker.startswith(("fate", "eap")):
+        assert stats.staging_slots > 0 and stats.prefetches_issued > 0 and stats.predictions > 0
+    else:
+        assert stats.staging_slots == 0 and stats.prefetches_issued == 0 and stats.predictions == 0
+
+
+def test_fate_worker_reports_predictions_prefetches_and_layers(cluster, prompts, reference):
+    """GenerateFinal, GetStats, `client stats --layers` and /metrics carry the prediction and prefetch figures."""
+    _, addresses = cluster
+    with WorkerClient(addresses["fate-shm-25"], timeout_s=CALL_TIMEOUT_S) as w:
+        with ThreadPoolExecutor(4) as pool:
+            done = list(pool.map(lambda p: w.generate_text(p, max_new_tokens=NEW_TOKENS, ignore_eos=True),
+                                 prompts[:4]))
+        s = w.stats(include_layers=True)
+    assert [list(c.token_ids) for c in done] == reference[:4]
+    for c in done:
+        e = c.result.experts
+        assert e.predictions > 0 and 0 < e.predictions_exact <= e.predictions
+        assert len(e.layers) == 8 and sum(l.lookups for l in e.layers) == e.lookups
+        assert e.layers[0].predictions == 0 and all(l.predictions > 0 for l in e.layers[1:])  # the first: no gate
+        d = e.decode
+        assert d is not None and 0 < d.lookups < e.lookups and d.hits + d.misses == d.lookups
+        assert d.predictions == (NEW_TOKENS - 1) * 7
+    assert s.predictor == "cross_layer" and s.cache_policy == "arc" and s.allocation == "shallow_favoring"
+    assert s.lookahead == 2 and s.prefetch_width >= s.top_k == 2 and s.int2_tail == 0.0
+    assert s.layer_compute_ns > 0 and s.expert_fetch_ns > 0
+    assert s.strict_topk_accuracy > 0.3 and s.prefetch_hits > 0 and 0 < s.prefetch_precision <= 1
+    # the store counts the start-up width measurement (a few experts) too
+    assert 0 < s.prefetch_bytes + s.demand_bytes <= s.bytes_fetched_shm + s.bytes_fetched_grpc
+    assert sum(l.prefetches_issued for l in s.layers) == s.prefetches_issued
+    assert sum(l.predictions for l in s.layers) == s.predictions
+    assert [l.slots for l in s.layers][:2] == [16, 0] or s.layers[0].slots == 16  # shallow-favoring
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-m", "client", "stats", "--address", addresses["fate-shm-25"], "--layers"],
+                         capture_output=True, text=True, timeout=CALL_TIMEOUT_S, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "strict_topk_accuracy" in out.stdout and "prefetch_recall" in out.stdout and "strict%" in out.stdout
 
 
 def test_bad_input_gets_the_right_status_and_the_worker_keeps_serving(cluster):
@@ -357,7 +398,9 @@ def test_metrics_endpoint_and_cli(cluster):
     text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
     for name in ("fate_worker_request_duration_seconds_count", "fate_worker_tokens_total{kind=\"generated\"}",
                  "fate_worker_cache_hits_total", "fate_worker_cache_budget_bytes", "fate_worker_cache_used_bytes",
-                 "fate_worker_fetch_bytes_total{transport=\"shm\"}", "fate_worker_active_requests"):
+                 "fate_worker_fetch_bytes_total{transport=\"shm\"}", "fate_worker_active_requests",
+                 "fate_worker_layer_lookups_total{layer=\"0\"}", "fate_worker_prefetch_width",
+                 "fate_worker_predictions_total{layer=\"1\"}", "fate_worker_prefetch_wasted_bytes_total"):
         assert name in text, name
 
 

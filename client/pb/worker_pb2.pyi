@@ -97,7 +97,7 @@ class GenerateTimings(_message.Message):
     def __init__(self, queue_ns: _Optional[int] = ..., prefill_ns: _Optional[int] = ..., decode_ns: _Optional[int] = ..., time_to_first_token_ns: _Optional[int] = ..., total_ns: _Optional[int] = ...) -> None: ...
 
 class RequestExpertStats(_message.Message):
-    __slots__ = ("lookups", "hits", "misses", "prefetch_hits", "prefetches_issued", "bytes_fetched", "fetch_wait_ns")
+    __slots__ = ("lookups", "hits", "misses", "prefetch_hits", "prefetches_issued", "bytes_fetched", "fetch_wait_ns", "predictions", "predictions_exact", "predicted_routed", "prefetch_bytes", "prefetch_wasted_bytes", "int2_misses", "layers", "decode")
     LOOKUPS_FIELD_NUMBER: _ClassVar[int]
     HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,14 @@ class RequestExpertStats(_message.Message):
     PREFETCHES_ISSUED_FIELD_NUMBER: _ClassVar[int]
     BYTES_FETCHED_FIELD_NUMBER: _ClassVar[int]
     FETCH_WAIT_NS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIONS_EXACT_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_ROUTED_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_WASTED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INT2_MISSES_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
     lookups: int
     hits: int
     misses: int
@@ -112,7 +120,35 @@ class RequestExpertStats(_message.Message):
     prefetches_issued: int
     bytes_fetched: int
     fetch_wait_ns: int
-    def __init__(self, lookups: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., prefetch_hits: _Optional[int] = ..., prefetches_issued: _Optional[int] = ..., bytes_fetched: _Optional[int] = ..., fetch_wait_ns: _Optional[int] = ...) -> None: ...
+    predictions: int
+    predictions_exact: int
+    predicted_routed: int
+    prefetch_bytes: int
+    prefetch_wasted_bytes: int
+    int2_misses: int
+    layers: _containers.RepeatedCompositeFieldContainer[RequestLayerExpertStats]
+    decode: RequestLayerExpertStats
+    def __init__(self, lookups: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., prefetch_hits: _Optional[int] = ..., prefetches_issued: _Optional[int] = ..., bytes_fetched: _Optional[int] = ..., fetch_wait_ns: _Optional[int] = ..., predictions: _Optional[int] = ..., predictions_exact: _Optional[int] = ..., predicted_routed: _Optional[int] = ..., prefetch_bytes: _Optional[int] = ..., prefetch_wasted_bytes: _Optional[int] = ..., int2_misses: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[RequestLayerExpertStats, _Mapping]]] = ..., decode: _Optional[_Union[RequestLayerExpertStats, _Mapping]] = ...) -> None: ...
+
+class RequestLayerExpertStats(_message.Message):
+    __slots__ = ("layer", "lookups", "hits", "misses", "prefetch_hits", "predictions", "predictions_exact", "predicted_routed")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_HITS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIONS_EXACT_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_ROUTED_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    lookups: int
+    hits: int
+    misses: int
+    prefetch_hits: int
+    predictions: int
+    predictions_exact: int
+    predicted_routed: int
+    def __init__(self, layer: _Optional[int] = ..., lookups: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., prefetch_hits: _Optional[int] = ..., predictions: _Optional[int] = ..., predictions_exact: _Optional[int] = ..., predicted_routed: _Optional[int] = ...) -> None: ...
 
 class GenerateFinal(_message.Message):
     __slots__ = ("request_id", "finish_reason", "stop_string", "stop_token_id", "seed", "usage", "timings", "experts", "trailing_text")
@@ -143,7 +179,7 @@ class GetWorkerStatsRequest(_message.Message):
     def __init__(self, include_layers: _Optional[bool] = ...) -> None: ...
 
 class LayerCacheStats(_message.Message):
-    __slots__ = ("layer", "slots", "resident_experts", "lookups", "hits", "misses", "prefetch_hits", "evictions")
+    __slots__ = ("layer", "slots", "resident_experts", "lookups", "hits", "misses", "prefetch_hits", "evictions", "prefetches_issued", "prefetch_unused_evictions", "prefetch_bytes", "prefetch_wasted_bytes", "prefetch_late_hits", "prefetch_dropped", "fetch_wait_ns", "predictions", "predictions_exact", "predicted_routed", "int2_misses", "demand_bytes")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_EXPERTS_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +188,18 @@ class LayerCacheStats(_message.Message):
     MISSES_FIELD_NUMBER: _ClassVar[int]
     PREFETCH_HITS_FIELD_NUMBER: _ClassVar[int]
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    PREFETCHES_ISSUED_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_UNUSED_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_WASTED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_LATE_HITS_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    FETCH_WAIT_NS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIONS_EXACT_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_ROUTED_FIELD_NUMBER: _ClassVar[int]
+    INT2_MISSES_FIELD_NUMBER: _ClassVar[int]
+    DEMAND_BYTES_FIELD_NUMBER: _ClassVar[int]
     layer: int
     slots: int
     resident_experts: int
@@ -160,10 +208,22 @@ class LayerCacheStats(_message.Message):
     misses: int
     prefetch_hits: int
     evictions: int
-    def __init__(self, layer: _Optional[int] = ..., slots: _Optional[int] = ..., resident_experts: _Optional[int] = ..., lookups: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., prefetch_hits: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
+    prefetches_issued: int
+    prefetch_unused_evictions: int
+    prefetch_bytes: int
+    prefetch_wasted_bytes: int
+    prefetch_late_hits: int
+    prefetch_dropped: int
+    fetch_wait_ns: int
+    predictions: int
+    predictions_exact: int
+    predicted_routed: int
+    int2_misses: int
+    demand_bytes: int
+    def __init__(self, layer: _Optional[int] = ..., slots: _Optional[int] = ..., resident_experts: _Optional[int] = ..., lookups: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., prefetch_hits: _Optional[int] = ..., evictions: _Optional[int] = ..., prefetches_issued: _Optional[int] = ..., prefetch_unused_evictions: _Optional[int] = ..., prefetch_bytes: _Optional[int] = ..., prefetch_wasted_bytes: _Optional[int] = ..., prefetch_late_hits: _Optional[int] = ..., prefetch_dropped: _Optional[int] = ..., fetch_wait_ns: _Optional[int] = ..., predictions: _Optional[int] = ..., predictions_exact: _Optional[int] = ..., predicted_routed: _Optional[int] = ..., int2_misses: _Optional[int] = ..., demand_bytes: _Optional[int] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "model_family", "device", "expert_format", "cache_policy", "predictor", "uptime_ms", "store_connected", "active_requests", "queued_requests", "requests_total", "requests_failed", "requests_cancelled", "prompt_tokens_total", "generated_tokens_total", "budget_bytes", "used_bytes", "high_water_bytes", "resident_experts", "lookups", "hits", "misses", "prefetch_hits", "prefetches_issued", "evictions", "bytes_fetched_shm", "bytes_fetched_grpc", "fetch_wait_ns", "layers")
+    __slots__ = ("worker_id", "model_family", "device", "expert_format", "cache_policy", "predictor", "uptime_ms", "store_connected", "active_requests", "queued_requests", "requests_total", "requests_failed", "requests_cancelled", "prompt_tokens_total", "generated_tokens_total", "budget_bytes", "used_bytes", "high_water_bytes", "resident_experts", "lookups", "hits", "misses", "prefetch_hits", "prefetches_issued", "evictions", "bytes_fetched_shm", "bytes_fetched_grpc", "fetch_wait_ns", "layers", "allocation", "top_k", "total_slots", "staging_slots", "prefetch_width", "measured_width", "lookahead", "int2_tail", "layer_compute_ns", "expert_fetch_ns", "prefetch_bytes", "prefetch_wasted_bytes", "prefetch_unused_evictions", "prefetch_late_hits", "prefetch_dropped", "predictions", "predictions_exact", "predicted_routed", "int2_misses", "int2_bytes", "demand_bytes", "steps_total")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FAMILY_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +253,28 @@ class WorkerStats(_message.Message):
     BYTES_FETCHED_GRPC_FIELD_NUMBER: _ClassVar[int]
     FETCH_WAIT_NS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATION_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    STAGING_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    LOOKAHEAD_FIELD_NUMBER: _ClassVar[int]
+    INT2_TAIL_FIELD_NUMBER: _ClassVar[int]
+    LAYER_COMPUTE_NS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FETCH_NS_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_WASTED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_UNUSED_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_LATE_HITS_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIONS_EXACT_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_ROUTED_FIELD_NUMBER: _ClassVar[int]
+    INT2_MISSES_FIELD_NUMBER: _ClassVar[int]
+    INT2_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEMAND_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model_family: str
     device: str
@@ -222,4 +304,26 @@ class WorkerStats(_message.Message):
     bytes_fetched_grpc: int
     fetch_wait_ns: int
     layers: _containers.RepeatedCompositeFieldContainer[LayerCacheStats]
-    def __init__(self, worker_id: _Optional[str] = ..., model_family: _Optional[str] = ..., device: _Optional[str] = ..., expert_format: _Optional[str] = ..., cache_policy: _Optional[str] = ..., predictor: _Optional[str] = ..., uptime_ms: _Optional[int] = ..., store_connected: _Optional[bool] = ..., active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., high_water_bytes: _Optional[int] = ..., resident_experts: _Optional[int] = ..., lookups: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., prefetch_hits: _Optional[int] = ..., prefetches_issued: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_fetched_shm: _Optional[int] = ..., bytes_fetched_grpc: _Optional[int] = ..., fetch_wait_ns: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerCacheStats, _Mapping]]] = ...) -> None: ...
+    allocation: str
+    top_k: int
+    total_slots: int
+    staging_slots: int
+    prefetch_width: int
+    measured_width: int
+    lookahead: int
+    int2_tail: float
+    layer_compute_ns: float
+    expert_fetch_ns: float
+    prefetch_bytes: int
+    prefetch_wasted_bytes: int
+    prefetch_unused_evictions: int
+    prefetch_late_hits: int
+    prefetch_dropped: int
+    predictions: int
+    predictions_exact: int
+    predicted_routed: int
+    int2_misses: int
+    int2_bytes: int
+    demand_bytes: int
+    steps_total: int
+    def __init__(self, worker_id: _Optional[str] = ..., model_family: _Optional[str] = ..., device: _Optional[str] = ..., expert_format: _Optional[str] = ..., cache_policy: _Optional[str] = ..., predictor: _Optional[str] = ..., uptime_ms: _Optional[int] = ..., store_connected: _Optional[bool] = ..., active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., high_water_bytes: _Optional[int] = ..., resident_experts: _Optional[int] = ..., lookups: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., prefetch_hits: _Optional[int] = ..., prefetches_issued: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_fetched_shm: _Optional[int] = ..., bytes_fetched_grpc: _Optional[int] = ..., fetch_wait_ns: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerCacheStats, _Mapping]]] = ..., allocation: _Optional[str] = ..., top_k: _Optional[int] = ..., total_slots: _Optional[int] = ..., staging_slots: _Optional[int] = ..., prefetch_width: _Optional[int] = ..., measured_width: _Optional[int] = ..., lookahead: _Optional[int] = ..., int2_tail: _Optional[float] = ..., layer_compute_ns: _Optional[float] = ..., expert_fetch_ns: _Optional[float] = ..., prefetch_bytes: _Optional[int] = ..., prefetch_wasted_bytes: _Optional[int] = ..., prefetch_unused_evictions: _Optional[int] = ..., prefetch_late_hits: _Optional[int] = ..., prefetch_dropped: _Optional[int] = ..., predictions: _Optional[int] = ..., predictions_exact: _Optional[int] = ..., predicted_routed: _Optional[int] = ..., int2_misses: _Optional[int] = ..., int2_bytes: _Optional[int] = ..., demand_bytes: _Optional[int] = ..., steps_total: _Optional[int] = ...) -> None: ...

@@ -239,8 +239,8 @@ def test_pinned_experts_are_never_evicted(pack, eb):
     L, other = pack.args.moe_layers[-1], pack.args.moe_layers[-2]
     it = cache.iter_experts(L, [0, 1])
     e, compute = next(it)  # 0 is in use; 1 is fetched with it and waits its turn
-    assert cache.prefetch(L, [5, 6]) == []  # no room: both residents are pinned
-    assert cache.prefetch(other, [5]) == []
+    assert cache.prefetch(L, [5, 6]).inserted == []  # no room: both residents are pinned
+    assert cache.prefetch(other, [5]).inserted == []
     assert sorted(cache.resident(L)) == [0, 1]
     assert [x for x, _ in it] == [1]
     assert cache.resident(L) == [] and cache.used_bytes == 0  # trimmed to its 0 slots
@@ -265,7 +265,7 @@ def test_a_failed_fetch_releases_its_reservation(pack, eb):
 def test_prefetch_then_use_counts_a_prefetch_hit(pack, eb):
     fetcher = RecordingFetcher(pack)
     cache = _cache(pack, 8 * 4 * eb, fetcher)
-    assert cache.prefetch(2, [7, 8]) == [7, 8]
+    assert cache.prefetch(2, [7, 8]).inserted == [7, 8]
     assert fetcher.calls[-1] == ([(2, 7, FMT), (2, 8, FMT)], "prefetch")
     cache.begin_step()
     _access(cache, 2, [7, 9])

@@ -1,0 +1,118 @@
+"""A per-layer slot allocation learned offline from traces (`python -m gpu_worker analyze`), loaded from a file.
+
+File format `fate-allocation/1` (JSON):
+    {"format": "fate-allocation/1",
+     "model": "tiny-mixtral", "num_experts": 16,
+     "moe_layers": [0, 1, ...],            # decoder indices of the MoE layers, in order
+     "total_slots": 32,                    # the budget (in experts) the slots were learned for
+     "slots": {"0": 6, "1": 2, ...},       # decoder layer index -> resident slots; sum <= total_slots
+     "policy": "lru", "budget": "25%", "source": [...], "expected_hit_rate": 0.71}   # informative
+Only `format`, `slots` and `total_slots` are required.
+
+For the budget it was learned for, `LearnedAllocation.slots` returns the file's slots; for another
+budget it scales them (largest remainder, capped at num_experts, the rest going to the layers with
+the most slots), so one file serves nearby budgets. It implements `policies.Allocation`, so the
+cache and the simulator take it wherever they take `uniform` or `shallow_favoring`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from expert_store.errors import FateError
+
+from .policies import Allocation, PolicyError
+
+ALLOCATION_FORMAT = "fate-allocation/1"
+
+
+class AllocationFileError(FateError, PolicyError):
+    """An allocation file that cannot be read (the message names the file and the field)."""
+
+
+class LearnedAllocation(Allocation):
+    name = "learned"
+
+    def __init__(self, slots: Mapping[int, int], total_slots: int, meta: Mapping[str, Any] | None = None,
+                 path: str = "<memory>"):
+        if total_slots < 0 or any(v < 0 for v in slots.values()):
+            raise AllocationFileError(f"{path}: slots: must be >= 0")
+        if sum(slots.values()) > total_slots:
+            raise AllocationFileError(f"{path}: slots: they sum to {sum(slots.values())}, more than total_slots "
+                                      f"{total_slots}")
+        self.learned = {int(k): int(v) for k, v in slots.items()}
+        self.total_slots = int(total_slots)
+        self.meta = dict(meta or {})
+        self.path = path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LearnedAllocation":
+        p = str(path)
+        try:
+            data = json.loads(Path(p).read_text())
+        except FileNotFoundError:
+            raise AllocationFileError(f"{p}: no such allocation file") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise AllocationFileError(f"{p}: not a JSON allocation file ({' '.join(str(e).split())})") from None
+        if not isinstance(data, dict) or data.get("format") != ALLOCATION_FORMAT:
+            got = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise AllocationFileError(f"{p}: format: {got!r}, expected {ALLOCATION_FORMAT!r}")
+        slots = data.get("slots")
+        if not isinstance(slots, dict) or not slots:
+            raise AllocationFileError(f"{p}: slots: expected {{layer: slots}}")
+        try:
+            parsed = {int(k): int(v) for k, v in slots.items()}
+        except (TypeError, ValueError):
+            raise AllocationFileError(f"{p}: slots: keys and values must be integers") from None
+        total = data.get("total_slots")
+        if not isinstance(total, int) or isinstance(total, bool):
+            raise AllocationFileError(f"{p}: total_slots: expected an integer, got {total!r}")
+        return cls(parsed, total, data, p)
+
+    def to_json(self) -> dict[str, Any]:
+        out = dict(self.meta)
+        out.update({"format": ALLOCATION_FORMAT, "total_slots": self.total_slots,
+                    "slots": {str(k): v for k, v in sorted(self.learned.items())}})
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        tmp.replace(path)
+        return path
+
+    def slots(self, total_slots: int, moe_layers: Sequence[int], num_experts: int) -> dict[int, int]:
+        missing = [layer for layer in moe_layers if layer not in self.learned]
+        if missing:
+            raise AllocationFileError(f"{self.path}: slots: no entry for MoE layer(s) {missing} (the file has "
+                                      f"{sorted(self.learned)}): learned for another model?")
+        want = {layer: min(num_experts, self.learned[layer]) for layer in moe_layers}
+        total = max(0, total_slots)
+        if total == self.total_slots and sum(want.values()) <= total:
+            return want
+        return _scale(want, self.total_slots, total, num_experts)
+
+
+def _scale(want: dict[int, int], learned_total: int, total: int, num_experts: int) -> dict[int, int]:
+    """Scale slots learned for `learned_total` to `total` (largest remainder, capped)."""
+    base = sum(want.values()) or 1
+    budget = min(total, num_experts * len(want))
+    exact = {k: v * budget / base for k, v in want.items()}
+    out = {k: min(num_experts, math.floor(x)) for k, x in exact.items()}
+    left = budget - sum(out.values())
+    # largest remainder first, then the layers the file favours, then shallow first
+    order = sorted(want, key=lambda k: (-(exact[k] - math.floor(exact[k])), -want[k], k))
+    while left > 0:
+        progressed = False
+        for k in order:
+            if left and out[k] < num_experts:
+                out[k] += 1
+                left -= 1
+                progressed = True
+        if not progressed:
+            break
+    return out

@@ -1,0 +1,517 @@
+"""The prefetch pipeline: predictions made during the forward become prefetches run by a thread.
+
+`PrefetchController` sits between the model, the predictor and the cache:
+  - the engine tells it each forward step's token rows (request ids, prefill or decode);
+  - as the model's `RoutingObserver` it sees, at every MoE layer m, the gate input before the
+    router runs: it asks the predictor for layers m + 1 (and m + 2 with a lookahead of two)
+    and queues one prefetch job per target layer; then it sees layer m's routing: it feeds
+    the predictor, scores the prediction made for m, and names the INT2 tail of a prefill;
+  - at the end of the step it hands the engine per-request prediction counts and adjusts
+    the width.
+`Prefetcher` is the thread: a priority queue of jobs (the nearest layer first; a newer
+job for a layer replaces a queued older one), a job dropped once the compute has passed
+its layer, no fetch started while the compute thread handles misses (demand outranks
+prefetch; the store also serves demand first), and jobs that found no room wait for room
+(the current layer's trim frees it) until their layer is reached.
+
+Width (experts per token row the predictor proposes): `--prefetch-width N` fixes it;
+otherwise max(top_k, floor(layer compute time / one expert's fetch + build time)),
+both measured at start-up and tracked online by EWMAs (layer time between consecutive
+MoE layers' gate inputs, minus the compute thread's fetch wait; fetch time per expert of
+each prefetch), capped at the number of experts. Prefill rows always use top_k (Fate's
+prefill): their proposals, counted over all prompt tokens, rank the fetch by popularity.
+The rows' proposals are merged into one ranked list per layer: experts in more rows'
+top-k first, then in more rows' lists, then by best rank, then by id.
+
+Throttle (on unless fixed width): every `THROTTLE_EVERY` steps, with EWMAs over steps of
+precision (prefetched experts used / prefetched experts landed) and backlog (experts of
+jobs dropped stale / experts queued), the width is narrowed by one (not below top_k)
+when precision < 0.25 or backlog > 0.5, and widened back by one (not above the measured
+width) when precision > 0.5 and backlog < 0.2.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from .predictors import Predictor
+
+if TYPE_CHECKING:
+    from .cache import ExpertCache, StepOutcome
+    from .model import MoEModel
+
+log = logging.getLogger(__name__)
+
+THROTTLE_EVERY = 8
+DEMAND_ATTR = '_demand_fetching'
+EWMA_ALPHA = 0.1
+
+
+# -- width ------------------------------------------------------------------------------------
+
+
+class WidthController:
+    """The per-row prediction width: fixed, or measured (EWMAs) and throttled (module docstring)."""
+
+    def __init__(self, top_k: int, num_experts: int, fixed: int = 0, throttle: bool = True,
+                 alpha: float = EWMA_ALPHA):
+        self.top_k, self.num_experts = top_k, num_experts
+        self.fixed = min(fixed, num_experts) if fixed > 0 else 0
+        self.throttle = throttle and not self.fixed
+        self.alpha = alpha
+        self.layer_ns: float | None = None  # EWMA of one MoE layer's compute time (stalls excluded)
+        self.expert_ns: float | None = None  # EWMA of one expert's fetch + build time
+        self.cut = 0  # the throttle's narrowing
+        self.precision: float | None = None  # EWMA over steps
+        self.backlog: float | None = None
+        self._steps = 0
+
+    def _ewma(self, old: float | None, x: float) -> float:
+        return x if old is None else old + self.alpha * (x - old)
+
+    def observe_layer_ns(self, ns: float) -> None:
+        if ns > 0:
+            self.layer_ns = self._ewma(self.layer_ns, ns)
+
+    def observe_expert_ns(self, ns: float) -> None:
+        if ns > 0:
+            self.expert_ns = self._ewma(self.expert_ns, ns)
+
+    @property
+    def measured(self) -> int:
+        """max(top_k, floor(layer time / expert time)), capped at the number of experts."""
+        if self.fixed:
+            return self.fixed
+        if not self.layer_ns or not self.expert_ns:
+            return self.top_k
+        return max(self.top_k, min(self.num_experts, int(self.layer_ns // self.expert_ns)))
+
+    @property
+    def width(self) -> int:
+        m = self.measured
+        return max(min(self.top_k, m), m - self.cut)
+
+    def on_step(self, landed: int, used: int, queued: int, dropped: int) -> None:
+        if not self.throttle:
+            return
+        if landed:
+            self.precision = self._ewma(self.precision, min(1.0, used / landed))
+        if queued:
+            self.backlog = self._ewma(self.backlog, dropped / queued)
+        self._steps += 1
+        if self._steps % THROTTLE_EVERY:
+            return
+        p = self.precision if self.precision is not None else 1.0
+        b = self.backlog if self.backlog is not None else 0.0
+        if (p < 0.25 or b > 0.5) and self.width > self.top_k:
+            self.cut += 1
+        elif p > 0.5 and b < 0.2 and self.cut > 0:
+            self.cut -= 1
+
+
+def merge_ranked(lists: Sequence[Sequence[int]], top_k: int) -> list[int]:
+    """One ranked list from per-row lists: more rows' top-k first, then more rows' lists, then best rank,
+    then lower id."""
+    in_topk: dict[int, int] = {}
+    in_list: dict[int, int] = {}
+    best: dict[int, int] = {}
+    for row in lists:
+        for rank, e in enumerate(row):
+            in_list[e] = in_list.get(e, 0) + 1
+            if rank < top_k:
+                in_topk[e] = in_topk.get(e, 0) + 1
+            if rank < best.get(e, 1 << 30):
+                best[e] = rank
+    return sorted(in_list, key=lambda e: (-in_topk.get(e, 0), -in_list[e], best[e], e))
+
+
+def int2_tail(rows: Sequence[Sequence[int]], prefill: Sequence[bool], share: float) -> list[int]:
+    """The least popular experts routed only by prefill rows whose token assignments add up to at most
+    `share` of the prefill rows' assignments (least popular first; ties: higher id first, the reverse
+    of the fetch order)."""
+    counts: dict[int, int] = {}
+    decode_used: set[int] = set()
+    total = 0
+    for row, pre in zip(rows, prefill):
+        if pre:
+            for e in row:
+                counts[e] = counts.get(e, 0) + 1
+            total += len(row)
+        else:
+            decode_used.update(row)
+    if share <= 0 or not total:
+        return []
+    out, cum = [], 0
+    for e in sorted((e for e in counts if e not in decode_used), key=lambda e: (counts[e], -e)):
+        if cum + counts[e] > share * total:
+            break
+        cum += counts[e]
+        out.append(e)
+    return out
+
+
+# -- the prefetch thread --------------------------------------------------------------------------
+
+
+@dataclass(order=True)
+class _Job:
+    step: int
+    target: int  # MoE layer index (priority: nearest first)
+    seq: int
+    layer: int = field(compare=False)  # decoder layer
+    experts: list[int] = field(compare=False)
+    lookahead: int = field(compare=False, default=1)
+
+
+@dataclass
+class PrefetcherStats:
+    jobs: int = 0
+    jobs_stale: int = 0  # dropped: the compute had passed their layer
+    jobs_replaced: int = 0  # superseded by a newer job for the same layer and step
+    experts_queued: int = 0
+    experts_dropped: int = 0  # of jobs dropped stale (not yet resident)
+    room_waits: int = 0
+    errors: int = 0
+
+
+class Prefetcher:
+    """The prefetch thread. Shares the cache's condition variable, so a freed unit, an idle compute thread
+    and a new job all wake it."""
+
+    def __init__(self, cache: "ExpertCache", width: WidthController | None = None, room_wait_s: float = 0.05):
+        self.cache = cache
+        self.width = width
+        self.room_wait_s = room_wait_s
+        self.stats = PrefetcherStats()
+        self._cond = cache._cond  # noqa: SLF001 - one lock for the cache's state and this queue
+        self._heap: list[_Job] = []
+        self._seq = itertools.count()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
+        self._thread.start()
+
+    def submit(self, step: int, target: int, layer: int, experts: list[int], lookahead: int = 1) -> None:
+        if not experts:
+            return
+        with self._cond:
+            keep = []
+            for j in self._heap:
+                if j.step != step:
+                    self._drop(j)  # an older step's: stale
+                elif j.target == target:
+                    self.stats.jobs_replaced += 1
+                else:
+                    keep.append(j)
+            self._heap = keep
+            heapq.heapify(self._heap)
+            heapq.heappush(self._heap, _Job(step, target, next(self._seq), layer, experts, lookahead))
+            self.stats.jobs += 1
+            self.stats.experts_queued += len(experts)
+            self._cond.notify_all()
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._heap and not self._busy
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._heap.clear()
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+
+    _busy = False
+
+    def _pop(self) -> _Job | None:
+        """The next job that is not stale (lock held); waits for one."""
+        while not self._stop:
+            while self._heap:
+                job = heapq.heappop(self._heap)
+                if self.cache._passed(self.cache._layers[job.layer], job.step):  # noqa: SLF001 - lock held
+                    self._drop(job)
+                    continue
+                return job
+            self._cond.wait(1.0)
+        return None
+
+    def _drop(self, job: _Job) -> None:
+        self.stats.jobs_stale += 1
+        L = self.cache._layers[job.layer]  # noqa: SLF001 - lock held
+        left = sum(1 for e in job.experts if e not in L.resident)
+        self.stats.experts_dropped += left
+        L.stats.prefetch_dropped += left
+
+    def _run(self) -> None:
+        torch.set_num_threads(1)  # building experts must not fight the compute thread for cores
+        while True:
+            with self._cond:
+                job = self._pop()
+                if job is None:
+                    return
+                # demand outranks prefetch: start nothing while the compute thread fetches
+                while getattr(self.cache, DEMAND_ATTR) and not self._stop:
+                    self._cond.wait(self.room_wait_s)
+                if self._stop:
+                    return
+                if self.cache._passed(self.cache._layers[job.layer], job.step):  # noqa: SLF001
+                    self._drop(job)
+                    continue
+                self._busy = True
+            try:
+                res = self.cache.prefetch(job.layer, job.experts, step=job.step)
+            except Exception:  # noqa: BLE001 - a failed prefetch is not an error: demand will fetch
+                log.debug("prefetch of layer %d failed", job.layer, exc_info=True)
+                with self._cond:
+                    self.stats.errors += 1
+                    self._busy = False
+                continue
+            if res.inserted and self.width is not None:
+                self.width.observe_expert_ns(res.fetch_ns / len(res.inserted))
+            with self._cond:
+                self._busy = False
+                if res.no_room and not res.stale and not self._stop:
+                    # wait for a unit to free up (the current layer's trim), then try again unless a newer
+                    # job for this layer arrived meanwhile
+                    self.stats.room_waits += 1
+                    self._cond.wait_for(lambda: self._stop or self._heap_has(job.step, job.target)
+                                        or self.cache.budget_bytes - self.cache._used >= self.cache.expert_bytes
+                                        or self.cache._passed(self.cache._layers[job.layer], job.step),
+                                        self.room_wait_s)
+                    if not self._heap_has(job.step, job.target):
+                        heapq.heappush(self._heap, job)
+
+    def _heap_has(self, step: int, target: int) -> bool:
+        return any(j.step == step and j.target == target for j in self._heap)
+
+
+# -- the controller -------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerPredictionCounts:
+    predictions: int = 0  # token rows a prediction was made for (this layer)
+    exact: int = 0  # of which the predicted top-k equals the routed top-k (as sets)
+    routed_in: int = 0  # routed experts inside the row's prediction list
+
+    def add(self, other: "LayerPredictionCounts") -> None:
+        self.predictions += other.predictions
+        self.exact += other.exact
+        self.routed_in += other.routed_in
+
+
+@dataclass
+class StepPredictions:
+    """Per request, per decoder layer: what the predictions of this step scored."""
+
+    by_request: dict[int, dict[int, LayerPredictionCounts]] = field(default_factory=dict)
+
+
+@dataclass
+class ControllerStats:
+    width: int
+    measured_width: int
+    layer_ns: float
+    expert_ns: float
+    lookahead: int
+    layers: dict[int, LayerPredictionCounts]
+    prefetcher: PrefetcherStats
+
+
+class PrefetchController:
+    """RoutingObserver + the engine's step hooks; see the module docstring."""
+
+    def __init__(self, model: "MoEModel", cache: "ExpertCache", predictor: Predictor, *, width: int = 0,
+                 lookahead: int = 1, throttle: bool = True, int2_tail_share: float = 0.0,
+                 start_thread: bool = True, synchronous: bool = False):
+        """synchronous: no thread; each prefetch runs to completion on the compute thread when it is
+        proposed (before layer m's experts run): the hit rate of an infinitely fast link, for analysis
+        and deterministic tests (the tokens are the same either way)."""
+        if lookahead not in (1, 2):
+            raise ValueError(f"lookahead must be 1 or 2, got {lookahead}")
+        a = model.args
+        self.args = a
+        self.cache = cache
+        self.predictor = predictor
+        self.lookahead = lookahead
+        self.int2_tail_share = int2_tail_share if cache.tail_fmt is not None else 0.0
+        self.moe_layers = list(a.moe_layers)
+        self._moe_index = {layer: m for m, layer in enumerate(self.moe_layers)}
+        self.width = WidthController(a.top_k, a.num_experts, fixed=width, throttle=throttle)
+        self.enabled = predictor.name != "none"
+        self.synchronous = synchronous
+        self.prefetcher = Prefetcher(cache, self.width) if self.enabled and start_thread and not synchronous else None
+        self._rids: list[int] = []
+        self._prefill: list[bool] = []
+        self._any_prefill = False
+        self._any_decode = False
+        self._step = 0
+        self._preds: dict[int, list[list[int]]] = {}  # moe layer -> per-row lists (the latest, lookahead 1)
+        self._counts = StepPredictions()
+        self._layer_counts: dict[int, LayerPredictionCounts] = {layer: LayerPredictionCounts() for layer in a.moe_layers}
+        self._t_gate: float | None = None
+        self._wait_at_gate = 0
+        self._sync_ns = 0  # time spent in synchronous prefetches (not layer compute)
+        self._queued = 0
+        self._dropped_before = 0
+        self._lock = threading.Lock()  # guards _layer_counts for stats readers
+
+    # -- engine hooks ----------------------------------------------------------------------------
+
+    def start_request(self, rid: int) -> None:
+        self.predictor.start_request(rid)
+
+    def end_request(self, rid: int) -> None:
+        self.predictor.end_request(rid)
+
+    def begin_step(self, rids: Sequence[int], prefill: Sequence[bool]) -> None:
+        """This step's token rows, in the forward's order (after the cache's begin_step)."""
+        self._rids = list(rids)
+        self._prefill = list(prefill)
+        self._any_prefill = any(self._prefill)
+        self._any_decode = not all(self._prefill)
+        self._step = self.cache.step_seq
+        self._preds.clear()
+        self._counts = StepPredictions()
+        self._t_gate = None
+        self._queued = 0
+
+    def end_step(self, outcome: "StepOutcome | None" = None) -> StepPredictions:
+        out, self._counts = self._counts, StepPredictions()
+        if self.prefetcher is not None and outcome is not None:
+            s = self.prefetcher.stats
+            dropped = s.experts_dropped - self._dropped_before
+            self._dropped_before = s.experts_dropped
+            self.width.on_step(outcome.prefetches_issued, outcome.count("prefetch_hits"), self._queued, dropped)
+        self._t_gate = None
+        return out
+
+    def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+
+    def stats(self) -> ControllerStats:
+        with self._lock:
+            layers = {k: LayerPredictionCounts(v.predictions, v.exact, v.routed_in) for k, v in self._layer_counts.items()}
+        w = self.width
+        return ControllerStats(w.width if self.enabled else 0, w.measured if self.enabled else 0, w.layer_ns or 0.0,
+                               w.expert_ns or 0.0, self.lookahead, layers,
+                               PrefetcherStats(**vars(self.prefetcher.stats)) if self.prefetcher else PrefetcherStats())
+
+    # -- RoutingObserver -----------------------------------------------------------------------------
+
+    def on_gate_input(self, layer: int, gate_input: torch.Tensor) -> None:
+        m = self._moe_index[layer]
+        now = time.perf_counter_ns()
+        wait = self._layer_wait_ns() + self._sync_ns
+        if self._t_gate is not None and not self._any_prefill:  # decode steps set the width
+            self.width.observe_layer_ns(now - self._t_gate - (wait - self._wait_at_gate))
+        self._t_gate, self._wait_at_gate = now, wait
+        if not self.enabled or not self._rids or len(self._rids) != gate_input.shape[0]:
+            return
+        k = self.args.top_k
+        w = self.width.width
+        call_width = max(w if self._any_decode else 0, k if self._any_prefill else 0)
+        for d in range(1, self.lookahead + 1):
+            t = m + d
+            if t >= len(self.moe_layers):
+                break
+            lists = self.predictor.predict(t, self._rids, call_width,
+                                           gate_input if self.predictor.needs_gate_input else None)
+            if self._any_prefill:
+                lists = [row[:k] if pre else row for row, pre in zip(lists, self._prefill)]
+            if d == 1:
+                self._preds[t] = lists
+            ranked = merge_ranked(lists, k)
+            if ranked and self.prefetcher is not None:
+                resident = set(self.cache.resident(self.moe_layers[t]))
+                todo = [e for e in ranked if e not in resident]
+                if todo:
+                    self._queued += len(todo)
+                    self.prefetcher.submit(self._step, t, self.moe_layers[t], ranked, lookahead=d)
+            elif ranked and self.synchronous:
+                t0 = time.perf_counter_ns()
+                self.cache.prefetch(self.moe_layers[t], ranked, step=self._step)
+                self._sync_ns += time.perf_counter_ns() - t0
+
+    def on_routing(self, layer: int, expert_ids: torch.Tensor, weights: torch.Tensor) -> None:
+        m = self._moe_index[layer]
+        if not self._rids or len(self._rids) != expert_ids.shape[0]:
+            return  # a forward outside the engine's steps (no rows told): nothing to attribute
+        rows = expert_ids.tolist()
+        if self.int2_tail_share > 0 and self._any_prefill:
+            tail = int2_tail(rows, self._prefill, self.int2_tail_share)
+            if tail:
+                self.cache.set_int2_tail(layer, tail)
+        preds = self._preds.pop(m, None)
+        if preds is not None:
+            k = self.args.top_k
+            per_req = self._counts.by_request
+            total = LayerPredictionCounts()
+            for rid, row, pred in zip(self._rids, rows, preds):
+                c = per_req.setdefault(rid, {}).setdefault(layer, LayerPredictionCounts())
+                actual = set(row)
+                exact = set(pred[:k]) == actual
+                routed_in = len(actual.intersection(pred))
+                c.predictions += 1
+                c.exact += exact
+                c.routed_in += routed_in
+                total.predictions += 1
+                total.exact += exact
+                total.routed_in += routed_in
+            with self._lock:
+                self._layer_counts[layer].add(total)
+        if self.enabled:
+            self.predictor.observe(m, self._rids, rows)
+
+    def _layer_wait_ns(self) -> int:
+        step = self.cache._step  # noqa: SLF001 - read-only peek at this step's stall so far
+        return step.fetch_wait_ns if step is not None else 0
+
+
+# -- start-up measurement -----------------------------------------------------------------------------
+
+
+class _OneExpert:
+    """An ExpertProvider that serves one prebuilt expert for every id (timing the dense part + experts)."""
+
+    def __init__(self, compute):
+        self.compute = compute
+
+    def iter_experts(self, layer, experts):
+        for e in experts:
+            yield e, self.compute
+
+
+def measure_width_inputs(model: "MoEModel", cache: "ExpertCache", samples: int = 5) -> tuple[float, float]:
+    """(one MoE layer's compute ns for one token, one expert's fetch + build ns), medians of `samples`
+    runs, measured with the cache's own fetcher (prefetch priority) and compute form."""
+    a = model.args
+    fetch_ns = []
+    compute = None
+    for i in range(samples):
+        layer, e = a.moe_layers[i % len(a.moe_layers)], (i * 7) % a.num_experts
+        t0 = time.perf_counter_ns()
+        blob = cache.fetcher.fetch([(layer, e, cache.fmt)], "prefetch")[0]
+        compute, _ = cache._build(blob, cache.fmt, cache.form)  # noqa: SLF001
+        fetch_ns.append(time.perf_counter_ns() - t0)
+    saved, saved_obs = model.experts, model.observer
+    model.experts, model.observer = _OneExpert(compute), None
+    layer_ns = []
+    try:
+        for _ in range(samples + 1):
+            seq = model.new_sequence(4)
+            t0 = time.perf_counter_ns()
+            model.forward([seq], [torch.tensor([a.bos_token_id or 0])])
+            layer_ns.append((time.perf_counter_ns() - t0) / max(1, a.num_layers))
+    finally:
+        model.experts, model.observer = saved, saved_obs
+    return statistics.median(layer_ns[1:]), statistics.median(fetch_ns)
