@@ -96,7 +96,7 @@ _SERVE_FLAGS = (
     "store", "listen", "budget_bytes", "expert_format", "compute_form", "device", "transport", "metrics_port",
     "metrics_host", "max_batch_size", "max_queue", "default_max_new_tokens", "threads", "policy", "predictor",
     "worker_id", "store_wait_s", "grace_s", "log_level", "lfu_decay", "allocation", "full_layers", "staging_slots",
-    "prefetch_width", "lookahead", "throttle", "int2_tail", "prefetch_sync",
+    "prefetch_width", "lookahead", "throttle", "int2_tail", "prefetch_sync", "trace_dir", "trace_every",
 )  # fmt: skip
 
 
@@ -154,6 +154,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--store-wait-s", type=float, default=None, help="how long to wait for the store at start")
     s.add_argument("--grace-s", type=float, default=None, help="SIGTERM grace for in-flight requests")
     s.add_argument("--log-level", default=None, help="debug, info, warning, error")
+    s.add_argument("--trace-dir", default=None, help="write expert-activation traces (moe-trace/1) here")
+    s.add_argument("--trace-every", type=int, default=None, help="one trace file per N finished requests (0: one per session)")
     s.set_defaults(func=_cmd_serve)
 
 

@@ -130,6 +130,10 @@ class WorkerConfig:
 
     log_level: str = "info"
     """Logging level: debug, info, warning, error."""
+    trace_dir: str = ""
+    """Directory to write expert-activation traces (moe-trace/1, docs/traces.md) into; empty: off."""
+    trace_every: int = 0
+    """With trace_dir: one trace file per this many finished requests; 0: one file per session."""
 
     def __post_init__(self) -> None:
         if not self.store:
@@ -195,7 +199,7 @@ def resolve_budget(value: int | str, expert_bytes_total: int) -> int:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(WorkerConfig)}
 _INT_FIELDS = {"metrics_port", "max_batch_size", "max_queue", "default_max_new_tokens", "threads", "full_layers",
-               "prefetch_width", "lookahead"}
+               "prefetch_width", "lookahead", "trace_every"}
 _FLOAT_FIELDS = {"store_wait_s", "grace_s", "lfu_decay", "int2_tail"}
 _BOOL_FIELDS = {"throttle", "prefetch_sync"}
 _OPTIONAL_STR_FIELDS = {"expert_format", "compute_form"}

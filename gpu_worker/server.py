@@ -39,7 +39,12 @@ from expert_store import sdnotify
 from expert_store.config import ConfigError
 from expert_store.errors import ChecksumError, FateError
 
-from .cache import CacheBudgetError, ExpertCache, expert_compute_nbytes, full_budget_bytes
+from .cache import (
+    CacheBudgetError,
+    ExpertCache,
+    expert_compute_nbytes,
+    full_budget_bytes,
+)
 from .config import WorkerConfig, resolve_budget, resolve_staging
 from .engine import (
     AsyncRequestStream,
@@ -63,6 +68,7 @@ from .prefetch import PrefetchController, measure_width_inputs
 from .runtime import FORMAT_PREFERENCE, pick_device
 from .store_client import StoreClient, StoreError, StoreManifest, StoreUnavailableError
 from .tokenizer import TextTokenizer, TokenizerError
+from .traces import TraceRecorder, attach_recorder, recorder_for_engine
 
 log = logging.getLogger("gpu_worker.server")
 
@@ -150,6 +156,7 @@ class WorkerRuntime:
     controller: PrefetchController | None = None
     int2_tail: float = 0.0  # in effect (0 when off or the store serves no int2)
     store_connected: bool = True
+    recorder: TraceRecorder | None = None  # --trace-dir
 
 
 def _pick_format(cfg: WorkerConfig, m: StoreManifest) -> str:
@@ -216,6 +223,12 @@ def load_runtime(cfg: WorkerConfig) -> WorkerRuntime:
         model.observer = controller
         engine = Engine(model, tokenizer, max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
                         num_threads=cfg.threads, controller=controller)
+        recorder = None
+        if cfg.trace_dir:
+            recorder = recorder_for_engine(engine, cfg.trace_dir, cfg.trace_every, model_name=m.family,
+                                           expert_bytes={f: m.expert_bytes(f) for f in m.formats})
+            attach_recorder(engine, recorder)
+            log.info("recording expert-activation traces into %s", cfg.trace_dir)
         log.info(
             "model %s (%s) on %s: experts %s as %s, cache budget %d bytes (%.1f%% of %d), %d slots "
             "(%s, %d staging), policy %s, predictor %s (lookahead %d), int2 tail %g; transport %s; "
@@ -228,7 +241,7 @@ def load_runtime(cfg: WorkerConfig) -> WorkerRuntime:
         store.close()
         raise
     return WorkerRuntime(cfg, store, m, cache, model, tokenizer, engine, fmt, budget, time.monotonic(),
-                         controller, controller.int2_tail_share)
+                         controller, controller.int2_tail_share, recorder=recorder)
 
 
 # -- protobuf <-> domain (the edge) ---------------------------------------------------------------
@@ -459,6 +472,8 @@ async def serve(cfg: WorkerConfig) -> int:
     if not drained:
         log.warning("grace period over: unfinished requests end with UNAVAILABLE")
     await loop.run_in_executor(None, rt.engine.shutdown)
+    if rt.recorder is not None:
+        await loop.run_in_executor(None, rt.recorder.close)  # writes the session's (or last partial) file
     if rt.controller is not None:
         await loop.run_in_executor(None, rt.controller.close)
     await server.stop(grace=2.0)  # lets the handlers send their final messages or errors
