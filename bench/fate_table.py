@@ -1,7 +1,7 @@
 """The Fate table: `python -m bench.fate_table [--pack DIR] [--out DIR] [--repeats N] [--budgets 50%,25%]`.
 
-For each configuration (by default: every predictor with shallow_favoring + arc, and lru +
-none) and budget, starts an expert store and a worker as subprocesses (unix sockets, shared
+For each configuration (by default: every predictor with shallow_favoring ("sf") + arc, and
+lru + none) and budget, starts an expert store and a worker as subprocesses (unix sockets, shared
 memory transport, int4 experts), sends the prompts of prompts.jsonl concurrently (decode of
 `--new-tokens` each, ignore_eos) through client/api.py, and reads the requests' final
 messages and the worker's statistics. Configurations are interleaved (A B C A B C ...) and
@@ -13,6 +13,8 @@ Columns (decode steps only, from the requests' `decode` statistics, unless noted
   pf recall     prefetch hits / (prefetch hits + misses): of what the cache lacked, the share prefetched
   pf precision  prefetch hits / experts prefetched (worker totals, prefill included)
   wasted B/tok  blob bytes of prefetched experts evicted unused / generated tokens (worker totals)
+  fetched/tok   experts fetched (demand misses + prefetches) / generated tokens (worker totals): the
+                CPU work of this box (each fetch is an RPC share, a copy and a ~0.4 ms int4 build)
   stall ms/tok  compute time waiting for experts / generated tokens (worker totals)
   decode tok/s  sum over the concurrent requests of (tokens - 1) / decode time
 Writes results.json and table.md under --out.
@@ -42,10 +44,10 @@ TINY_MIXTRAL = REPO.parent / "shared" / "models" / "tiny-mixtral"
 # name -> worker flags
 CONFIGS: dict[str, tuple[str, ...]] = {
     "lru+none": ("--policy", "lru", "--allocation", "uniform", "--predictor", "none"),
-    "fate:cross_layer": ("--policy", "arc", "--allocation", "shallow_favoring", "--predictor", "cross_layer"),
-    "fate:eap": ("--policy", "arc", "--allocation", "shallow_favoring", "--predictor", "eap"),
-    "fate:prev_token": ("--policy", "arc", "--allocation", "shallow_favoring", "--predictor", "prev_token"),
-    "fate:none": ("--policy", "arc", "--allocation", "shallow_favoring", "--predictor", "none"),
+    "sf+arc+none": ("--policy", "arc", "--allocation", "shallow_favoring", "--predictor", "none"),
+    "sf+arc+cross_layer": ("--policy", "arc", "--allocation", "shallow_favoring", "--predictor", "cross_layer"),
+    "sf+arc+eap": ("--policy", "arc", "--allocation", "shallow_favoring", "--predictor", "eap"),
+    "sf+arc+prev_token": ("--policy", "arc", "--allocation", "shallow_favoring", "--predictor", "prev_token"),
 }
 
 
@@ -100,6 +102,7 @@ class Run:
     prefetch_recall: float
     prefetch_precision: float
     wasted_bytes_per_token: float
+    fetched_per_token: float
     stall_ms_per_token: float
     all_hit_rate: float  # prefill included, worker totals
     width: int
@@ -168,6 +171,7 @@ def run_one(pack: Path, tmp: Path, name: str, flags: tuple[str, ...], budget: st
         prefetch_recall=pre / (pre + miss) if pre + miss else float("nan"),
         prefetch_precision=s.prefetch_hits / s.prefetches_issued if s.prefetches_issued else float("nan"),
         wasted_bytes_per_token=s.prefetch_wasted_bytes / gen,
+        fetched_per_token=(s.prefetches_issued + s.misses) / gen,
         stall_ms_per_token=s.fetch_wait_ns / 1e6 / gen,
         all_hit_rate=s.hit_rate, width=s.prefetch_width, measured_width=s.measured_width,
         staging_slots=s.staging_slots, total_slots=s.total_slots, high_water_ok=s.high_water_bytes <= s.budget_bytes,
@@ -204,8 +208,8 @@ def _fmt(x: float, pct: bool = False) -> str:
 def table(runs: list[Run], configs: list[str], budgets: list[str], mode: str = "thread") -> str:
     runs = [r for r in runs if r.mode == mode]
     lines = ["| budget | configuration | hit rate | strict top-k | pf recall | pf precision | wasted B/tok | "
-             "stall ms/tok | decode tok/s (min-max) | width | staging/slots | runs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "fetched/tok | stall ms/tok | decode tok/s (min-max) | width | staging/slots | runs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for b in budgets:
         for c in configs:
             rs = [r for r in runs if r.config == c and r.budget == b]
@@ -220,7 +224,8 @@ def table(runs: list[Run], configs: list[str], budgets: list[str], mode: str = "
             lines.append(
                 f"| {b} | {c} | {_fmt(med('hit_rate'), True)} | {_fmt(med('strict_topk'), True)} | "
                 f"{_fmt(med('prefetch_recall'), True)} | {_fmt(med('prefetch_precision'), True)} | "
-                f"{_fmt(med('wasted_bytes_per_token'))} | {med('stall_ms_per_token'):.2f} | "
+                f"{_fmt(med('wasted_bytes_per_token'))} | {med('fetched_per_token'):.2f} | "
+                f"{med('stall_ms_per_token'):.2f} | "
                 f"{statistics.median(tps):.0f} ({min(tps):.0f}-{max(tps):.0f}) | "
                 f"{rs[-1].width}/{rs[-1].measured_width} | {rs[-1].staging_slots}/{rs[-1].total_slots} | {len(rs)} |")
     return "\n".join(lines)
@@ -233,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=Path, default=TINY_MIXTRAL / "prompts.jsonl")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "fate_table")
     ap.add_argument("--budgets", default="50%,25%")
-    ap.add_argument("--configs", default=",".join(c for c in CONFIGS if c != "fate:none"),
+    ap.add_argument("--configs", default=",".join(CONFIGS),
                     help=f"comma-separated, from {', '.join(CONFIGS)}")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)

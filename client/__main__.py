@@ -108,11 +108,12 @@ def _cmd_stats(a: argparse.Namespace) -> int:
     except WorkerError as e:
         print(f"error: {e.code}: {e.details}", file=sys.stderr)
         return 1
+    tokens = max(1, s.generated_tokens_total)
     derived = {
         "hit_rate": s.hit_rate, "strict_topk_accuracy": s.strict_topk_accuracy,
         "prefetch_recall": s.prefetch_recall, "prefetch_precision": s.prefetch_precision,
-        "wasted_bytes_per_token": s.prefetch_wasted_bytes / s.generated_tokens_total if s.generated_tokens_total else 0.0,
-        "fetch_wait_ms_per_token": s.fetch_wait_ns / 1e6 / s.generated_tokens_total if s.generated_tokens_total else 0.0,
+        "wasted_bytes_per_token": s.prefetch_wasted_bytes / tokens,
+        "fetch_wait_ms_per_token": s.fetch_wait_ns / 1e6 / tokens,
     }  # fmt: skip
     if a.json:
         print(json.dumps({**s.to_dict(), **derived}))

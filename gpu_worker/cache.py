@@ -71,8 +71,8 @@ an INT2 copy. They count as lookups and misses (and int2_misses).
 
 Threads: the compute thread calls `iter_experts`; a prefetch thread calls `prefetch`
 concurrently. One lock guards the state; fetches and compute builds run outside it. While
-the compute thread is handling misses (`demand_active`), the prefetcher starts no new
-fetch (`wait_demand_idle`): demand outranks prefetch here as it does at the store.
+a demand fetch is in flight (`demand_fetching`), the prefetcher starts no new fetch: demand
+outranks prefetch on the link here as it does in the store's queue (builds may overlap).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ from expert_store.errors import FateError
 from .expert_compute import ExpertCompute, default_compute_form, make_expert_compute
 from .model_args import ModelArgs
 from .policies import Allocation, ReplacementPolicy, make_allocation, make_policy_factory
-from .store_client import ExpertFetcher, FetchedBlob, Priority
+from .store_client import ExpertFetcher, FetchedBlob
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,6 @@ class ExpertCache:
         self._high_water = 0
         self._step: StepOutcome | None = None
         self._step_seq = 0
-        self._demand_active = 0  # iter_experts calls handling misses
         self._demand_fetching = 0  # demand fetch calls in flight (the link is busy with demand)
         self._wait_poll_s = wait_poll_s
 
@@ -321,10 +320,6 @@ class ExpertCache:
             self._use(L, layer, ready, pinned, step, late=False)
         remaining = [e for e in ids if e not in pinned and e not in tail]
         transient = [e for e in ids if e not in pinned and e in tail]
-        demand = bool(remaining or transient)
-        if demand:
-            with self._cond:
-                self._demand_active += 1
         try:
             yield from self._yield_pinned(L, ready, pinned)
             while remaining:
@@ -349,8 +344,6 @@ class ExpertCache:
                 self._trim(L)
                 L.done_step = self._step_seq
                 L.active = False
-                if demand:
-                    self._demand_active -= 1
                 self._cond.notify_all()
 
     def set_int2_tail(self, layer: int, experts: Sequence[int]) -> None:
@@ -416,19 +409,6 @@ class ExpertCache:
                     self._cond.notify_all()
         return res
 
-    def wait_demand_idle(self, timeout_s: float) -> bool:
-        """Block while the compute thread handles misses; True when it is idle (within timeout_s)."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._demand_active == 0, timeout_s)
-
-    def wait_for_room(self, layer: int, step: int, timeout_s: float) -> bool:
-        """Block until a free unit exists or `layer` has run in `step` (or timeout); True when there is room."""
-        L = self._layer(layer)
-        with self._cond:
-            self._cond.wait_for(lambda: self.budget_bytes - self._used >= self.expert_bytes
-                                or self._passed(L, step) or step != self._step_seq, timeout_s)
-            return self.budget_bytes - self._used >= self.expert_bytes and not self._passed(L, step)
-
     def passed(self, layer: int, step: int) -> bool:
         """Has the compute finished `layer` in step `step` (or moved to a later step)?"""
         with self._cond:
@@ -442,8 +422,9 @@ class ExpertCache:
         return self._step_seq
 
     @property
-    def demand_active(self) -> bool:
-        return self._demand_active > 0
+    def demand_fetching(self) -> bool:
+        """A demand fetch is in flight (read with the lock held for a consistent answer)."""
+        return self._demand_fetching > 0
 
     def begin_step(self) -> None:
         """Start recording per-layer outcomes of one forward step (the compute thread's)."""

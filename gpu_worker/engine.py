@@ -20,7 +20,15 @@ routed to (the cache looks each expert up once per step, so a request running
 alone has exactly the cache's counts); each is a hit or a miss as the expert was
 in that step. Bytes fetched and fetch wait are per step, not per expert owner:
 they are charged in full to every request in the step (a shared decode step
-stalls every request in it), so they do not sum across requests.
+stalls every request in it), so they do not sum across requests; so are the
+step's prefetched experts, prefetched bytes, wasted prefetch bytes and INT2 misses.
+
+A `StepController` (gpu_worker.prefetch.PrefetchController) hears each request's
+start and end (by the engine's integer request id) and, before each forward, the
+step's token rows (request id, prefill or decode); after it, it returns what the
+predictions scored per request and layer, added to the request's statistics. Each
+request also keeps its counts per MoE layer and over its decode steps alone
+(`ExpertStats.decode`: its prefill left out).
 """
 
 from __future__ import annotations

@@ -96,7 +96,8 @@ class _WorkerCollector(Collector):
             yield counter("fate_worker_prefetch_dropped", "Experts of prefetches dropped (their layer had run)",
                           t.prefetch_dropped)
             yield counter("fate_worker_int2_misses", "Prefill experts fetched as INT2 (never cached)", t.int2_misses)
-            per_layer = {name: CounterMetricFamily(f"fate_worker_layer_{name}", doc, labels=["layer"]) for name, doc in (
+            per_layer = {name: CounterMetricFamily(f"fate_worker_layer_{name}", doc, labels=["layer"])
+                         for name, doc in (
                 ("lookups", "Expert lookups per MoE layer"),
                 ("hits", "Lookups found resident per MoE layer (prefetch hits included)"),
                 ("prefetch_hits", "Lookups found resident thanks to a prefetch, per MoE layer"),

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 THROTTLE_EVERY = 8
-DEMAND_ATTR = '_demand_fetching'
+MAX_ROOM_WAITS = 40  # a job waits for room this many times (room_wait_s each) at most, then is given up
 EWMA_ALPHA = 0.1
 
 
@@ -170,6 +170,7 @@ class _Job:
     layer: int = field(compare=False)  # decoder layer
     experts: list[int] = field(compare=False)
     lookahead: int = field(compare=False, default=1)
+    room_waits: int = field(compare=False, default=0)
 
 
 @dataclass
@@ -196,6 +197,7 @@ class Prefetcher:
         self._heap: list[_Job] = []
         self._seq = itertools.count()
         self._stop = False
+        self._busy = False  # a job is being fetched (outside the lock)
         self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
         self._thread.start()
 
@@ -229,8 +231,6 @@ class Prefetcher:
             self._cond.notify_all()
         self._thread.join(timeout_s)
 
-    _busy = False
-
     def _pop(self) -> _Job | None:
         """The next job that is not stale (lock held); waits for one."""
         while not self._stop:
@@ -258,7 +258,7 @@ class Prefetcher:
                 if job is None:
                     return
                 # demand outranks prefetch: start nothing while the compute thread fetches
-                while getattr(self.cache, DEMAND_ATTR) and not self._stop:
+                while self.cache.demand_fetching and not self._stop:
                     self._cond.wait(self.room_wait_s)
                 if self._stop:
                     return
@@ -277,17 +277,18 @@ class Prefetcher:
             if res.inserted and self.width is not None:
                 self.width.observe_expert_ns(res.fetch_ns / len(res.inserted))
             with self._cond:
-                self._busy = False
                 if res.no_room and not res.stale and not self._stop:
                     # wait for a unit to free up (the current layer's trim), then try again unless a newer
-                    # job for this layer arrived meanwhile
+                    # job for this layer arrived meanwhile (a stale one is dropped when popped)
                     self.stats.room_waits += 1
                     self._cond.wait_for(lambda: self._stop or self._heap_has(job.step, job.target)
                                         or self.cache.budget_bytes - self.cache._used >= self.cache.expert_bytes
                                         or self.cache._passed(self.cache._layers[job.layer], job.step),
                                         self.room_wait_s)
-                    if not self._heap_has(job.step, job.target):
+                    job.room_waits += 1
+                    if not self._heap_has(job.step, job.target) and job.room_waits < MAX_ROOM_WAITS:
                         heapq.heappush(self._heap, job)
+                self._busy = False
 
     def _heap_has(self, step: int, target: int) -> bool:
         return any(j.step == step and j.target == target for j in self._heap)
@@ -356,7 +357,7 @@ class PrefetchController:
         self._step = 0
         self._preds: dict[int, list[list[int]]] = {}  # moe layer -> per-row lists (the latest, lookahead 1)
         self._counts = StepPredictions()
-        self._layer_counts: dict[int, LayerPredictionCounts] = {layer: LayerPredictionCounts() for layer in a.moe_layers}
+        self._layer_counts = {layer: LayerPredictionCounts() for layer in a.moe_layers}  # decoder layer -> totals
         self._t_gate: float | None = None
         self._wait_at_gate = 0
         self._sync_ns = 0  # time spent in synchronous prefetches (not layer compute)
@@ -400,7 +401,8 @@ class PrefetchController:
 
     def stats(self) -> ControllerStats:
         with self._lock:
-            layers = {k: LayerPredictionCounts(v.predictions, v.exact, v.routed_in) for k, v in self._layer_counts.items()}
+            layers = {k: LayerPredictionCounts(v.predictions, v.exact, v.routed_in)
+                      for k, v in self._layer_counts.items()}
         w = self.width
         return ControllerStats(w.width if self.enabled else 0, w.measured if self.enabled else 0, w.layer_ns or 0.0,
                                w.expert_ns or 0.0, self.lookahead, layers,

@@ -112,7 +112,6 @@ def test_eap_layer_zero_uses_earlier_tokens_and_ties_go_to_the_newest():
 
 
 def test_cross_layer_applies_the_target_layers_router():
-    H, E = 2, 4
     # layer 1's router: expert e scores (e + 1) * h0 - e * h1; layer 0's would rank the other way round
     routers = [-torch.tensor([[1.0, 0.0], [2.0, -1.0], [3.0, -2.0], [4.0, -3.0]]),
                torch.tensor([[1.0, 0.0], [2.0, -1.0], [3.0, -2.0], [4.0, -3.0]])]
