@@ -87,8 +87,9 @@ class WorkerConfig:
     """lfu_decay's factor: every count is multiplied by it at each forward step, in (0, 1]."""
 
     allocation: str = "uniform"
-    """How the budget's slots are split across MoE layers: uniform, or shallow_favoring (Fate: the first
-    `full_layers` MoE layers fully resident, the rest split evenly over the deeper ones)."""
+    """How the budget's slots are split across MoE layers: uniform, shallow_favoring (Fate: the first
+    `full_layers` MoE layers fully resident, the rest split evenly over the deeper ones), or
+    learned:PATH (a fate-allocation/1 file written by `python -m gpu_worker analyze`)."""
 
     full_layers: int = 4
     """shallow_favoring: MoE layers kept fully resident (capped by the budget: fewer fit, fewer are)."""
@@ -152,8 +153,8 @@ class WorkerConfig:
         _check(1 <= self.threads <= 256, "threads", self.threads, "must be 1..256")
         _check(self.policy in POLICIES, "policy", self.policy, f"choose from {', '.join(POLICIES)}")
         _check(self.predictor in PREDICTORS, "predictor", self.predictor, f"choose from {', '.join(PREDICTORS)}")
-        _check(self.allocation in ALLOCATIONS, "allocation", self.allocation,
-               f"choose from {', '.join(ALLOCATIONS)}")
+        _check(self.allocation in ALLOCATIONS or self.allocation.startswith("learned:"), "allocation",
+               self.allocation, f"choose from {', '.join(ALLOCATIONS)}, or learned:PATH")
         _check(0.0 < self.lfu_decay <= 1.0, "lfu_decay", self.lfu_decay, "must be in (0, 1]")
         _check(self.full_layers >= 0, "full_layers", self.full_layers, "must be >= 0")
         _check(self.staging_slots == "auto" or (isinstance(self.staging_slots, int) and self.staging_slots >= 0),

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 from expert_store.errors import FateError
 
-from .policies import Allocation, PolicyError
+from .policies import Allocation, PolicyError, make_allocation
 
 ALLOCATION_FORMAT = "fate-allocation/1"
 
@@ -116,3 +116,10 @@ def _scale(want: dict[int, int], learned_total: int, total: int, num_experts: in
         if not progressed:
             break
     return out
+
+
+def make_worker_allocation(name: str, full_layers: int = 4) -> Allocation:
+    """An allocation by its configured name: "uniform", "shallow_favoring", or "learned:PATH"."""
+    if name.startswith("learned:"):
+        return LearnedAllocation.load(name[len("learned:"):])
+    return make_allocation(name, full_layers)

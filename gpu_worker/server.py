@@ -60,9 +60,10 @@ from .engine import (
 )
 from .expert_compute import default_compute_form
 from .generate import SamplingError, SamplingParams
+from .learned_allocation import make_worker_allocation
 from .metrics import WorkerMetrics
 from .model import MoEModel, TokenRangeError, WeightsError
-from .policies import make_allocation, make_policy_factory
+from .policies import make_policy_factory
 from .predictors import make_predictor
 from .prefetch import PrefetchController, measure_width_inputs
 from .runtime import FORMAT_PREFERENCE, pick_device
@@ -196,7 +197,7 @@ def load_runtime(cfg: WorkerConfig) -> WorkerRuntime:
         tail_fmt = "int2" if cfg.int2_tail > 0 and fmt != "int2" and "int2" in m.formats else None
         cache = ExpertCache(m.args, store, fmt, form, device, budget,  # checks the minimum
                             policy=make_policy_factory(cfg.policy, cfg.lfu_decay),
-                            allocation=make_allocation(cfg.allocation, cfg.full_layers), staging_slots=staging,
+                            allocation=make_worker_allocation(cfg.allocation, cfg.full_layers), staging_slots=staging,
                             tail_fmt=tail_fmt)
         if cfg.int2_tail > 0 and fmt != "int2" and tail_fmt is None:
             log.warning("int2_tail = %g: the store does not serve int2 experts (serve a pack with int2 and include "

@@ -355,3 +355,19 @@ def test_the_worker_cache_takes_a_learned_allocation(pack, tmp_path):
     cache = ExpertCache(pack.args, PackFetcher(pack), "int4", "auto", cpu, sum(want.values()) * eb,
                         allocation=LearnedAllocation.load(path))
     assert cache.slots() == want
+
+
+def test_the_worker_config_selects_a_learned_allocation_file(tmp_path):
+    from gpu_worker.config import ConfigError, WorkerConfig
+    from gpu_worker.learned_allocation import make_worker_allocation
+    from gpu_worker.policies import ShallowFavoringAllocation
+
+    path = LearnedAllocation({0: 6, 1: 2, 2: 0, 3: 4}, 12).save(tmp_path / "alloc.json")
+    cfg = WorkerConfig(store="unix:/tmp/s.sock", allocation=f"learned:{path}")
+    alloc = make_worker_allocation(cfg.allocation, cfg.full_layers)
+    assert alloc.slots(12, [0, 1, 2, 3], 8) == {0: 6, 1: 2, 2: 0, 3: 4}
+    assert isinstance(make_worker_allocation("shallow_favoring", 2), ShallowFavoringAllocation)
+    with pytest.raises(ConfigError, match="learned:PATH"):
+        WorkerConfig(store="unix:/tmp/s.sock", allocation="deep_favoring")
+    with pytest.raises(AllocationFileError):
+        make_worker_allocation(f"learned:{tmp_path / 'missing.json'}")
