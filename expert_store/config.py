@@ -17,7 +17,7 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from .errors import FateError
 
@@ -147,8 +147,10 @@ def parse_size(value: str | int, name: str = "size") -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
-    """The StoreConfig keys of a TOML file (top level, or its [store] table), converted and checked."""
+def read_toml_table(path: str | Path, section: str, known: Collection[str]) -> tuple[dict[str, Any], str]:
+    """The [section] table of a TOML file (or its top level when it has none), with every key in
+    `known`; returns (table, where) with `where` naming the file and table for error messages.
+    One reader for the store's and the worker's config, so a shared deploy file reads the same."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -157,12 +159,18 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    table = data.get("store") if isinstance(data.get("store"), dict) else data
-    where = f"{path} [store]" if table is not data else str(path)
-    unknown = sorted(k for k in table if k not in _FIELDS)
+    table = data[section] if isinstance(data.get(section), dict) else data
+    where = f"{path} [{section}]" if table is not data else str(path)
+    unknown = sorted(k for k in table if k not in known)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(_FIELDS)})")
-    return {k: _convert(k, v, where, base=path.parent) for k, v in table.items()}
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(known)})")
+    return table, where
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """The StoreConfig keys of a TOML file (top level, or its [store] table), converted and checked."""
+    table, where = read_toml_table(path, "store", _FIELDS)
+    return {k: _convert(k, v, where, base=Path(path).parent) for k, v in table.items()}
 
 
 def _convert(key: str, value: Any, where: str, base: Path | None) -> Any:

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from expert_store.config import ConfigError, parse_size
+from expert_store.config import ConfigError, parse_size, read_toml_table
 
 from .policies import ALLOCATION_NAMES, POLICY_NAMES
 from .predictors import PREDICTOR_NAMES
@@ -208,19 +207,7 @@ _OPTIONAL_STR_FIELDS = {"expert_format", "compute_form"}
 
 def load_toml(path: str | Path) -> dict[str, Any]:
     """The WorkerConfig keys of a TOML file (top level, or its [worker] table), type-checked."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    table = data["worker"] if isinstance(data.get("worker"), dict) else data
-    where = f"{path} [worker]" if table is not data else str(path)
-    unknown = sorted(k for k in table if k not in _FIELDS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(_FIELDS)})")
+    table, where = read_toml_table(path, "worker", _FIELDS)
     return {k: _convert(k, v, where) for k, v in table.items()}
 
 
