@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -198,4 +199,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if hasattr(signal, "SIGPIPE"):  # `client stats | head`: stop quietly when the reader goes (CLI only)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sys.exit(main())
