@@ -34,8 +34,8 @@ from typing import Any, Awaitable, Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.pb import store_pb2 as pb
-from client.pb import store_pb2_grpc
+from moe.v1 import store_pb2 as pb
+from moe.v1 import store_pb2_grpc
 from expert_store.pack import write_pack
 from expert_store.packfile import Pack
 from expert_store.shm import attach_segment

@@ -25,8 +25,8 @@ from typing import AsyncIterator, Iterator, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .pb import worker_pb2 as pb
-from .pb import worker_pb2_grpc as pb_grpc
+from moe.v1 import worker_pb2 as pb
+from moe.v1 import worker_pb2_grpc as pb_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50061"
 

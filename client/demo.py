@@ -248,7 +248,7 @@ def run_services(pack: Path, cfg: DemoConfig) -> None:
 def run_demo(cfg: DemoConfig) -> int:
     """All the steps; returns the process exit status (0 on success)."""
     from gpu_worker.default_model import DefaultModelError, default_cache_dir
-    from gpu_worker.model_args import ModelConfigError
+    from expert_store.model_args import ModelConfigError
 
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     cache_dir = cfg.cache_dir if cfg.cache_dir is not None else default_cache_dir()

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from gpu_worker.model_args import ModelConfigError
+from .model_args import ModelConfigError
 
 from .codec import CodecError
 from .config import ConfigError, StoreConfig, build_config, parse_size

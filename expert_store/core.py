@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import zstandard
 
-from client.pb import store_pb2
+from moe.v1 import store_pb2
 
 from . import sdnotify, shm
 from .config import StoreConfig

@@ -35,8 +35,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from gpu_worker import hf_names
-from gpu_worker.model_args import ModelArgs, read_hf_config
+from . import hf_names
+from .model_args import ModelArgs, read_hf_config
 
 from . import codec
 from .checkpoint import CheckpointReader

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from gpu_worker.model_args import ModelArgs
+from .model_args import ModelArgs
 
 from . import codec
 from .errors import ChecksumError, PackError

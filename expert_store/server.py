@@ -38,7 +38,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from client.pb import store_pb2, store_pb2_grpc
+from moe.v1 import store_pb2, store_pb2_grpc
 
 from . import sdnotify, shm
 from .config import StoreConfig

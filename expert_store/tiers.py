@@ -44,7 +44,7 @@ from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
 
-from gpu_worker.model_args import ModelArgs
+from .model_args import ModelArgs
 
 from . import shm
 from .errors import ChecksumError, FateError

@@ -90,7 +90,7 @@ from expert_store.codec import expert_nbytes
 from expert_store.errors import FateError
 
 from .expert_compute import ExpertCompute, default_compute_form, make_expert_compute
-from .model_args import ModelArgs
+from expert_store.model_args import ModelArgs
 from .policies import Allocation, ReplacementPolicy, make_allocation, make_policy_factory
 from .store_client import ExpertFetcher, FetchedBlob
 

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save_file
 
-from . import hf_names
-from .model_args import ModelArgs
+from expert_store import hf_names
+from expert_store.model_args import ModelArgs
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer

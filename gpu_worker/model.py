@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import hf_names
+from expert_store import hf_names
 from expert_store.errors import FateError
 
-from .model_args import ModelArgs
+from expert_store.model_args import ModelArgs
 
 if TYPE_CHECKING:
     from .experts import ExpertProvider

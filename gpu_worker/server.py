@@ -33,8 +33,8 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from client.pb import worker_pb2 as pb
-from client.pb import worker_pb2_grpc as pb_grpc
+from moe.v1 import worker_pb2 as pb
+from moe.v1 import worker_pb2_grpc as pb_grpc
 from expert_store import sdnotify
 from expert_store.config import ConfigError
 from expert_store.errors import ChecksumError, FateError

@@ -33,12 +33,12 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.pb import store_pb2 as pb
-from client.pb import store_pb2_grpc as pb_grpc
+from moe.v1 import store_pb2 as pb
+from moe.v1 import store_pb2_grpc as pb_grpc
 from expert_store.errors import ChecksumError, FateError
 from expert_store.shm import SHM_DIR, attach_segment, host_id
 
-from .model_args import ModelArgs
+from expert_store.model_args import ModelArgs
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from client.api import _result_from_pb, _stats_from_pb, build_request
-from client.pb import worker_pb2 as pb
+from moe.v1 import worker_pb2 as pb
 
 
 def test_build_request_sets_exactly_one_input_and_the_seed_only_when_given():

@@ -22,8 +22,8 @@ from expert_store.checkpoint import CheckpointReader
 from expert_store.errors import ChecksumError, PackError
 from expert_store.pack import ALIGNMENT, write_pack
 from expert_store.packfile import Pack
-from gpu_worker import hf_names
-from gpu_worker.model_args import ModelArgs
+from expert_store import hf_names
+from expert_store.model_args import ModelArgs
 
 REPO = Path(__file__).resolve().parents[2]
 ALL_FORMATS = ("bf16", "int8", "int4", "int2")

@@ -24,8 +24,8 @@ import torch
 import zstandard
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.pb import store_pb2 as pb
-from client.pb import store_pb2_grpc
+from moe.v1 import store_pb2 as pb
+from moe.v1 import store_pb2_grpc
 from expert_store import shm
 from expert_store.__main__ import main
 from expert_store.config import ConfigError, StoreConfig, build_config, load_toml

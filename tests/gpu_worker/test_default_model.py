@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from gpu_worker import hf_names
+from expert_store import hf_names
 from gpu_worker.default_model import (
     MARKER_FILE,
     RANDOM_WEIGHTS_NOTICE,
@@ -18,7 +18,7 @@ from gpu_worker.default_model import (
     ensure_default_checkpoint,
     is_complete,
 )
-from gpu_worker.model_args import ModelArgs
+from expert_store.model_args import ModelArgs
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ import torch
 import zstandard
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from client.pb import store_pb2 as pb
-from client.pb import store_pb2_grpc as pb_grpc
+from moe.v1 import store_pb2 as pb
+from moe.v1 import store_pb2_grpc as pb_grpc
 from expert_store.errors import ChecksumError
 from expert_store.packfile import Pack
 from gpu_worker.store_client import (

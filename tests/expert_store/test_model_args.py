@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gpu_worker.model_args import ModelArgs, ModelConfigError, UnsupportedModelError
+from expert_store.model_args import ModelArgs, ModelConfigError, UnsupportedModelError
 
 BASE = dict(
     model_type="mixtral", vocab_size=100, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,

@@ -1,4 +1,4 @@
-"""The committed stubs in client/pb match proto/, and the messages behave as the contract says."""
+"""The committed stubs in proto/moe/v1 match the .proto files beside them, and the messages behave as the contract says."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from client import gen_proto
-from client.pb import store_pb2, store_pb2_grpc, worker_pb2, worker_pb2_grpc
+import importlib.util
+
+_spec = importlib.util.spec_from_file_location("proto_generate", Path(__file__).resolve().parents[2] / "proto" / "generate.py")
+gen_proto = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gen_proto)
+from moe.v1 import store_pb2, store_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 
 def _require_pinned_generator() -> None:
@@ -39,7 +43,7 @@ def test_regenerating_gives_identical_files(tmp_path: Path) -> None:
     for rel in written:
         fresh = (tmp_path / rel).read_bytes()
         committed = (gen_proto.OUTPUT_DIR / rel).read_bytes()
-        assert fresh == committed, f"client/pb/{rel} is stale: run python -m client.gen_proto"
+        assert fresh == committed, f"proto/moe/v1/{rel} is stale: run python proto/generate.py"
     assert gen_proto.stale_files() == []
 
 
@@ -58,7 +62,7 @@ def test_check_mode_cli_passes_on_the_committed_stubs() -> None:
     _require_pinned_generator()
     repo = gen_proto.REPO_ROOT
     proc = subprocess.run(
-        [sys.executable, "-m", "client.gen_proto", "--check"], cwd=repo, capture_output=True, text=True
+        [sys.executable, "proto/generate.py", "--check"], cwd=repo, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
 

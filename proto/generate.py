@@ -1,13 +1,13 @@
-"""Generate the committed gRPC stubs in `client/pb/` from `proto/moe/v1/*.proto`.
+"""Generate the committed gRPC stubs in `proto/moe/v1/` (package `moe.v1`) from `proto/moe/v1/*.proto`.
 
-    python -m client.gen_proto          # regenerate client/pb/
-    python -m client.gen_proto --check  # exit 1 (listing files) if client/pb/ is stale
+    python proto/generate.py          # regenerate the stubs beside the .proto files
+    python proto/generate.py --check  # exit 1 (listing files) if the stubs are stale
 
 The stubs are committed so that the runtime needs no code generator; the
 `--check` mode (and tests/client/test_proto_stubs.py) keeps them equal to the
 .proto files. protoc writes `from moe.v1 import store_pb2` into the `_grpc`
-modules; that import is rewritten to a relative one here so `client.pb` is a
-plain package that needs nothing on sys.path.
+modules; that import is rewritten to a relative one here so `moe.v1` works
+however it is put on sys.path (the install maps `moe` to `proto/moe`).
 
 The generated code embeds the generator's version (and checks the protobuf and
 grpcio runtimes against it), so byte-identical regeneration needs the same
@@ -28,14 +28,14 @@ from types import ModuleType
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = REPO_ROOT / "proto"
 PROTO_PACKAGE_DIR = Path("moe") / "v1"  # relative to PROTO_ROOT; also the import path protoc writes
-OUTPUT_DIR = Path(__file__).resolve().parent / "pb"
+OUTPUT_DIR = PROTO_ROOT / PROTO_PACKAGE_DIR  # stubs live beside their .proto files
 
 # The grpcio-tools release that generated the committed stubs (pinned in pyproject's test extra).
 GRPC_TOOLS_VERSION = "1.85.1"
 
 INIT_TEXT = '''"""Generated protobuf and gRPC stubs for package moe.v1. DO NOT EDIT.
 
-Regenerate with `python -m client.gen_proto` after changing proto/moe/v1/*.proto.
+Regenerate with `python proto/generate.py` after changing proto/moe/v1/*.proto.
 """
 '''
 
@@ -107,7 +107,7 @@ def _tree_files(root: Path) -> set[Path]:
     return {
         p.relative_to(root)
         for p in root.rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix in (".py", ".pyi")
     }
 
 
@@ -127,16 +127,20 @@ def stale_files(out_dir: Path = OUTPUT_DIR, proto_root: Path = PROTO_ROOT) -> li
     return diffs
 
 
+def _shown(path: Path) -> str:
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m client.gen_proto", description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="regenerate into a temp dir; exit 1 if client/pb differs")
+    parser = argparse.ArgumentParser(prog="python proto/generate.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="regenerate into a temp dir; exit 1 if the committed stubs differ")
     args = parser.parse_args(argv)
     version = installed_grpc_tools_version()
     try:
         if args.check:
             diffs = stale_files(OUTPUT_DIR, PROTO_ROOT)
             if diffs:
-                print(f"client/pb is stale against {PROTO_ROOT.relative_to(REPO_ROOT)}/:", file=sys.stderr)
+                print(f"the stubs in {_shown(OUTPUT_DIR)}/ are stale:", file=sys.stderr)
                 for d in diffs:
                     print(f"  {d}", file=sys.stderr)
                 if version != GRPC_TOOLS_VERSION:
@@ -146,9 +150,9 @@ def main(argv: list[str] | None = None) -> int:
                         file=sys.stderr,
                     )
                 else:
-                    print("run: python -m client.gen_proto", file=sys.stderr)
+                    print("run: python proto/generate.py", file=sys.stderr)
                 return 1
-            print(f"client/pb is up to date ({len(_tree_files(OUTPUT_DIR))} files)")
+            print(f"{_shown(OUTPUT_DIR)} is up to date ({len(_tree_files(OUTPUT_DIR))} files)")
             return 0
         if version != GRPC_TOOLS_VERSION:
             print(
@@ -159,12 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         # Generate aside first so that a protoc failure leaves the committed stubs alone.
         with tempfile.TemporaryDirectory(prefix="fate-moe-pb-") as tmp:
             names = generate(Path(tmp))
-            if OUTPUT_DIR.exists():
-                shutil.rmtree(OUTPUT_DIR)
-            shutil.copytree(tmp, OUTPUT_DIR)
-            OUTPUT_DIR.chmod(0o755)  # copytree copies the temp dir's 0700
+            for old in _tree_files(OUTPUT_DIR):  # the .proto files stay
+                (OUTPUT_DIR / old).unlink()
+            for name in names:
+                shutil.copyfile(Path(tmp) / name, OUTPUT_DIR / name)
         for name in names:
-            print(f"wrote {OUTPUT_DIR.relative_to(REPO_ROOT) / name}")
+            print(f"wrote {_shown(OUTPUT_DIR / name)}")
         return 0
     except ProtoGenerationError as e:
         print(f"error: {e}", file=sys.stderr)

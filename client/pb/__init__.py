@@ -1,4 +1,0 @@
-"""Generated protobuf and gRPC stubs for package moe.v1. DO NOT EDIT.
-
-Regenerate with `python -m client.gen_proto` after changing proto/moe/v1/*.proto.
-"""
