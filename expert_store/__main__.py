@@ -11,38 +11,61 @@ SIGINT and then exits 0; its flags and a `--config` TOML file fill the same
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 from typing import Callable
 
-from .model_args import ModelConfigError
-
-from .codec import CodecError
-from .config import ConfigError, StoreConfig, build_config, parse_size
+from .config import SECTION, StoreConfig, build_config
 from .errors import FateError
-from .pack import DEFAULT_FORMATS, write_pack
-from .packfile import Pack
+from .settings import FORMAT_NAMES, add_config_flag, add_flags, flags_given, prog_name
 
 EXIT_OK, EXIT_CORRUPT, EXIT_USER_ERROR = 0, 1, 2
-USER_ERRORS: tuple[type[BaseException], ...] = (FateError, ModelConfigError, CodecError, OSError)
+DEFAULT_PACK_FORMATS = "int4,int2"  # expert_store.pack.DEFAULT_FORMATS (a test keeps them equal)
 
 Command = Callable[[argparse.Namespace], int]
 
 
 def _cmd_pack(ns: argparse.Namespace) -> int:
-    formats = [f for f in ns.formats.split(",") if f.strip()]
-    write_pack(ns.checkpoint_dir, ns.out_dir, formats=formats, force=ns.force, progress=not ns.no_progress)
+    from .pack import write_pack  # torch and the codec only for the subcommands that need them
+
+    formats = [f.strip() for f in ns.formats.split(",") if f.strip()]
+    force = ns.force
+    if ns.reuse and Path(ns.out_dir).exists():
+        from .packfile import Pack
+
+        try:
+            with Pack.open(ns.out_dir) as pack:
+                if all(f in pack.formats for f in formats):
+                    print(f"reusing the pack {ns.out_dir} (it has {', '.join(formats)})")
+                    return EXIT_OK
+        except FateError as e:
+            print(f"{ns.out_dir} is unusable ({' '.join(str(e).split())}); packing it again")
+        force = True  # a pack of other formats, or a damaged one (write_pack still refuses a non-pack)
+    write_pack(ns.checkpoint_dir, ns.out_dir, formats=formats, force=force, progress=not ns.no_progress)
     return EXIT_OK
 
 
 def _cmd_inspect(ns: argparse.Namespace) -> int:
+    from .packfile import Pack
+
     with Pack.open(ns.pack) as pack:
-        print(pack.summary())
+        if ns.json:
+            a = pack.args
+            print(json.dumps({
+                "pack": str(pack.path), "model": pack.name, "family": a.family, "moe_layers": list(a.moe_layers),
+                "experts_per_layer": a.num_experts, "top_k": a.top_k, "experts": len(pack.expert_ids),
+                "expert_bytes": {f: pack.expert_nbytes(f) for f in pack.formats},
+            }))  # fmt: skip
+        else:
+            print(pack.summary())
     return EXIT_OK
 
 
 def _cmd_verify(ns: argparse.Namespace) -> int:
+    from .packfile import Pack
+
     with Pack.open(ns.pack) as pack:
         problems = pack.verify(progress=not ns.no_progress)
         blobs = len(pack.expert_ids) * len(pack.formats)
@@ -60,22 +83,26 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pack", help="pack a Hugging Face checkpoint directory into a pack directory")
     p.add_argument("checkpoint_dir", metavar="CHECKPOINT_DIR", help="directory with config.json and *.safetensors")
     p.add_argument("out_dir", metavar="OUT_DIR", help="pack directory to create (must not exist unless --force)")
-    p.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
-                   help="comma-separated expert formats from bf16,int8,int4,int2 (default: %(default)s)")
+    p.add_argument("--formats", default=DEFAULT_PACK_FORMATS,
+                   help=f"comma-separated expert formats from {','.join(FORMAT_NAMES)} (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it is an existing pack")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep OUT_DIR when it is a complete pack with these formats; else (re)pack it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_pack)
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="describe a pack: model, layers, experts, formats, sizes")
-    p.add_argument("pack", metavar="PACK")
+    p.add_argument("pack", metavar="PACK", help="pack directory (written by `pack`)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object: model, layers, experts and each format's bytes per expert")
     p.set_defaults(func=_cmd_inspect)
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="check every expert blob and the dense file against their checksums")
-    p.add_argument("pack", metavar="PACK")
+    p.add_argument("pack", metavar="PACK", help="pack directory (written by `pack`)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_verify)
 
@@ -83,68 +110,35 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
 def _cmd_serve(ns: argparse.Namespace) -> int:
     from .server import serve  # grpc and the server stack only for this subcommand
 
-    overrides = {k: v for k, v in vars(ns).items() if k in StoreConfig.__dataclass_fields__ and v is not None}
-    return serve(build_config(ns.config, overrides))
-
-
-def _size_arg(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _formats_arg(text: str) -> tuple[str, ...]:
-    return tuple(f.strip() for f in text.split(",") if f.strip())
+    return serve(build_config(ns.config, flags_given(ns, StoreConfig)))
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    d = StoreConfig.__dataclass_fields__
     p = sub.add_parser(
         "serve", help="serve a pack over gRPC (and shared memory to co-located workers) until SIGTERM",
-        description="Flags override the --config file, which overrides the defaults shown. Sizes take "
-                    "KiB/MiB/GiB (or K/M/G) suffixes.",
+        description="Every flag is a StoreConfig key of the --config file too. Flags override the file, which "
+                    "overrides the defaults shown. Sizes take KiB/MiB/GiB (or K/M/G) suffixes.",
     )
-    p.add_argument("pack", metavar="PACK", nargs="?", type=Path, default=None,
-                   help="pack directory (or `pack = ...` in the config file)")
-    p.add_argument("--config", type=Path, default=None, metavar="TOML",
-                   help="TOML file with StoreConfig keys, top level or in a [store] table")
-    p.add_argument("--listen", default=None, help=f"host:port or unix:/path (default {d['listen'].default})")
-    p.add_argument("--ram-bytes", type=_size_arg, default=None,
-                   help=f"RAM tier size, 0 for NVMe only (default {d['ram_bytes'].default})")
-    p.add_argument("--formats", type=_formats_arg, default=None,
-                   help="comma-separated formats to serve (default: all of the pack's)")
-    p.add_argument("--preferred-format", default=None, help="format the RAM tier is filled with first (default int4)")
-    p.add_argument("--popularity", type=Path, default=None,
-                   help='JSON profile for the RAM fill order: {"layer:expert": count} or [[layer, expert], ...]')
-    p.add_argument("--lease-ttl-ms", type=int, default=None, help=f"default {d['lease_ttl_ms'].default}")
-    p.add_argument("--max-lease-ttl-ms", type=int, default=None, help=f"default {d['max_lease_ttl_ms'].default}")
-    p.add_argument("--chunk-bytes", type=_size_arg, default=None, help=f"default {d['chunk_bytes'].default}")
-    p.add_argument("--max-chunk-bytes", type=_size_arg, default=None, help=f"default {d['max_chunk_bytes'].default}")
-    p.add_argument("--zstd-level", type=int, default=None, help="0 disables compression (default 1)")
-    p.add_argument("--zstd-min-saving", type=float, default=None,
-                   help="compress a chunk only if that saves this fraction (default 0.1)")
-    p.add_argument("--io-threads", type=int, default=None, help=f"default {d['io_threads'].default}")
-    p.add_argument("--prefetch-queue", type=int, default=None, help=f"default {d['prefetch_queue'].default}")
-    p.add_argument("--promote-on-grpc-miss", action=argparse.BooleanOptionalAction, default=None,
-                   help="promote experts served from NVMe over gRPC into RAM in the background (default on)")
-    p.add_argument("--verify-on-start", action=argparse.BooleanOptionalAction, default=None,
-                   help="check every blob before serving (default on; off: on first read)")
-    p.add_argument("--cold", action=argparse.BooleanOptionalAction, default=None,
-                   help="drop experts.bin from the page cache after start-up (honest cold reads)")
-    p.add_argument("--grace-s", type=float, default=None, help=f"default {d['grace_s'].default}")
-    p.add_argument("--max-message-bytes", type=_size_arg, default=None,
-                   help=f"default {d['max_message_bytes'].default}")
-    p.add_argument("--log-level", default=None, choices=("debug", "info", "warning", "error"))
+    add_config_flag(p, StoreConfig, SECTION)
+    add_flags(p, StoreConfig, positional=("pack",))
     p.set_defaults(func=_cmd_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m expert_store", description="fate-moe expert store")
+    parser = argparse.ArgumentParser(prog=prog_name("expert_store"), description="fate-moe expert store")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_pack, _add_inspect, _add_verify, _add_serve):
         add(sub)
     return parser
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user causes: printed as one line, never a traceback."""
+    errors: list[type[BaseException]] = [FateError, OSError]  # ModelConfigError is a FateError
+    codec = sys.modules.get("expert_store.codec")  # loaded (with torch) only by the commands that use it
+    if codec is not None:
+        errors.append(codec.CodecError)
+    return tuple(errors)
 
 
 class _CliHandler(logging.Handler):
@@ -176,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     func: Command = ns.func
     try:
         return func(ns)
-    except USER_ERRORS as e:
+    except user_errors() as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -1,37 +1,38 @@
-"""`python -m gpu_worker serve|generate|perplexity ...`.
+"""Command line of the worker: `python -m gpu_worker COMMAND ...` (installed as `fate-worker`).
 
-    serve        the worker server (gRPC Generate/GetStats) over an expert store
-    generate     generate in process, reading experts straight from a pack
-    perplexity   perplexity of a pack on a text file
-    simulate     replay expert traces through the cache policies (gpu_worker/simulator.py)
-    analyze      report + plots + a learned allocation from traces (gpu_worker/analysis.py)
-
-User errors (bad flags or config, a budget below the minimum, an unreachable
-store) print one line `error: ...` on stderr and exit 2.
+Each subcommand is one `_add_*` function registered in COMMANDS; a subcommand's heavy modules
+(torch, the runtime, the simulator) are imported only when it runs (or when its own --help is
+asked for), so `--help` answers at once. User errors (bad flags or config, a budget below the
+minimum, an unreachable store) print one line `error: ...` on stderr and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from expert_store.errors import FateError
+from expert_store.settings import add_config_flag, add_flags, flags_given, prog_name
 
-from .analysis import add_analyze_parser
-from .generate import SamplingError, SamplingParams, generate
-from .simulator import add_simulate_parser
+from .config import SECTION, WorkerConfig
+
+EXIT_USER_ERROR = 2
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pack", required=True, help="pack directory (python -m expert_store pack ...)")
+    p.add_argument("--pack", required=True, help="pack directory (written by `python -m expert_store pack`)")
     p.add_argument("--format", default=None, help="expert format to run (default: int4 if the pack has it)")
-    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N")
-    p.add_argument("--compute-form", default=None, help="fp32, bf16, int4_fused, dequant_per_use (default: per device)")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--compute-form", default=None,
+                   help="fp32, bf16, int4_fused, dequant_per_use (default: the device's choice for the format)")
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
+    from .generate import SamplingError, SamplingParams, generate
     from .runtime import load_local
 
     rt = load_local(a.pack, a.format, a.device, a.compute_form)
@@ -59,15 +60,34 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     print(file=sys.stdout)
     decode_s = t1 - t_first if t_first else 0.0
-    rate = (len(out) - 1) / decode_s if len(out) > 1 and decode_s > 0 else float("nan")
-    print(f"[{len(out)} tokens; first token {1e3 * ((t_first or t1) - t0):.0f} ms; decode {rate:.1f} tokens/s; "
+    rate = f"{(len(out) - 1) / decode_s:.1f} tokens/s" if len(out) > 1 and decode_s > 0 else "n/a"
+    print(f"[{len(out)} tokens; first token {1e3 * ((t_first or t1) - t0):.0f} ms; decode {rate}; "
           f"{rt.source.loads} experts loaded from the pack]", file=sys.stderr)
     if a.print_ids:
         print(",".join(map(str, out)))
     return 0
 
 
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    g = sub.add_parser("generate", help="generate in process, reading experts straight from a pack (no servers)",
+                       description="The runtime alone, for debugging: the text on stdout, timings on stderr.")
+    _add_runtime_args(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (encoded with the pack's tokenizer)")
+    src.add_argument("--prompt-ids", help="comma-separated prompt token ids")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy (default: 0)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0: no cut (default: 0)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="sample within the smallest set of tokens of this probability mass; 1: no cut (default: 1)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: none, nondeterministic)")
+    g.add_argument("--ignore-eos", action="store_true", help="go on past the model's end-of-sequence token")
+    g.add_argument("--print-ids", action="store_true", help="also print the generated ids, comma-separated")
+    g.set_defaults(func=_cmd_generate)
+
+
 def _cmd_perplexity(a: argparse.Namespace) -> int:
+    from .generate import SamplingError
     from .perplexity import perplexity
     from .runtime import load_local
 
@@ -80,117 +100,99 @@ def _cmd_perplexity(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_perplexity(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("perplexity", help="perplexity of a pack on a text file (in process, no servers)")
+    _add_runtime_args(p)
+    p.add_argument("--text", required=True, help="UTF-8 text file to score (encoded with the pack's tokenizer)")
+    p.add_argument("--window", type=int, default=512,
+                   help="tokens per scored window (non-overlapping; default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=8192,
+                   help="score at most this many tokens of the text (default: %(default)s)")
+    p.set_defaults(func=_cmd_perplexity)
+
+
 def _cmd_serve(a: argparse.Namespace) -> int:
     import logging
 
     from .config import build_config
     from .server import run
 
-    overrides = {k: getattr(a, k) for k in _SERVE_FLAGS}
-    cfg = build_config(a.config, overrides)
+    cfg = build_config(a.config, flags_given(a, WorkerConfig))
     logging.basicConfig(level=cfg.log_level.upper(), format="[worker] %(levelname)s %(name)s: %(message)s")
     return run(cfg)
-
-
-_SERVE_FLAGS = (
-    "store", "listen", "budget_bytes", "expert_format", "compute_form", "device", "transport", "metrics_port",
-    "metrics_host", "max_batch_size", "max_queue", "default_max_new_tokens", "threads", "policy", "predictor",
-    "worker_id", "store_wait_s", "grace_s", "log_level", "lfu_decay", "allocation", "full_layers", "staging_slots",
-    "prefetch_width", "lookahead", "throttle", "int2_tail", "prefetch_sync", "trace_dir", "trace_every",
-)  # fmt: skip
-
-
-def _staging_arg(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a count, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser(
         "serve", help="serve Generate over gRPC with a budgeted expert cache fed by an expert store",
-        description="Flags override the TOML file (--config); see gpu_worker/config.py for every setting.",
+        description="Every flag is a WorkerConfig key of the --config file too. Flags override the file, "
+                    "which overrides the defaults shown. Sizes take KiB/MiB/GiB (or K/M/G) suffixes.",
     )
-    s.add_argument("--config", default=None, help="TOML file with WorkerConfig keys (top level or [worker])")
-    s.add_argument("--store", default=None, help="expert store address: host:port or unix:/path")
-    s.add_argument("--listen", default=None, help="address to serve on (default 127.0.0.1:50061; unix:/path)")
-    s.add_argument("--budget-bytes", default=None,
-                   help='expert-cache budget: bytes, a size like 512MiB, or a share of the experts like 25%%')
-    s.add_argument("--format", dest="expert_format", default=None, help="expert format to fetch (default int4)")
-    s.add_argument("--compute-form", default=None, help="fp32, bf16, int4_fused, dequant_per_use")
-    s.add_argument("--device", default=None, help="auto (cuda when present), cpu, cuda, cuda:N")
-    s.add_argument("--transport", default=None, choices=("auto", "shm", "grpc"), help="how experts travel")
-    s.add_argument("--metrics-port", type=int, default=None, help="Prometheus endpoint port (0: off)")
-    s.add_argument("--metrics-host", default=None, help="address the metrics endpoint binds (127.0.0.1)")
-    s.add_argument("--max-batch-size", type=int, default=None, help="sequences per decode step at most")
-    s.add_argument("--max-queue", type=int, default=None, help="requests waiting at most")
-    s.add_argument("--default-max-new-tokens", type=int, default=None, help="for requests that send 0")
-    s.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
-    s.add_argument("--policy", default=None, help="cache replacement policy per layer: lru (default), lfu, "
-                   "lfu_decay, arc")
-    s.add_argument("--lfu-decay", type=float, default=None, help="lfu_decay's factor per step (0.9)")
-    s.add_argument("--allocation", default=None, help="budget split across layers: uniform (default), "
-                   "shallow_favoring")
-    s.add_argument("--full-layers", type=int, default=None, help="shallow_favoring: fully resident MoE layers (4)")
-    s.add_argument("--staging-slots", type=_staging_arg, default=None,
-                   help="budget units kept for prefetched experts: a count or auto (default)")
-    s.add_argument("--predictor", default=None, help="expert predictor: none (default), cross_layer, eap, prev_token")
-    s.add_argument("--prefetch-width", type=int, default=None,
-                   help="experts predicted per token; 0 (default): measured layer time / expert fetch time")
-    s.add_argument("--lookahead", type=int, default=None, help="layers ahead to prefetch: 1 (default) or 2")
-    s.add_argument("--throttle", default=None, action=argparse.BooleanOptionalAction,
-                   help="narrow the width when prefetches go unused or back up (default on)")
-    s.add_argument("--prefetch-sync", default=None, action=argparse.BooleanOptionalAction,
-                   help="analysis: prefetch on the compute thread (the hit rate of an infinitely fast link)")
-    s.add_argument("--int2-tail", type=float, default=None,
-                   help="prefill: share of token assignments whose least popular experts come as INT2 (0.3; 0: off)")
-    s.add_argument("--worker-id", default=None, help="id at the store (default worker-<pid>-<random>)")
-    s.add_argument("--store-wait-s", type=float, default=None, help="how long to wait for the store at start")
-    s.add_argument("--grace-s", type=float, default=None, help="SIGTERM grace for in-flight requests")
-    s.add_argument("--log-level", default=None, help="debug, info, warning, error")
-    s.add_argument("--trace-dir", default=None, help="write expert-activation traces (moe-trace/1) here")
-    s.add_argument("--trace-every", type=int, default=None, help="one trace file per N finished requests (0: one per session)")
+    add_config_flag(s, WorkerConfig, SECTION)
+    add_flags(s, WorkerConfig, aliases={"expert_format": ("--format",)})
     s.set_defaults(func=_cmd_serve)
 
 
+def _cmd_make_default_model(a: argparse.Namespace) -> int:
+    from .default_model import ensure_default_checkpoint
+
+    print(ensure_default_checkpoint(a.cache_dir, seed=a.seed, log=lambda m: print(m, file=sys.stderr)))
+    return 0
+
+
+def _add_make_default_model(sub: argparse._SubParsersAction) -> None:
+    m = sub.add_parser("make-default-model", help="make (or reuse) the built-in tiny random-weight Mixtral "
+                                                  "checkpoint; prints its directory",
+                       description="Writes CACHE_DIR/default-mixtral-v<version>-seed<seed> in Hugging Face layout "
+                                   "(reused when complete). Its weights are random: its text is noise.")
+    m.add_argument("cache_dir", metavar="CACHE_DIR", type=Path, help="directory to make the checkpoint in")
+    m.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
+    m.set_defaults(func=_cmd_make_default_model)
+
+
+def _lazy(module: str, function: str) -> Callable[[argparse._SubParsersAction], object]:
+    """A subcommand whose parser lives in `module` (imported only when that subcommand is chosen)."""
+    def add(sub: argparse._SubParsersAction) -> object:
+        return getattr(importlib.import_module(module, __package__), function)(sub)
+
+    return add
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse._SubParsersAction], object], bool]] = {
+    # name: (help, adds its parser, heavy: the parser is built only when this subcommand is chosen)
+    "serve": ("the worker server (gRPC Generate and GetStats) over an expert store", _add_serve, False),
+    "generate": ("generate in process, reading experts straight from a pack", _add_generate, False),
+    "perplexity": ("perplexity of a pack on a text file", _add_perplexity, False),
+    "simulate": ("replay expert traces through the cache policies (Belady's optimum as the bound) and "
+                 "project decode speed", _lazy(".simulator", "add_simulate_parser"), True),
+    "analyze": ("report, plots and a learned allocation (--allocation learned:PATH) from traces",
+                _lazy(".analysis", "add_analyze_parser"), True),
+    "make-default-model": ("make (or reuse) the built-in tiny random-weight checkpoint",
+                           _add_make_default_model, False),
+}
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser; a heavy subcommand's own parser only when argv chooses it (else a one-line entry)."""
+    ap = argparse.ArgumentParser(prog=prog_name("gpu_worker"), description="fate-moe worker")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    chosen = next((x for x in argv if not x.startswith("-")), None)
+    for name, (help_text, add, heavy) in COMMANDS.items():
+        if heavy and name != chosen:
+            sub.add_parser(name, help=help_text, add_help=False)
+        else:
+            add(sub)
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gpu_worker", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    _add_serve(sub)
-    g = sub.add_parser("generate", help="generate in process, reading experts straight from a pack")
-    _add_runtime_args(g)
-    src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text")
-    src.add_argument("--prompt-ids", help="comma-separated token ids")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--print-ids", action="store_true", help="also print the generated ids, comma-separated")
-    g.set_defaults(func=_cmd_generate)
-    p = sub.add_parser("perplexity", help="perplexity of a pack on a text file")
-    _add_runtime_args(p)
-    p.add_argument("--text", required=True)
-    p.add_argument("--window", type=int, default=512)
-    p.add_argument("--max-tokens", type=int, default=8192)
-    p.set_defaults(func=_cmd_perplexity)
-    add_simulate_parser(sub)
-    add_analyze_parser(sub)
-    a = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    a = build_parser(argv).parse_args(argv)
     try:
         return a.func(a)
     except (FateError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130
 

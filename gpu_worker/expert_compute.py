@@ -32,7 +32,7 @@ from expert_store.codec import (
     view_expert,
 )
 
-COMPUTE_FORMS = ("fp32", "bf16", "int4_fused", "dequant_per_use")
+from .config import COMPUTE_FORMS  # the names live with the settings (torch-free)
 
 # Group sizes the int4 matmul kernels accept (CPU: _weight_int4pack_mm_cpu checks this list).
 INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpu_worker.config import ConfigError, WorkerConfig, build_config, parse_budget, resolve_budget
+from gpu_worker.config import Budget, ConfigError, WorkerConfig, build_config, resolve_budget
 
 
 def test_toml_then_flags(tmp_path):
@@ -31,7 +31,7 @@ def test_unknown_keys_and_bad_values_are_named(tmp_path):
 
 
 def test_budget_shares_and_sizes():
-    assert parse_budget("25%") == 0.25
+    assert Budget.parse("25%") == Budget(share=0.25) and str(Budget.parse("25%")) == "25%"
     assert resolve_budget("25%", 1000) == 250
     assert resolve_budget(1234, 1000) == 1234
     assert resolve_budget("1KiB", 1) == 1024
