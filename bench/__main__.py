@@ -20,33 +20,29 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from .harness import (
+from client.processes import REPO_ROOT, child_env, module_command
+
+from .figures import RequestRecord, workload_figures
+from .harness import HarnessSettings, Runner, flag_args, run_one, worker_flags_missing
+from .plan import (
     CONFIGURATIONS,
     DEFAULT_CONFIGS,
     FIGURES,
-    REPO,
     TRANSPORTS,
     BenchError,
     Configuration,
-    HarnessSettings,
-    RequestRecord,
-    Runner,
     Workload,
     default_workloads,
-    flag_args,
     load_prompts,
     make_plan,
-    run_one,
-    worker_flags_missing,
-    workload_figures,
 )
 from .report import (
+    RESULTS_FORMAT,
     evaluate_targets,
     issue_targets,
     machine_description,
@@ -144,8 +140,8 @@ def without_implied_flags(c: Configuration, help_text: str) -> Configuration:
 
 
 def worker_help(python: str) -> str:
-    r = subprocess.run([python, "-m", "gpu_worker", "serve", "--help"], capture_output=True, text=True, check=False,
-                       cwd=REPO, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    r = subprocess.run(module_command("gpu_worker", "serve", "--help", python=python), capture_output=True, text=True,
+                       check=False, cwd=REPO_ROOT, timeout=120, env=child_env())
     return r.stdout
 
 
@@ -224,7 +220,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     headline = max((w for w in workloads if w.kind == "decode"), key=lambda w: w.concurrency, default=workloads[0])
     results = {
-        "format": "fate-moe-bench/1",
+        "format": RESULTS_FORMAT,
         "machine": machine_description(),
         "settings": {
             "pack": str(pack), "model": facts["model"], "expert_format": a.format, "device": a.device,
@@ -280,14 +276,13 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 def run_transport_bench(pack: Path, out: Path, fmt: str, quick: bool) -> dict:
     """bench/transport.py in a subprocess; its rows and the GB/s of each path at the largest batch."""
-    cmd = [sys.executable, "-m", "bench.transport", "--pack", str(pack), "--out", str(out / "transport"),
-           "--formats", fmt]
+    cmd = module_command("bench", "transport", "--pack", pack, "--out", out / "transport", "--formats", fmt)
     if quick:
         cmd += ["--seconds", "0.2", "--min-rounds", "2", "--batches", "16"]
     print(f"[bench] transport micro-benchmark: {' '.join(cmd[1:])}", flush=True)
-    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=900, check=False)
+    r = subprocess.run(cmd, cwd=REPO_ROOT, env=child_env(), timeout=900, check=False)
     if r.returncode != 0:
-        return {"error": f"bench.transport exited with {r.returncode}"}
+        return {"error": f"bench transport exited with {r.returncode}"}
     data = json.loads((out / "transport" / "transport.json").read_text())
     rows = data["results"]
     batch = max(row["batch"] for row in rows)
@@ -340,15 +335,18 @@ def _names(text: str, known: dict, flag: str) -> list[str]:
 def cmd_transport(rest: list[str]) -> int:
     from . import transport
 
-    sys.argv = ["python -m bench transport", *rest]
-    return transport.main()
+    return transport.main(rest, prog=f"{prog_name()} transport")
+
+
+def prog_name() -> str:
+    return "python -m bench"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["transport"]:
         return cmd_transport(argv[1:])
-    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog=prog_name(), description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("transport", help="store -> worker transport GB/s (bench/transport.py; its own flags)")
@@ -374,16 +372,19 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--worker-arg", action="append", help="extra worker flag (repeatable), e.g. --worker-arg=--threads=1")
     r.add_argument("--store-arg", action="append", help="extra store flag (repeatable)")
     p = sub.add_parser("profile", help="one cell with py-spy on the worker: where its time goes")
-    p.add_argument("--pack", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--config", default="fate", help=f"from {', '.join(CONFIGURATIONS)}")
-    p.add_argument("--budget", default="50", help="%% of expert bytes (swept configurations)")
-    p.add_argument("--transport", default="shm", help=f"from {', '.join(TRANSPORTS)}")
-    p.add_argument("--workloads", default="decode-c8", help="as for run")
-    p.add_argument("--format", default="int4")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--prompts", type=Path, default=None)
-    p.add_argument("--text", type=Path, default=None)
+    p.add_argument("--pack", type=Path, required=True, help="pack directory, or a checkpoint directory to pack")
+    p.add_argument("--out", type=Path, required=True,
+                   help="directory for the py-spy raw profile and its summary (.txt, .json)")
+    p.add_argument("--config", default="fate", help=f"from {', '.join(CONFIGURATIONS)} (default: %(default)s)")
+    p.add_argument("--budget", default="50", help="%% of expert bytes (swept configurations; default: %(default)s)")
+    p.add_argument("--transport", default="shm", help=f"from {', '.join(TRANSPORTS)} (default: %(default)s)")
+    p.add_argument("--workloads", default="decode-c8", help="as for run (default: %(default)s)")
+    p.add_argument("--format", default="int4", help="expert format the worker runs (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="worker device: cpu, cuda, auto (default: %(default)s)")
+    p.add_argument("--prompts", type=Path, default=None,
+                   help="JSONL of {\"prompt\": ...} (default: tiny-mixtral's prompts.jsonl)")
+    p.add_argument("--text", type=Path, default=None,
+                   help="text for the prefill prompt (default: tiny-mixtral's eval.txt)")
     rp = sub.add_parser("report", help="re-render results.md and the plots of a finished run from its results.json")
     rp.add_argument("dir", type=Path, help="the run's --out directory")
     a = ap.parse_args(argv)

@@ -29,199 +29,22 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
-import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_MIXTRAL = REPO.parent / "shared" / "models" / "tiny-mixtral"
+from client.processes import Service, ServiceExited, module_command
 
-FIGURES = (
-    "decode_tokens_per_s", "prefill_tokens_per_s", "ttft_ms", "hit_rate", "fetch_wait_ms_per_token",
-    "bytes_fetched_per_token", "worker_peak_rss_bytes",
-)  # fmt: skip
-EXTRA_FIGURES = (
-    "per_request_decode_tokens_per_s", "cache_hit_rate", "prefetch_hit_rate", "on_time_hit_rate", "strict_topk_accuracy",
-    "prefetch_recall", "prefetch_precision", "wasted_prefetch_bytes_per_token", "wall_s",
-)  # fmt: skip
-
-
-class BenchError(RuntimeError):
-    """A benchmark could not be set up (bad pack, bad option); the message says what to do."""
-
-
-# -- what is measured: configurations, transports, workloads (data, not code) -------------------
-
-
-@dataclass(frozen=True)
-class Configuration:
-    name: str
-    title: str
-    worker: Mapping[str, str]
-    """WorkerConfig field -> value, given to the worker as `--field-name value` (the budget apart)."""
-    budgets: str
-    """"sweep": each budget of --budgets; "full": 100% (every expert fits); "min": the smallest budget
-    the worker accepts (one layer's top-k experts)."""
-    design: str
-    """The published design it stands for, and how it is realised here."""
-
-
-NO_INT2 = {"int2_tail": "0"}  # the baselines fetch every expert in the run format (no INT2 prefill tail)
-
-CONFIGURATIONS: dict[str, Configuration] = {c.name: c for c in (
-    Configuration(
-        "all_resident", "all-resident", {"policy": "lru", "predictor": "none", **NO_INT2}, "full",
-        "the physical limit: budget 100% of the expert bytes; the warm-up request and the first workloads "
-        "fill the cache, nothing is evicted"),
-    Configuration(
-        "load_on_demand", "load-on-demand",
-        {"policy": "lru", "predictor": "none", "allocation": "uniform", **NO_INT2}, "min",
-        "no reuse beyond the current layer: the smallest budget the worker accepts (top-k experts of one layer; "
-        "uniform allocation leaves at most one resident slot in a few layers), no predictor"),
-    Configuration(
-        "lru", "LRU", {"policy": "lru", "predictor": "none", "allocation": "uniform", **NO_INT2}, "sweep",
-        "mixtral-offloading: LRU per layer, equal slots, no prefetch"),
-    Configuration(
-        "lfu_decay", "LFU-decay", {"policy": "lfu_decay", "predictor": "none", "allocation": "uniform", **NO_INT2},
-        "sweep",
-        "In-depth Analysis on Caching and Pre-fetching in MoE Offloading: LFU with decayed counts, no prefetch"),
-    Configuration(
-        "eap", "EAP", {"policy": "lfu", "predictor": "eap", "allocation": "uniform", **NO_INT2}, "sweep",
-        "MoE-Infinity: expert-activation-path matching prefetch, activation-count (LFU) caching"),
-    Configuration(
-        "fate", "Fate",
-        {"predictor": "cross_layer", "allocation": "shallow_favoring", "policy": "arc", "int2_tail": "0.3"}, "sweep",
-        "Fate: cross-layer gate prefetch, shallow-favoring allocation, ARC per layer, INT2 prefill tail 0.3"),
-    Configuration(  # not in the default set: Fate without its INT2 tail (generated tokens as the baselines')
-        "fate_int4", "Fate (no INT2 tail)",
-        {"predictor": "cross_layer", "allocation": "shallow_favoring", "policy": "arc", **NO_INT2}, "sweep",
-        "Fate as above with every expert in the run format (no INT2 prefill tail)"),
-)}  # fmt: skip
-DEFAULT_CONFIGS = ("all_resident", "load_on_demand", "lru", "lfu_decay", "eap", "fate")
-
-
-@dataclass(frozen=True)
-class Transport:
-    name: str
-    store: Mapping[str, str | bool]
-    """StoreConfig field -> value (True: a bare flag); ram_bytes defaults to every served expert."""
-    worker: Mapping[str, str]
-
-
-TRANSPORTS: dict[str, Transport] = {t.name: t for t in (
-    Transport("shm", {}, {"transport": "shm"}),
-    Transport("grpc", {}, {"transport": "grpc"}),
-    # NVMe cold: no RAM tier, experts.bin dropped from the page cache after start-up (first reads are disk reads)
-    Transport("nvme-cold", {"ram_bytes": "0", "cold": True}, {"transport": "grpc"}),
-)}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    kind: str  # "decode" | "prefill"
-    concurrency: int
-    max_new_tokens: int
-    prompt_tokens: int = 0  # prefill: the prompt's length; decode: 0 (the short prompts as they are)
-
-
-def default_workloads(quick: bool) -> list[Workload]:
-    """Prefill of a 512-token prompt, then decode of 128 tokens at 1, 4 and 8 concurrent requests
-    (--quick: 64-token prefill, 16 tokens at 1 and 2)."""
-    if quick:
-        return [Workload("prefill-64", "prefill", 1, 1, 64), Workload("decode-c1", "decode", 1, 16),
-                Workload("decode-c2", "decode", 2, 16)]
-    return [Workload("prefill-512", "prefill", 1, 1, 512), Workload("decode-c1", "decode", 1, 128),
-            Workload("decode-c4", "decode", 4, 128), Workload("decode-c8", "decode", 8, 128)]
-
-
-@dataclass(frozen=True)
-class Prompts:
-    """Token ids the workloads draw from: short prompts (decode), one long text (prefill, warm-up)."""
-
-    short: tuple[tuple[int, ...], ...]
-    text: tuple[int, ...]
-    source: str
-
-    def for_workload(self, w: Workload, context: int) -> list[list[int]]:
-        if w.kind == "prefill":
-            n = min(w.prompt_tokens, context - w.max_new_tokens)
-            return [list(self.text[:n])] * w.concurrency
-        reqs = [list(self.short[i % len(self.short)]) for i in range(w.concurrency)]
-        return [r[: max(1, context - w.max_new_tokens)] for r in reqs]
-
-    def warmup(self, n: int, context: int) -> list[int]:
-        """A slice of the text away from the prefill prompt's start (the second half)."""
-        n = min(n, context - 4)
-        start = max(0, min(len(self.text) - n, len(self.text) // 2))
-        return list(self.text[start : start + n])
-
-
-def load_prompts(pack_dir: Path, prompts_file: Path | None, text_file: Path | None, vocab_size: int,
-                 min_text_tokens: int) -> Prompts:
-    """Tokenize the prompts (JSONL with a "prompt" field, or plain lines) and the text with the pack's
-    tokenizer. Without a tokenizer or without the files, deterministic synthetic ids stand in."""
-    from gpu_worker.tokenizer import TextTokenizer
-
-    tok_path = pack_dir / "tokenizer.json"
-    tok = TextTokenizer(tok_path) if tok_path.is_file() else None
-    prompts_file = prompts_file or (TINY_MIXTRAL / "prompts.jsonl")
-    text_file = text_file or (TINY_MIXTRAL / "eval.txt")
-    sources = []
-
-    def ok(ids: Sequence[int]) -> bool:
-        return len(ids) > 0 and all(0 <= i < vocab_size for i in ids)
-
-    short: list[tuple[int, ...]] = []
-    if tok is not None and prompts_file.is_file():
-        for line in prompts_file.read_text().splitlines():
-            if line.strip():
-                text = json.loads(line)["prompt"] if line.lstrip().startswith("{") else line
-                ids = tok.encode(text)
-                if ok(ids):
-                    short.append(tuple(ids))
-        sources.append(f"prompts {prompts_file}")
-    if not short:  # synthetic: 8 prompts of 32 ids, spread over the vocabulary
-        short = [tuple((17 * i + 5 * j + 2) % vocab_size for j in range(32)) for i in range(8)]
-        sources.append("synthetic short prompts")
-    text: tuple[int, ...] = ()
-    if tok is not None and text_file.is_file():
-        ids = tok.encode(text_file.read_text())
-        if ok(ids) and len(ids) >= min_text_tokens:
-            text = tuple(ids)
-            sources.append(f"text {text_file}")
-    if not text:
-        text = tuple((31 * j + 7) % vocab_size for j in range(max(min_text_tokens, 1024)))
-        sources.append("synthetic text")
-    return Prompts(tuple(short), text, "; ".join(sources))
-
-
-# -- one run ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    config: Configuration
-    budget: str  # as given to --budget-bytes: "25%", "100%" or bytes
-    budget_label: str  # "25%", "100%", "min"
-    budget_pct: float  # of every expert's bytes in the compute form
-    transport: Transport
-    repeat: int
-
-    @property
-    def key(self) -> str:
-        return f"{self.transport.name}/{self.config.name}@{self.budget_label}"
+from .figures import RequestRecord, stats_delta, workload_figures
+from .plan import BenchError, Prompts, RunSpec, Workload
 
 
 @dataclass(frozen=True)
@@ -240,77 +63,6 @@ class HarnessSettings:
     store_extra: tuple[str, ...] = ()
     python: str = sys.executable
     profile_path: Path | None = None  # py-spy raw samples of the worker over the measured workloads
-
-
-class Service:
-    """A server subprocess whose output goes to a log file (its tail is kept when a run fails)."""
-
-    def __init__(self, name: str, cmd: list[str], log_path: Path):
-        self.name, self.cmd, self.log_path = name, cmd, log_path
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-        env.pop("NOTIFY_SOCKET", None)
-        self._log = open(log_path, "wb")
-        self.t_start = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                     start_new_session=True)
-
-    def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no output)"
-
-    def error_line(self) -> str:
-        """The `error: ...` line a server prints when it refuses its flags, else ''."""
-        for line in reversed(self.tail(50).splitlines()):
-            if "error:" in line:
-                return line.strip()
-        return ""
-
-    def peak_rss_bytes(self) -> int | None:
-        return proc_status_bytes(self.proc.pid, "VmHWM")
-
-    def wait_serving(self, address: str, timeout_s: float) -> float:
-        """Poll the standard health service until SERVING; returns seconds since spawn."""
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        deadline = time.monotonic() + timeout_s
-        last = "no answer"
-        with grpc.insecure_channel(address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise ServiceExited(self, f"the {self.name} exited with status {self.proc.returncode} "
-                                              f"while starting")
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return time.perf_counter() - self.t_start
-                    last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-                except grpc.RpcError as e:
-                    last = e.code().name
-                time.sleep(0.05)
-        raise BenchError(f"the {self.name} at {address} was not SERVING within {timeout_s:.0f} s (last: {last})")
-
-    def stop(self, timeout_s: float = 30.0) -> int:
-        """SIGTERM and wait; SIGKILL when it does not exit in time. Returns the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-
-class ServiceExited(BenchError):
-    def __init__(self, service: Service, message: str):
-        super().__init__(message)
-        self.service = service
 
 
 class Profiler:
@@ -374,7 +126,7 @@ def store_command(s: HarnessSettings, spec: RunSpec, listen: str) -> list[str]:
     values: dict[str, str | bool] = {"ram_bytes": str(s.store_ram_bytes), "formats": ",".join(s.store_formats),
                                      "log_level": "warning", "grace_s": "2"}
     values.update(spec.transport.store)
-    return [s.python, "-m", "expert_store", "serve", str(s.pack), "--listen", listen,
+    return [*module_command("expert_store", "serve", s.pack, "--listen", listen, python=s.python),
             *flag_args(values), *s.store_extra]
 
 
@@ -383,7 +135,7 @@ def worker_command(s: HarnessSettings, spec: RunSpec, store: str, listen: str) -
                                      "log_level": "warning", "grace_s": "2", "max_batch_size": "8"}
     values.update(spec.config.worker)
     values.update(spec.transport.worker)
-    return [s.python, "-m", "gpu_worker", "serve", "--store", store, "--listen", listen,
+    return [*module_command("gpu_worker", "serve", "--store", store, "--listen", listen, python=s.python),
             *flag_args(values), *s.worker_extra]
 
 
@@ -411,11 +163,11 @@ def run_one(spec: RunSpec, workloads: Sequence[Workload], prompts: Prompts, s: H
     t0 = time.perf_counter()
     try:
         # Both at once: the worker waits for the store's health itself (--store-wait-s), so their imports overlap.
-        store = Service("store", store_command(s, spec, store_addr), tmp / "store.log")
+        store = Service("store", store_command(s, spec, store_addr), tmp / "store.log", new_session=True)
         services.append(store)
         cmd = worker_command(s, spec, store_addr, worker_addr)
         result["worker_command"] = cmd[1:]
-        worker = Service("worker", cmd, tmp / "worker.log")
+        worker = Service("worker", cmd, tmp / "worker.log", new_session=True)
         services.append(worker)
         result["store_start_s"] = store.wait_serving(store_addr, s.start_timeout_s)
         result["worker_start_s"] = worker.wait_serving(worker_addr, s.start_timeout_s)
@@ -432,8 +184,8 @@ def run_one(spec: RunSpec, workloads: Sequence[Workload], prompts: Prompts, s: H
         finally:
             if spy is not None:
                 result["profile"] = spy.stop()
-        result["worker_peak_rss_bytes"] = worker.peak_rss_bytes()
-        result["store_peak_rss_bytes"] = store.peak_rss_bytes()
+        result["worker_peak_rss_bytes"] = proc_status_bytes(worker.pid, "VmHWM")
+        result["store_peak_rss_bytes"] = proc_status_bytes(store.pid, "VmHWM")
     except ServiceExited as e:
         line = e.service.error_line()
         result["status"] = "unsupported" if e.service.name == "worker" and line else "failed"
@@ -508,24 +260,6 @@ async def drive_run(address: str, worker: Service, workloads: Sequence[Workload]
         result["worker_stats_final"] = final.to_dict()
 
 
-@dataclass
-class RequestRecord:
-    prompt_tokens: int
-    completion_tokens: int
-    t_first_s: float | None  # client clock, seconds since the workload started
-    t_last_s: float | None
-    prefill_ns: int
-    decode_ns: int
-    ttft_ns: int
-    queue_ns: int
-    hits: int
-    lookups: int
-    prefetch_hits: int
-    bytes_fetched: int
-    fetch_wait_ns: int
-    decode_tokens_per_s: float
-
-
 async def measure_workload(w, wl: Workload, reqs: list[list[int]], worker: Service) -> dict[str, Any]:
     before = await w.stats()
     t0 = time.perf_counter()
@@ -549,82 +283,7 @@ async def measure_workload(w, wl: Workload, reqs: list[list[int]], worker: Servi
     after = await w.stats()
     delta = stats_delta(before.to_dict(), after.to_dict())
     figures = workload_figures(wl, records, delta, wall)
-    figures["worker_peak_rss_bytes"] = worker.peak_rss_bytes()
+    figures["worker_peak_rss_bytes"] = proc_status_bytes(worker.pid, "VmHWM")
     return {"figures": figures, "stats_delta": delta, "requests": [dataclasses.asdict(r) for r in records]}
 
 
-def stats_delta(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
-    """Counters as differences; gauges and ratios (floats, used/high-water bytes) as their value after."""
-    gauges = {"budget_bytes", "used_bytes", "high_water_bytes", "resident_experts", "active_requests",
-              "queued_requests", "uptime_ms"}
-    out: dict[str, Any] = {}
-    for k, v in after.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            continue
-        if isinstance(v, int) and k not in gauges and isinstance(before.get(k), int):
-            out[k] = v - before[k]
-        else:
-            out[k] = v
-    return out
-
-
-def workload_figures(wl: Workload, records: Sequence[RequestRecord], delta: Mapping[str, Any], wall_s: float
-                     ) -> dict[str, Any]:
-    f: dict[str, Any] = {k: None for k in FIGURES + EXTRA_FIGURES}
-    f["wall_s"] = wall_s
-    generated = sum(r.completion_tokens for r in records)
-    prompt = sum(r.prompt_tokens for r in records)
-    tokens = prompt if wl.kind == "prefill" else generated
-    if wl.kind == "decode":
-        firsts = [r.t_first_s for r in records if r.t_first_s is not None]
-        lasts = [r.t_last_s for r in records if r.t_last_s is not None]
-        n = sum(max(0, r.completion_tokens - 1) for r in records)
-        span = max(lasts) - min(firsts) if firsts and lasts else 0.0
-        f["decode_tokens_per_s"] = n / span if n and span > 0 else None
-        f["per_request_decode_tokens_per_s"] = statistics.median(r.decode_tokens_per_s for r in records)
-    else:
-        ns = sum(r.prefill_ns for r in records)
-        f["prefill_tokens_per_s"] = prompt / (ns / 1e9) if ns else None
-    f["ttft_ms"] = statistics.median(r.ttft_ns for r in records) / 1e6 if records else None
-    d = delta.get
-    if d("lookups"):
-        f["hit_rate"] = d("hits", 0) / d("lookups")  # the worker counts prefetch hits among hits
-        f["prefetch_hit_rate"] = d("prefetch_hits", 0) / d("lookups")
-        f["cache_hit_rate"] = f["hit_rate"] - f["prefetch_hit_rate"]
-        if "prefetch_late_hits" in delta:  # a late prefetch counts as a hit but the compute waited for it
-            f["on_time_hit_rate"] = (d("hits", 0) - d("prefetch_late_hits", 0)) / d("lookups")
-    if d("predictions"):
-        f["strict_topk_accuracy"] = d("predictions_exact", 0) / d("predictions")
-    if d("prefetch_hits", 0) + d("misses", 0):
-        f["prefetch_recall"] = d("prefetch_hits", 0) / (d("prefetch_hits", 0) + d("misses", 0))
-    if d("prefetches_issued"):
-        f["prefetch_precision"] = d("prefetch_hits", 0) / d("prefetches_issued")
-    if tokens:
-        f["fetch_wait_ms_per_token"] = d("fetch_wait_ns", 0) / 1e6 / tokens
-        f["bytes_fetched_per_token"] = (d("bytes_fetched_shm", 0) + d("bytes_fetched_grpc", 0)) / tokens
-        if "prefetch_wasted_bytes" in delta:
-            f["wasted_prefetch_bytes_per_token"] = d("prefetch_wasted_bytes", 0) / tokens
-    return f
-
-
-@dataclass
-class Plan:
-    """Every run of a benchmark, in the order they execute (configurations interleaved per repeat)."""
-
-    runs: list[RunSpec] = field(default_factory=list)
-
-
-def make_plan(configs: Sequence[Configuration], budgets_pct: Sequence[float], transports: Sequence[Transport],
-              repeats: int, min_budget: str, min_budget_pct: float) -> Plan:
-    """A B C ... A B C ...: repeat r of every (transport, configuration, budget) before repeat r+1."""
-    cells: list[tuple[Configuration, str, str, float, Transport]] = []
-    for t in transports:
-        for c in configs:
-            if c.budgets == "full":
-                cells.append((c, "100%", "100%", 100.0, t))
-            elif c.budgets == "min":
-                cells.append((c, min_budget, "min", min_budget_pct, t))
-            else:
-                for b in budgets_pct:
-                    cells.append((c, f"{b:g}%", f"{b:g}%", float(b), t))
-    return Plan([RunSpec(c, b, label, pct, t, r) for r in range(repeats) for (c, b, label, pct, t) in cells])

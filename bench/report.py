@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .harness import CONFIGURATIONS, EXTRA_FIGURES, FIGURES
+from .plan import CONFIGURATIONS, EXTRA_FIGURES, FIGURES
 
 RESULTS_FORMAT = "fate-moe-bench/1"
 REFERENCES = ("all_resident", "load_on_demand")

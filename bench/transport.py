@@ -1,4 +1,4 @@
-"""Store -> client transport benchmark: `python -m bench.transport [--pack DIR] [--out DIR]`.
+"""Store -> client transport benchmark: `python -m bench transport [--pack DIR] [--out DIR]`.
 
 Starts `python -m expert_store serve` in a subprocess on a unix socket and moves
 every expert of the pack to this process, batch by batch, into preallocated
@@ -22,9 +22,7 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,49 +30,31 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from moe.v1 import store_pb2 as pb
-from moe.v1 import store_pb2_grpc
+from client.processes import Service, ServiceError, module_command
 from expert_store.pack import write_pack
 from expert_store.packfile import Pack
+from expert_store.settings import FORMAT_NAMES
 from expert_store.shm import attach_segment
+from moe.v1 import store_pb2 as pb
+from moe.v1 import store_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MIXTRAL = REPO.parent / "shared" / "models" / "tiny-mixtral"
-FMT = {"bf16": pb.EXPERT_FORMAT_BF16, "int8": pb.EXPERT_FORMAT_INT8, "int4": pb.EXPERT_FORMAT_INT4,
-       "int2": pb.EXPERT_FORMAT_INT2}
+FMT = {f: pb.ExpertFormat.Value(f"EXPERT_FORMAT_{f.upper()}") for f in FORMAT_NAMES}  # the enum spells the names
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
 
 
-def start_store(pack: Path, sock: Path, ram_bytes: str, formats: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "expert_store", "serve", str(pack), "--listen", f"unix:{sock}",
-           "--ram-bytes", ram_bytes, "--formats", formats, "--log-level", "warning"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO)
-    channel = grpc.insecure_channel(f"unix:{sock}")
-    health = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"the store exited with {proc.returncode}")
-        try:
-            reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                break
-        except grpc.RpcError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit("the store did not become SERVING in 120 s")
-        time.sleep(0.1)
-    channel.close()
-    return proc
-
-
-def stop_store(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
+def start_store(pack: Path, sock: Path, ram_bytes: str, formats: str) -> Service:
+    cmd = module_command("expert_store", "serve", pack, "--listen", f"unix:{sock}", "--ram-bytes", ram_bytes,
+                         "--formats", formats, "--log-level", "warning")
+    store = Service("store", cmd, sock.with_suffix(".log"))
+    try:
+        store.wait_serving(f"unix:{sock}", 120)
+    except ServiceError as e:
+        store.stop()
+        raise SystemExit(f"{e}\n{store.tail()}") from None
+    return store
 
 
 async def rounds(fn: Callable[[], Awaitable[int]], min_rounds: int, seconds: float) -> list[float]:
@@ -167,21 +147,22 @@ async def run(args: argparse.Namespace, pack_dir: Path, tmp: Path) -> list[dict[
                             print(f"{fmt:5} {row['expert_bytes']:>8} B/expert  batch {batch:3}  {path:10} "
                                   f"{gbps:7.2f} GB/s  {ms:7.3f} ms/batch", flush=True)
             finally:
-                stop_store(proc)
+                proc.stop()
     return results
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.transport", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m bench transport") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--pack", type=Path, default=None,
                    help="pack to serve (default: tiny-mixtral, packed to a temp dir)")
-    p.add_argument("--formats", default="int4,bf16")
-    p.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[2, 16])
+    p.add_argument("--formats", default="int4,bf16", help="comma-separated expert formats (default: %(default)s)")
+    p.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[2, 16],
+                   help="experts per fetch, comma-separated (default: 2,16)")
     p.add_argument("--chunk-bytes", type=int, default=0, help="FetchExperts chunk size (0: the store's default)")
     p.add_argument("--seconds", type=float, default=2.0, help="time per measurement (at least --min-rounds rounds)")
-    p.add_argument("--min-rounds", type=int, default=5)
+    p.add_argument("--min-rounds", type=int, default=5, help="rounds per measurement at least (default: %(default)s)")
     p.add_argument("--out", type=Path, default=None, help="directory for transport.json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fate-bench-") as tmp:
         pack_dir = args.pack
         if pack_dir is None:

@@ -4,8 +4,9 @@
     python -m client generate "prompt" --stream # stream a generation from a running worker
     python -m client stats [--layers]           # the worker's counters
 
-The worker's address comes from --address, else $FATE_WORKER_ADDRESS, else
-127.0.0.1:50061. A failed call prints `error: CODE: message` and exits 1.
+(installed as `fate-client`). The worker's address comes from --address, else
+$FATE_WORKER_ADDRESS, else 127.0.0.1:50061. A failed call prints `error: CODE: message` and
+exits 1. Each subcommand is one `_add_*` function listed in COMMANDS.
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import signal
 import sys
 from pathlib import Path
 
-from .demo import DEFAULT_PROMPT, DemoConfig, run_demo
+from .settings import ADDRESS_HELP, TIMEOUT_HELP, ClientSettings
 
 
 def _positive_int(text: str) -> int:
@@ -29,45 +29,22 @@ def _positive_int(text: str) -> int:
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
-    cfg = DemoConfig(
-        prompt=a.prompt,
-        max_new_tokens=a.max_new_tokens,
-        cache_dir=a.cache_dir,
-        checkpoint=a.checkpoint,
-        device=a.device,
-        seed=a.seed,
-        budget=a.budget,
-        transport=a.transport,
-    )
-    return run_demo(cfg)
+    from .demo import DemoConfig, run_demo
+
+    fields = {f.name for f in dataclasses.fields(DemoConfig)}
+    return run_demo(DemoConfig(**{k: v for k, v in vars(a).items() if k in fields}))
 
 
-def _address(a: argparse.Namespace) -> str:
-    from .api import DEFAULT_ADDRESS
+def _client(a: argparse.Namespace):
+    from .api import WorkerClient
 
-    return a.address or os.environ.get("FATE_WORKER_ADDRESS") or DEFAULT_ADDRESS
-
-
-def summary_line(result) -> str:
-    """One line: finish reason, usage, timings and the request's expert statistics."""
-    t, e, u = result.timings, result.experts, result.usage
-    finish = result.finish_reason + (f" {result.stop_string!r}" if result.stop_string else "") + (
-        f" (token {result.stop_token_id})" if result.finish_reason in ("eos", "stop_token") else "")
-    rate = f"{result.decode_tokens_per_s:.1f} tokens/s" if result.decode_tokens_per_s else "n/a"
-    return (
-        f"[finish {finish}; {u.completion_tokens} tokens, prompt {u.prompt_tokens}; "
-        f"queue {t.queue_ns / 1e6:.1f} ms, prefill {t.prefill_ns / 1e6:.1f} ms, "
-        f"first token {t.time_to_first_token_ns / 1e6:.1f} ms, decode {rate}, total {t.total_ns / 1e6:.1f} ms; "
-        f"experts: {e.lookups} lookups, {e.hits} hits ({100 * e.hit_rate:.1f}%, {e.prefetch_hits} by prefetch), "
-        f"{e.misses} misses, {e.bytes_fetched / 2**20:.2f} MiB fetched on demand, "
-        f"{e.prefetch_bytes / 2**20:.2f} MiB prefetched, fetch wait {e.fetch_wait_ns / 1e6:.1f} ms"
-        + (f", strict top-k {100 * e.strict_topk_accuracy:.1f}%" if e.predictions else "")
-        + f"; seed {result.seed}]"
-    )
+    defaults = ClientSettings()
+    return WorkerClient(a.address or defaults.address, timeout_s=a.timeout_s)
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
-    from .api import WorkerClient, WorkerError
+    from .api import WorkerError
+    from .formatting import summary_line
 
     sampling = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                     seed=a.seed, stop=a.stop or (), ignore_eos=a.ignore_eos)
@@ -76,7 +53,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         print("error: give a prompt or --token-ids (not both)", file=sys.stderr)
         return 2
     try:
-        with WorkerClient(_address(a)) as w:
+        with _client(a) as w:
             gen = w.generate(a.prompt, token_ids=ids, **sampling)
             for tok in gen:
                 if a.stream and a.json:
@@ -101,92 +78,94 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 
 
 def _cmd_stats(a: argparse.Namespace) -> int:
-    from .api import WorkerClient, WorkerError
+    from .api import WorkerError
+    from .formatting import stats_json, stats_lines
 
     try:
-        with WorkerClient(_address(a)) as w:
+        with _client(a) as w:
             s = w.stats(include_layers=a.layers)
     except WorkerError as e:
         print(f"error: {e.code}: {e.details}", file=sys.stderr)
         return 1
-    tokens = max(1, s.generated_tokens_total)
-    derived = {
-        "hit_rate": s.hit_rate, "strict_topk_accuracy": s.strict_topk_accuracy,
-        "prefetch_recall": s.prefetch_recall, "prefetch_precision": s.prefetch_precision,
-        "wasted_bytes_per_token": s.prefetch_wasted_bytes / tokens,
-        "fetch_wait_ms_per_token": s.fetch_wait_ns / 1e6 / tokens,
-    }  # fmt: skip
-    if a.json:
-        print(json.dumps({**s.to_dict(), **derived}))
-        return 0
-    for f in dataclasses.fields(s):
-        if f.name != "layers":
-            print(f"{f.name:26} {getattr(s, f.name)}")
-    for name, value in derived.items():
-        print(f"{name:26} {value:.4f}")
-    if s.layers:
-        print(f"{'layer':>5} {'slots':>5} {'resid':>5} {'lookups':>8} {'hit%':>6} {'cache':>7} {'prefetch':>8} "
-              f"{'miss':>6} {'evict':>6} {'pf_in':>6} {'wasted':>6} {'late':>5} {'strict%':>7} {'recall%':>7} "
-              f"{'prec%':>6} {'wait_ms':>8}")
-        for l in s.layers:
-            print(f"{l.layer:>5} {l.slots:>5} {l.resident_experts:>5} {l.lookups:>8} {100 * l.hit_rate:>6.2f} "
-                  f"{l.cache_hits:>7} {l.prefetch_hits:>8} {l.misses:>6} {l.evictions:>6} {l.prefetches_issued:>6} "
-                  f"{l.prefetch_unused_evictions:>6} {l.prefetch_late_hits:>5} {100 * l.strict_topk_accuracy:>7.2f} "
-                  f"{100 * l.prefetch_recall:>7.2f} {100 * l.prefetch_precision:>6.2f} {l.fetch_wait_ns / 1e6:>8.1f}")
+    print(json.dumps(stats_json(s)) if a.json else "\n".join(stats_lines(s)))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m client", description="fate-moe client")
-    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+def _add_connection_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None, help=ADDRESS_HELP)
+    p.add_argument("--timeout-s", type=float, default=None, help=TIMEOUT_HELP)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from .demo import DemoConfig
+
+    d0 = DemoConfig()
     d = sub.add_parser(
-        "demo",
-        help="make (or reuse) the built-in default model, pack it, generate from it",
-        description="End to end on a fresh machine. The default model has random weights: its text is noise.",
+        "demo", help="make (or reuse) the built-in default model, pack it, serve it, generate from it",
+        description="End to end on a fresh machine: the store and the worker run as their own processes, started "
+                    "by their command lines. The default model has random weights: its text is noise.",
     )
-    d.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text")
-    d.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate (default 32)")
-    d.add_argument(
-        "--checkpoint",
-        type=Path,
-        default=None,
-        help="a Hugging Face checkpoint directory to use instead of the random default model "
-        "(e.g. ../shared/models/tiny-mixtral)",
-    )
-    d.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="where the default model and packs go (default: $FATE_MOE_CACHE, $XDG_CACHE_HOME/fate-moe, "
-        "or .cache/fate-moe in the checkout)",
-    )
-    d.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N")
-    d.add_argument("--seed", type=int, default=0, help="seed of the default model's random weights")
-    d.add_argument("--budget", default="50%", help="the worker's expert-cache budget (default 50%% of the experts)")
-    d.add_argument("--transport", default="auto", choices=("auto", "shm", "grpc"), help="store -> worker path")
+    d.add_argument("--prompt", default=d0.prompt, help="prompt text (default: %(default)r)")
+    d.add_argument("--max-new-tokens", type=_positive_int, default=d0.max_new_tokens,
+                   help="tokens to generate (default: %(default)s)")
+    d.add_argument("--checkpoint", type=Path, default=None,
+                   help="a Hugging Face checkpoint directory to use instead of the random default model "
+                        "(e.g. ../shared/models/tiny-mixtral)")
+    d.add_argument("--cache-dir", type=Path, default=None,
+                   help="where the default model and packs go (default: $FATE_MOE_CACHE, $XDG_CACHE_HOME/fate-moe, "
+                        "or .cache/fate-moe in the checkout)")
+    d.add_argument("--device", default=d0.device, help="auto (cuda when present), cpu, cuda, cuda:N (default: auto)")
+    d.add_argument("--seed", type=int, default=d0.seed,
+                   help="seed of the default model's random weights (default: %(default)s)")
+    d.add_argument("--budget", default=d0.budget, help="the worker's expert-cache budget: bytes, a size like 512MiB "
+                                                        "or a share of the experts (default: %(default)s)")
+    d.add_argument("--transport", default=d0.transport, choices=("auto", "shm", "grpc"),
+                   help="how experts travel from the store to the worker (default: %(default)s)")
     d.set_defaults(func=_cmd_demo)
 
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="generate from a running worker",
                        description="Prints the text (as it arrives with --stream), then a summary line on stderr.")
     g.add_argument("prompt", nargs="?", default=None, help="prompt text")
     g.add_argument("--token-ids", default=None, help="comma-separated prompt token ids instead of text")
-    g.add_argument("--address", default=None, help="worker address (host:port or unix:/path)")
+    _add_connection_flags(g)
     g.add_argument("--stream", action="store_true", help="print tokens as they arrive")
-    g.add_argument("--max-new-tokens", type=int, default=0, help="0: the worker's default")
-    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=0.0, help="0 or 1: no nucleus cut")
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-new-tokens", type=int, default=0,
+                   help="tokens to generate at most; 0: the worker's default (default: 0)")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy (default: 0)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0: no cut (default: 0)")
+    g.add_argument("--top-p", type=float, default=0.0, help="nucleus mass; 0 or 1: no nucleus cut (default: 0)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="sampling seed (default: the worker picks one and reports it)")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--ignore-eos", action="store_true", help="go on past the model's end-of-sequence token")
     g.add_argument("--json", action="store_true", help="JSON output (JSON lines per token with --stream)")
     g.set_defaults(func=_cmd_generate)
 
+
+def _add_stats(sub: argparse._SubParsersAction) -> None:
     st = sub.add_parser("stats", help="print a running worker's statistics")
-    st.add_argument("--address", default=None, help="worker address (host:port or unix:/path)")
+    _add_connection_flags(st)
     st.add_argument("--layers", action="store_true", help="per-layer cache statistics too")
-    st.add_argument("--json", action="store_true")
+    st.add_argument("--json", action="store_true", help="one JSON object (null for figures that do not apply)")
     st.set_defaults(func=_cmd_stats)
+
+
+COMMANDS = [_add_demo, _add_generate, _add_stats]  # one more subcommand: its _add_* function here
+
+
+def prog_name() -> str:
+    """`fate-client` when run as the installed script, else `python -m client`."""
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return script if script.startswith("fate-") else "python -m client"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog_name(), description="fate-moe client")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
     return ap
 
 

@@ -12,7 +12,7 @@ It needs no transformers (a test-only dependency): the tensors come from
 torch's seeded generator and the tokenizer is a byte-level BPE trained with
 `tokenizers` on the small English corpus below.
 
-    python -m gpu_worker.default_model [CACHE_DIR]   # make (or reuse) it, print its path
+    python -m gpu_worker make-default-model CACHE_DIR   # make (or reuse) it, print its path
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from expert_store import hf_names
+from expert_store.errors import FateError
 from expert_store.model_args import ModelArgs
 
 if TYPE_CHECKING:
@@ -107,21 +107,8 @@ setting was wrong, and how to fix it.
 """
 
 
-class DefaultModelError(RuntimeError):
+class DefaultModelError(FateError, RuntimeError):
     """The default checkpoint could not be made or a cached one is unusable (says where and what to do)."""
-
-
-def default_cache_dir() -> Path:
-    """Where the default model and its pack live: $FATE_MOE_CACHE, else $XDG_CACHE_HOME/fate-moe,
-    else the checkout's .cache/fate-moe (git-ignored), else ~/.cache/fate-moe."""
-    if os.environ.get("FATE_MOE_CACHE"):
-        return Path(os.environ["FATE_MOE_CACHE"])
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]) / "fate-moe"
-    repo = Path(__file__).resolve().parent.parent
-    if (repo / "pyproject.toml").is_file() and os.access(repo, os.W_OK):
-        return repo / ".cache" / "fate-moe"
-    return Path.home() / ".cache" / "fate-moe"
 
 
 def train_tokenizer(vocab_size: int = TOKENIZER_VOCAB_SIZE) -> Tokenizer:
@@ -291,11 +278,11 @@ def is_complete(path: Path, seed: int | None = None) -> bool:
 
 
 def ensure_default_checkpoint(
-    cache_dir: str | Path | None = None, seed: int = 0, log: Callable[[str], None] | None = print
+    cache_dir: str | Path, seed: int = 0, log: Callable[[str], None] | None = print
 ) -> Path:
-    """The default checkpoint under cache_dir (default_cache_dir() when None): reused when a complete
-    one is there, made otherwise. Logs (prints) the random-weights notice either way."""
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    """The default checkpoint under cache_dir: reused when a complete one is there, made otherwise.
+    Logs (prints) the random-weights notice either way."""
+    root = Path(cache_dir)
     path = root / f"default-mixtral-v{DEFAULT_MODEL_VERSION}-seed{seed}"
     if is_complete(path, seed):
         if log:
@@ -315,18 +302,3 @@ def ensure_default_checkpoint(
     if log:
         log(RANDOM_WEIGHTS_NOTICE)
     return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        path = ensure_default_checkpoint(argv[0] if argv else None, log=lambda m: print(m, file=sys.stderr))
-    except (DefaultModelError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,13 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.harness import (
-    CONFIGURATIONS,
-    DEFAULT_CONFIGS,
-    FIGURES,
-    flag_args,
-    stats_delta,
-)
+from bench.figures import stats_delta
+from bench.harness import flag_args
+from bench.plan import CONFIGURATIONS, DEFAULT_CONFIGS, FIGURES
 from bench.report import PLOTS, spread
 
 pytestmark = pytest.mark.slow
@@ -84,6 +80,7 @@ def test_transport_subcommand_delegates():
                        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120,
                        check=False)
     assert r.returncode == 0 and "--batches" in r.stdout, r.stderr
+    assert r.stdout.startswith("usage: python -m bench transport "), r.stdout  # not `python -m bench.transport`
 
 
 def test_flag_args_and_stats_delta():
