@@ -26,9 +26,7 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from client.api import WorkerClient
+from client.processes import Service
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MIXTRAL = REPO.parent / "shared" / "models" / "tiny-mixtral"
@@ -49,45 +48,6 @@ CONFIGS: dict[str, tuple[str, ...]] = {
     "sf+arc+eap": ("--policy", "arc", "--allocation", "shallow_favoring", "--predictor", "eap"),
     "sf+arc+prev_token": ("--policy", "arc", "--allocation", "shallow_favoring", "--predictor", "prev_token"),
 }
-
-
-class Service:
-    def __init__(self, name: str, cmd: list[str], log: Path):
-        self.name = name
-        self.log = log
-        self._out = open(log, "wb")
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        env.pop("NOTIFY_SOCKET", None)
-        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-
-    def wait_serving(self, address: str, timeout_s: float = 180) -> None:
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(address) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise SystemExit(f"{self.name} exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-                try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                            health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.1)
-        raise SystemExit(f"{self.name} not SERVING within {timeout_s} s:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._out.close()
 
 
 @dataclass
@@ -135,13 +95,13 @@ def run_one(pack: Path, tmp: Path, name: str, flags: tuple[str, ...], budget: st
                     tmp / f"store-{tag}.log")
     worker = None
     try:
-        store.wait_serving(store_addr)
+        store.wait_serving(store_addr, 180)
         worker = Service("worker", [sys.executable, "-m", "gpu_worker", "serve", "--store", store_addr, "--listen",
                                     worker_addr, "--device", "cpu", "--format", "int4", "--transport", "shm",
                                     "--budget-bytes", budget, "--max-batch-size", str(len(prompts)), *flags, *extra,
                                     *(("--prefetch-sync",) if mode == "sync" else ())],
                          tmp / f"worker-{tag}.log")
-        worker.wait_serving(worker_addr)
+        worker.wait_serving(worker_addr, 180)
         with WorkerClient(worker_addr, timeout_s=1800) as w:
             if warmup:  # fills the cache and EAP's library with other text, the same for every configuration
                 with ThreadPoolExecutor(len(warmup)) as pool:
@@ -153,8 +113,8 @@ def run_one(pack: Path, tmp: Path, name: str, flags: tuple[str, ...], budget: st
             s = _minus(w.stats(include_layers=True), before)
     finally:
         if worker is not None:
-            worker.stop()
-        store.stop()
+            worker.stop(60)
+        store.stop(60)
     dec = [c.result.experts.decode for c in done]
     lookups = sum(d.lookups for d in dec)
     hits = sum(d.hits for d in dec)

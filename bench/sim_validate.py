@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import threading
 import time
@@ -32,20 +30,11 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from client.processes import Service, module_command  # noqa: E402
 from gpu_worker.simulator import Replay, estimate_cost, simulate, worker_config_of  # noqa: E402
 from gpu_worker.traces import attach_recorder, load_trace, recorder_for_engine  # noqa: E402
 
 MODEL = REPO.parent / "shared" / "models" / "tiny-mixtral"
-
-
-def wait_socket(path: Path, proc: subprocess.Popen, timeout_s: float = 60) -> None:
-    t0 = time.time()
-    while not path.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}")
-        if time.time() - t0 > timeout_s:
-            raise RuntimeError(f"{path} did not appear")
-        time.sleep(0.1)
 
 
 def prompts_ids(pack_dir: Path) -> list[list[int]]:
@@ -124,18 +113,12 @@ def worker_process(store_addr: str, out: Path, budget: str, prompts, concurrent:
 
     sock = out / f"worker-{budget.rstrip('%')}.sock"
     sock.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "gpu_worker", "serve", "--store", store_addr, "--budget-bytes", budget,
-                             "--listen", f"unix:{sock}", "--policy", "lru", "--predictor", "none", "--threads", "1",
-                             "--log-level", "warning"], env=env, cwd=REPO)
+    proc = Service("worker", module_command("gpu_worker", "serve", "--store", store_addr, "--budget-bytes", budget,
+                                            "--listen", f"unix:{sock}", "--policy", "lru", "--predictor", "none",
+                                            "--threads", "1", "--log-level", "warning"), sock.with_suffix(".log"))
     try:
-        wait_socket(sock, proc)
+        proc.wait_serving(f"unix:{sock}", 60)
         client = WorkerClient(f"unix:{sock}")
-        t0 = time.time()
-        while client.health() != "SERVING":
-            if time.time() - t0 > 60:
-                raise RuntimeError("worker not serving")
-            time.sleep(0.2)
         client.generate_text(token_ids=prompts[0][:4], max_new_tokens=2, ignore_eos=True)  # warm the channel
         results = []
         if concurrent:
@@ -154,11 +137,7 @@ def worker_process(store_addr: str, out: Path, budget: str, prompts, concurrent:
         tokens = sum(r.usage.completion_tokens - 1 for r in results)
         return tokens / (sum(r.timings.decode_ns for r in results) / 1e9)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        proc.stop(20)
 
 
 def main() -> int:
@@ -183,13 +162,12 @@ def main() -> int:
 
     sock = out / "store.sock"
     sock.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    store = subprocess.Popen([sys.executable, "-m", "expert_store", "serve", str(pack_dir), "--listen", f"unix:{sock}",
-                              "--ram-bytes", "64MiB", "--log-level", "warning"], env=env, cwd=REPO)
+    store = Service("store", module_command("expert_store", "serve", pack_dir, "--listen", f"unix:{sock}",
+                                            "--ram-bytes", "64MiB", "--log-level", "warning"), out / "store.log")
     rows = []
     profiles = []
     try:
-        wait_socket(sock, store)
+        store.wait_serving(f"unix:{sock}", 60)
         addr = f"unix:{sock}"
         prompts = prompts_ids(pack_dir)
         for rep in range(a.repeats):
@@ -215,11 +193,7 @@ def main() -> int:
                         rows.append(row)
                         print(row, flush=True)
     finally:
-        store.terminate()
-        try:
-            store.wait(20)
-        except subprocess.TimeoutExpired:
-            store.kill()
+        store.stop(20)
     import statistics
 
     summary = []

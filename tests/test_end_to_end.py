@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,74 +26,13 @@ from pathlib import Path
 import pytest
 
 from client.api import WorkerClient, WorkerError
+from tests.conftest import Processes, shm_segments_of
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 24
-START_TIMEOUT_S = 120
 CALL_TIMEOUT_S = 120
-
-
-class Service:
-    """A server subprocess with its output in a log file (shown when a test fails)."""
-
-    def __init__(self, name: str, cmd: list[str], log: Path):
-        self.name, self.log = name, log
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        env.pop("NOTIFY_SOCKET", None)
-        self._out = open(log, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_serving(self, address: str, timeout_s: float = START_TIMEOUT_S) -> None:
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(address) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            while time.monotonic() < deadline:
-                assert self.proc.poll() is None, f"{self.name} exited {self.proc.returncode}:\n{self.output()[-3000:]}"
-                try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.1)
-        pytest.fail(f"{self.name} not SERVING within {timeout_s} s:\n{self.output()[-3000:]}")
-
-    def terminate(self, timeout_s: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            pytest.fail(f"{self.name} did not exit within {timeout_s} s of SIGTERM:\n{self.output()[-3000:]}")
-        self._out.close()
-        return rc
-
-
-def start_store(tmp: Path, pack: Path, name: str, ram_bytes: int) -> tuple[Service, str]:
-    address = f"unix:{tmp}/{name}.sock"
-    cmd = [sys.executable, "-m", "expert_store", "serve", str(pack), "--listen", address, "--ram-bytes",
-           str(ram_bytes), "--formats", "int4", "--grace-s", "2"]
-    return Service(name, cmd, tmp / f"{name}.log"), address
-
-
-def start_worker(tmp: Path, store: str, name: str, *extra: str) -> tuple[Service, str]:
-    address = f"unix:{tmp}/{name}.sock"
-    cmd = [sys.executable, "-m", "gpu_worker", "serve", "--store", store, "--listen", address, "--device", "cpu",
-           "--format", "int4", *extra]
-    return Service(name, cmd, tmp / f"{name}.log"), address
-
-
-def shm_segments_of(pid: int) -> list[str]:
-    return [n for n in os.listdir("/dev/shm") if n.startswith(f"fate-moe-{pid}-")]
 
 
 def wait_until(cond, timeout_s: float = 30, what: str = "condition") -> None:
@@ -110,26 +47,9 @@ def wait_until(cond, timeout_s: float = 30, what: str = "condition") -> None:
 
 
 @pytest.fixture(scope="module")
-def sock_dir():
-    d = Path(tempfile.mkdtemp(prefix="fm-e2e-"))  # short: unix socket paths are limited to ~100 bytes
-    yield d
-    for p in d.iterdir():
-        p.unlink()
-    d.rmdir()
-
-
-@pytest.fixture(scope="module")
 def prompts(tiny_mixtral_dir) -> list[str]:
     lines = (tiny_mixtral_dir / "prompts.jsonl").read_text().splitlines()
     return [json.loads(line)["prompt"] for line in lines[:8]]
-
-
-@pytest.fixture(scope="module")
-def int4_expert_bytes(tiny_mixtral_pack) -> int:
-    from expert_store.packfile import Pack
-
-    with Pack.open(tiny_mixtral_pack) as p:
-        return p.expert_nbytes("int4") * len(p.expert_ids)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +77,7 @@ WORKERS = {  # name -> worker flags
     "shm-25": ("--transport", "shm", "--budget-bytes", "25%"),
     "grpc-100": ("--transport", "grpc", "--budget-bytes", "100%"),
     "grpc-25": ("--transport", "grpc", "--budget-bytes", "25%"),
-    # Fate (issue 4): the store serves int4 only, so the INT2 prefill tail falls back to int4 (with a warning)
+    # Fate: the store serves int4 only, so the INT2 prefill tail falls back to int4 (with a warning)
     "fate-shm-25": ("--transport", "shm", "--budget-bytes", "25%", "--predictor", "cross_layer", "--allocation",
                     "shallow_favoring", "--policy", "arc", "--lookahead", "2"),
     "eap-shm-25": ("--transport", "shm", "--budget-bytes", "25%", "--predictor", "eap", "--policy", "lfu_decay"),
@@ -165,26 +85,16 @@ WORKERS = {  # name -> worker flags
 
 
 @pytest.fixture(scope="module")
-def cluster(sock_dir, tiny_mixtral_pack, int4_expert_bytes):
-    """One store (RAM tier: half the int4 experts) and the four workers of WORKERS, plus "small"
-    (batch 1, queue 1, from a TOML file) for queue and cancellation tests."""
-    store, store_addr = start_store(sock_dir, tiny_mixtral_pack, "store", int4_expert_bytes // 2)
-    services = {"store": store}
-    addresses = {"store": store_addr}
-    try:
-        store.wait_serving(store_addr)
-        toml = sock_dir / "small.toml"
-        toml.write_text(f'[worker]\nstore = "{store_addr}"\nmax_batch_size = 1\nmax_queue = 1\n'
-                        'budget_bytes = "50%"\ngrace_s = 1\n')
-        for name, flags in {**WORKERS, "small": ("--config", str(toml))}.items():
-            services[name], addresses[name] = start_worker(sock_dir, store_addr, name, *flags)
-        for name in [*WORKERS, "small"]:
-            services[name].wait_serving(addresses[name])
-        yield services, addresses
-    finally:
-        rcs = {name: s.terminate() for name, s in reversed(services.items())}
-        assert rcs == {name: 0 for name in services}, {n: services[n].output()[-2000:] for n in rcs if rcs[n]}
-        assert shm_segments_of(store.proc.pid) == []
+def cluster(module_processes, running_store, running_worker, sock_dir):
+    """One store (RAM tier: half the int4 experts) and the workers of WORKERS, plus "small" (batch 1,
+    queue 1, from a TOML file) for queue and cancellation tests. All exit 0 on SIGTERM at the end."""
+    toml = sock_dir / "small.toml"
+    toml.write_text(f'[worker]\nstore = "{running_store}"\nmax_batch_size = 1\nmax_queue = 1\n'
+                    'budget_bytes = "50%"\ngrace_s = 1\n')
+    for name, flags in {**WORKERS, "small": ("--config", str(toml))}.items():
+        running_worker(name, *flags, wait=False)  # started together: their imports overlap
+    module_processes.wait(*WORKERS, "small")
+    return module_processes.services, module_processes.addresses
 
 
 # -- tests ------------------------------------------------------------------------------------
@@ -302,12 +212,12 @@ def test_full_queue_is_resource_exhausted_and_cancel_frees_the_sequence(cluster,
 
 def test_sigterm_on_the_worker_finishes_or_fails_in_flight_requests(sock_dir, tiny_mixtral_pack, int4_expert_bytes,
                                                                     prompts):
-    store, store_addr = start_store(sock_dir, tiny_mixtral_pack, "store-w", int4_expert_bytes // 4)
-    worker = None
+    procs = Processes(sock_dir)
+    store_addr = procs.start_store(tiny_mixtral_pack, "store-w", "--ram-bytes", str(int4_expert_bytes // 4))
     try:
-        store.wait_serving(store_addr)
-        worker, addr = start_worker(sock_dir, store_addr, "worker-w", "--budget-bytes", "25%", "--grace-s", "1")
-        worker.wait_serving(addr)
+        procs.wait("store-w")
+        addr = procs.start_worker(store_addr, "worker-w", "--budget-bytes", "25%", "--grace-s", "1")
+        procs.wait("worker-w")
         outcomes: dict[str, str] = {}
         started = threading.Barrier(4)
 
@@ -329,32 +239,31 @@ def test_sigterm_on_the_worker_finishes_or_fails_in_flight_requests(sock_dir, ti
         for t in threads:
             t.start()
         started.wait(CALL_TIMEOUT_S)  # every request has its first token
-        assert worker.terminate() == 0, worker.output()[-3000:]
+        assert procs.stop("worker-w") == 0, procs.output("worker-w")
         for t in threads:
             t.join(CALL_TIMEOUT_S)
         assert set(outcomes) == {"long0", "long1", "short"}
         assert set(outcomes.values()) <= {"length", "UNAVAILABLE"}, outcomes
         assert outcomes["long0"] == outcomes["long1"] == "UNAVAILABLE"  # 900 tokens do not fit 1 s of grace
     finally:
-        if worker is not None:
-            worker.terminate()
-        assert store.terminate() == 0, store.output()[-3000:]
-    assert shm_segments_of(store.proc.pid) == []
+        rcs = procs.stop_all()
+    assert rcs["store-w"] == 0, procs.output("store-w")
+    assert shm_segments_of(procs.services["store-w"].pid) == []
 
 
 def test_sigterm_on_the_store_fails_requests_with_unavailable(sock_dir, tiny_mixtral_pack, int4_expert_bytes,
                                                               prompts):
-    store, store_addr = start_store(sock_dir, tiny_mixtral_pack, "store-s", int4_expert_bytes // 4)
-    worker = None
+    procs = Processes(sock_dir)
+    store_addr = procs.start_store(tiny_mixtral_pack, "store-s", "--ram-bytes", str(int4_expert_bytes // 4))
     try:
-        store.wait_serving(store_addr)
-        worker, addr = start_worker(sock_dir, store_addr, "worker-s", "--budget-bytes", "25%")
-        worker.wait_serving(addr)
+        procs.wait("store-s")
+        addr = procs.start_worker(store_addr, "worker-s", "--budget-bytes", "25%")
+        procs.wait("worker-s")
         with WorkerClient(addr, timeout_s=CALL_TIMEOUT_S) as w:
             gen = w.generate(prompts[0], max_new_tokens=900, ignore_eos=True)
             it = iter(gen)
             next(it)
-            assert store.terminate() == 0, store.output()[-3000:]
+            assert procs.stop("store-s") == 0, procs.output("store-s")
             with pytest.raises(WorkerError) as err:  # 25% of the experts: a miss soon needs the store
                 for _ in it:
                     pass
@@ -365,12 +274,10 @@ def test_sigterm_on_the_store_fails_requests_with_unavailable(sock_dir, tiny_mix
                 w.generate_text(prompts[1], max_new_tokens=4)
             assert err.value.code == "UNAVAILABLE"
             assert w.health() == "NOT_SERVING"
-        assert worker.terminate() == 0, worker.output()[-3000:]
+        assert procs.stop("worker-s") == 0, procs.output("worker-s")
     finally:
-        if worker is not None:
-            worker.terminate()
-        store.terminate()
-    assert shm_segments_of(store.proc.pid) == []
+        procs.stop_all()
+    assert shm_segments_of(procs.services["store-s"].pid) == []
 
 
 def test_metrics_endpoint_and_cli(cluster):
@@ -387,10 +294,18 @@ def test_metrics_endpoint_and_cli(cluster):
     doc = json.loads(out.stdout)
     assert len(doc["token_ids"]) == 5 and doc["result"]["finish_reason"] == "length"
     assert doc["result"]["experts"]["lookups"] > 0
+    assert "layer" not in doc["result"]["experts"]["decode"]  # the decode totals are no layer
     out = subprocess.run([sys.executable, "-m", "client", "stats", "--address", addresses["shm-100"], "--json"],
                          capture_output=True, text=True, timeout=CALL_TIMEOUT_S, env=env, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["generated_tokens_total"] >= 5
+    assert json.loads(out.stdout)["strict_topk_accuracy"] is None  # no predictor: n/a, not 0
+    out = subprocess.run([sys.executable, "-m", "client", "stats", "--address", addresses["shm-100"], "--layers"],
+                         capture_output=True, text=True, timeout=CALL_TIMEOUT_S, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    figures = dict(line.split(None, 1) for line in out.stdout.splitlines()[:60] if len(line.split()) == 2)
+    assert figures["strict_topk_accuracy"] == "n/a" and figures["prefetch_precision"] == "n/a"
+    assert "." not in figures["layer_compute_ns"] and len(figures["int2_tail"]) <= 8, figures
     out = subprocess.run([sys.executable, "-m", "client", "generate", "", "--address", addresses["shm-100"]],
                          capture_output=True, text=True, timeout=CALL_TIMEOUT_S, env=env, cwd=REPO)
     assert out.returncode == 1 and "INVALID_ARGUMENT" in out.stderr

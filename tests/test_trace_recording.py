@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from client.api import WorkerClient
+from tests.conftest import Processes
 from gpu_worker.traces import load_trace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,26 +21,19 @@ pytestmark = pytest.mark.slow
 
 def test_worker_records_a_trace_the_simulator_replays_exactly(tiny_mixtral_pack, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    store = subprocess.Popen(
-        [sys.executable, "-m", "expert_store", "serve", str(tiny_mixtral_pack), "--listen", f"unix:{tmp_path}/s.sock",
-         "--ram-bytes", "64MiB", "--formats", "int4"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "gpu_worker", "serve", "--store", f"unix:{tmp_path}/s.sock", "--budget-bytes", "25%",
-         "--listen", f"unix:{tmp_path}/w.sock", "--format", "int4", "--int2-tail", "0",
-         "--trace-dir", str(tmp_path / "traces")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs = Processes(tmp_path)
+    store = procs.start_store(tiny_mixtral_pack, "s", "--ram-bytes", "64MiB")
+    address = procs.start_worker(store, "w", "--budget-bytes", "25%", "--int2-tail", "0",
+                                 "--trace-dir", str(tmp_path / "traces"))
     try:
-        with WorkerClient(f"unix:{tmp_path}/w.sock") as client:
-            client.wait_ready(120)
+        procs.wait("s", "w")
+        with WorkerClient(address) as client:
             for prompt in ("The command", "def main():", "Patch 8.2"):
                 client.generate_text(prompt, max_new_tokens=16, ignore_eos=True)
             stats = client.stats()
-        worker.terminate()
-        assert worker.wait(60) == 0
+        assert procs.stop("w") == 0, procs.output("w")
     finally:
-        for p in (worker, store):
-            if p.poll() is None:
-                p.terminate()
-                p.wait(60)
+        procs.stop_all()
     files = sorted((tmp_path / "traces").glob("*.npz"))
     assert len(files) == 1  # one file per session by default, written at shutdown
     trace = load_trace(files[0])

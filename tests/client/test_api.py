@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from client.api import _result_from_pb, _stats_from_pb, build_request
+from client.convert import build_request, result_from_pb, stats_from_pb
 from moe.v1 import worker_pb2 as pb
 
 
@@ -25,10 +25,10 @@ def test_results_and_stats_convert_to_plain_dataclasses():
                          usage=pb.GenerateUsage(prompt_tokens=3, completion_tokens=5),
                          timings=pb.GenerateTimings(decode_ns=2_000_000_000),
                          experts=pb.RequestExpertStats(lookups=10, hits=7, misses=3), trailing_text="x")
-    r = _result_from_pb(f)
+    r = result_from_pb(f)
     assert (r.finish_reason, r.stop_string, r.seed, r.trailing_text) == ("stop_string", "\n", 7, "x")
     assert r.experts.hit_rate == 0.7 and r.decode_tokens_per_s == 2.0
-    s = _stats_from_pb(pb.WorkerStats(worker_id="w", budget_bytes=10, layers=[pb.LayerCacheStats(layer=1, slots=2)]))
+    s = stats_from_pb(pb.WorkerStats(worker_id="w", budget_bytes=10, layers=[pb.LayerCacheStats(layer=1, slots=2)]))
     assert s.worker_id == "w" and s.budget_bytes == 10 and s.layers[0].slots == 2
     assert "pb2" not in type(s.layers).__module__
 
@@ -52,3 +52,29 @@ def test_worker_errors_map_to_status_codes():
     }
     for exc, code in cases.items():
         assert status_for(exc)[0] == code, exc
+
+
+def test_stats_print_tidy_numbers_and_n_a_without_a_predictor():
+    from client.formatting import stats_json, stats_lines
+
+    s = stats_from_pb(pb.WorkerStats(worker_id="w", predictor="none", int2_tail=0.3, layer_compute_ns=1686006.4976,
+                                     lookups=10, hits=5, layers=[pb.LayerCacheStats(layer=1, slots=2, lookups=4)]))
+    lines = stats_lines(s)
+    figures = dict(line.split(None, 1) for line in lines if len(line.split()) == 2)
+    assert figures["int2_tail"] == "0.3" and figures["layer_compute_ns"] == "1686006"
+    assert figures["strict_topk_accuracy"] == figures["prefetch_recall"] == figures["prefetch_precision"] == "n/a"
+    assert figures["hit_rate"] == "0.5000"
+    assert lines[-1].split()[-4:-1] == ["n/a", "n/a", "n/a"]  # the layer's strict%, recall%, prec%
+    doc = stats_json(s)
+    assert doc["int2_tail"] == 0.3 and doc["layer_compute_ns"] == 1686006 and doc["strict_topk_accuracy"] is None
+    assert doc["layers"][0]["prefetch_precision"] is None
+
+
+def test_decode_totals_are_no_layer():
+    import dataclasses
+
+    f = pb.GenerateFinal(experts=pb.RequestExpertStats(lookups=4, decode=pb.RequestLayerExpertStats(lookups=2),
+                                                       layers=[pb.RequestLayerExpertStats(layer=3, lookups=4)]))
+    e = dataclasses.asdict(result_from_pb(f))["experts"]
+    assert e["decode"]["lookups"] == 2 and "layer" not in e["decode"]
+    assert e["layers"][0]["layer"] == 3
