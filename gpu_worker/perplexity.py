@@ -15,6 +15,12 @@ class PerplexityResult:
     perplexity: float
     tokens_scored: int
     windows: int
+    window_nll: tuple[float, ...] = ()  # summed next-token NLL of each window, in text order
+    window_tokens: tuple[int, ...] = ()  # tokens scored in each window
+
+    def first(self, windows: int) -> float:
+        """The perplexity of the first `windows` windows alone (a prefix of the text)."""
+        return math.exp(sum(self.window_nll[:windows]) / sum(self.window_tokens[:windows]))
 
 
 @torch.inference_mode()
@@ -28,14 +34,15 @@ def perplexity(model: MoEModel, ids: list[int], window: int = 512, max_tokens: i
         raise TokenRangeError("need at least 2 tokens to score")
     chunks = [torch.tensor(ids[s : s + window]) for s in range(0, len(ids) - 1, window)]
     chunks = [c for c in chunks if c.numel() >= 2]
-    nll, count = 0.0, 0
+    nll: list[float] = []
+    count: list[int] = []
     for b in range(0, len(chunks), max(1, batch)):
         group = chunks[b : b + max(1, batch)]
         logits = model.forward([model.new_sequence(c.numel()) for c in group], group, all_logits=True)  # [sum t, V]
         start = 0
         for c in group:
             logp = torch.log_softmax(logits[start : start + c.numel() - 1].double(), dim=-1)
-            nll -= float(logp.gather(1, c[1:, None].to(logp.device)).sum())
-            count += c.numel() - 1
+            nll.append(-float(logp.gather(1, c[1:, None].to(logp.device)).sum()))
+            count.append(c.numel() - 1)
             start += c.numel()
-    return PerplexityResult(math.exp(nll / count), count, len(chunks))
+    return PerplexityResult(math.exp(sum(nll) / sum(count)), sum(count), len(chunks), tuple(nll), tuple(count))

@@ -39,23 +39,30 @@ def eval_ids(tiny_mixtral_dir, tiny_mixtral_pack):
     return rt.tokenizer.encode((tiny_mixtral_dir / "eval.txt").read_text())[:8192]
 
 
+QUANTIZED_WINDOWS = 4  # the quantized formats are scored on the text's first 4 windows (2048 tokens)
+
+
 @pytest.fixture(scope="module")
 def ppl_by_format(tiny_mixtral_pack, eval_ids):
-    out = {}
-    for fmt in ("bf16", "int8", "int4", "int2"):
+    """bf16 on all 8192 tokens (the published figure), and every format on the first 2048 tokens: the
+    quantized formats are compared with bf16 on the same text (a quarter of the cost of 8192 tokens)."""
+    rt = load_local(tiny_mixtral_pack, fmt="bf16", device="cpu")
+    full = perplexity(rt.model, eval_ids, window=512)
+    out = {"bf16_full": full.perplexity, "bf16": full.first(QUANTIZED_WINDOWS)}
+    for fmt in ("int8", "int4", "int2"):
         rt = load_local(tiny_mixtral_pack, fmt=fmt, device="cpu")
-        out[fmt] = perplexity(rt.model, eval_ids, window=512).perplexity
-    print("perplexity on eval.txt (8192 tokens):", {k: round(v, 3) for k, v in out.items()})
+        out[fmt] = perplexity(rt.model, eval_ids[: 512 * QUANTIZED_WINDOWS], window=512).perplexity
+    print("perplexity on eval.txt (bf16_full: 8192 tokens; the rest: 2048):", {k: round(v, 3) for k, v in out.items()})
     return out
 
 
 def test_bf16_perplexity_matches_the_published_value(ppl_by_format):
     # ../shared/models/tiny-mixtral/README.md: 45.6 (fp32 from the bf16 weights, 8,192 tokens, windows of 512)
-    assert ppl_by_format["bf16"] == pytest.approx(45.6, rel=0.01)
+    assert ppl_by_format["bf16_full"] == pytest.approx(45.6, rel=0.01)
 
 
 def test_quantized_perplexity_within_budget(ppl_by_format):
-    base = ppl_by_format["bf16"]
+    base = ppl_by_format["bf16"]  # the same 2048 tokens
     assert ppl_by_format["int8"] <= base * 1.005
     assert ppl_by_format["int4"] <= base * 1.01
     assert ppl_by_format["int2"] <= base * 1.05
