@@ -11,7 +11,7 @@
 workloads through the client, repeats every cell --repeats times with the cells interleaved
 (A B C A B C ...), and writes DIR/results.json (with the machine), DIR/results.md and PNG plots.
 PACK is a pack directory, or a Hugging Face checkpoint directory (packed into DIR/pack with
-int4 and int2 experts, reused when already there). The issue's targets are printed as met or
+int4 and int2 experts, reused when already there). Fate's targets (docs/benchmarks.md) are printed as met or
 missed with their margins; nothing here asserts them.
 """
 
@@ -44,7 +44,7 @@ from .plan import (
 from .report import (
     RESULTS_FORMAT,
     evaluate_targets,
-    issue_targets,
+    fate_targets,
     machine_description,
     markdown_table,
     profile_text,
@@ -256,7 +256,7 @@ def finish(results: dict, out: Path, recompute: bool = False) -> None:
                 w["figures"] = figures
     headline = s["headline_workload"]
     results["summary"] = rows = summarize(results["runs"], list(workloads))
-    results["targets"] = targets = evaluate_targets(rows, issue_targets(headline), headline)
+    results["targets"] = targets = evaluate_targets(rows, fate_targets(headline), headline)
     write_results(results, out)
     for t in s["transports"]:
         print(f"\n{t}, {headline}:\n" + markdown_table(rows, t, headline, "decode", list(s["configurations"])))

@@ -161,8 +161,8 @@ class Target:
     threshold: float
 
 
-def issue_targets(headline_workload: str) -> list[Target]:
-    """The issue's targets (tiny-mixtral, int4, the 8 prompts served concurrently); reported, never asserted."""
+def fate_targets(headline_workload: str) -> list[Target]:
+    """Fate's targets (tiny-mixtral, int4, the 8 prompts served concurrently); reported, never asserted."""
     w = headline_workload
     return [
         Target(f"Fate decode at 50% >= 0.95x all-resident (shm, {w})", "shm", "fate", "50%", "decode_vs_all_resident", 0.95),

@@ -18,13 +18,22 @@ class SamplingError(FateError, ValueError):
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How one sequence is generated."""
+
     max_new_tokens: int = 64
-    temperature: float = 0.0  # 0: greedy
-    top_k: int = 0  # 0: no top-k cut
-    top_p: float = 1.0  # 1: no nucleus cut
-    seed: int | None = None  # None: nondeterministic when sampling
-    stop_token_ids: tuple[int, ...] = ()  # stop on these besides the model's EOS
-    ignore_eos: bool = False  # keep going past EOS (benchmarks, reference comparisons)
+    """Tokens to generate at most."""
+    temperature: float = 0.0
+    """Sampling temperature; 0: greedy."""
+    top_k: int = 0
+    """Sample among the k likeliest tokens; 0: no top-k cut."""
+    top_p: float = 1.0
+    """Sample within the smallest set of this probability mass; 1: no nucleus cut."""
+    seed: int | None = None
+    """Seed of the sampler; None: nondeterministic when sampling."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Stop on these besides the model's EOS."""
+    ignore_eos: bool = False
+    """Keep going past EOS (benchmarks, reference comparisons)."""
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
