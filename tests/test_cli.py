@@ -127,3 +127,32 @@ def test_installed_scripts_are_declared(module):
 
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert f"{module}.__main__:main" in scripts.values()
+
+
+def test_pack_reuse_and_inspect_json(hf_tiny_mixtral_dir, tmp_path, capsys):
+    """What the demo runs: `pack --reuse` keeps a pack that has the formats, repacks one that lacks them;
+    `inspect --json` gives the expert sizes."""
+    import json
+
+    from expert_store.__main__ import main as store_main
+
+    out = tmp_path / "pack"
+    args = ["pack", str(hf_tiny_mixtral_dir), str(out), "--no-progress", "--reuse"]
+    assert store_main([*args, "--formats", "int4"]) == 0
+    assert store_main([*args, "--formats", "int4"]) == 0 and "reusing" in capsys.readouterr().out
+    assert store_main([*args, "--formats", "int2"]) == 0 and "reusing" not in capsys.readouterr().out
+    assert store_main(["inspect", str(out), "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert list(facts["expert_bytes"]) == ["int2"] and facts["experts"] == 2 * 8 and facts["top_k"] == 2
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("mine")
+    assert store_main(["pack", str(hf_tiny_mixtral_dir), str(tmp_path / "precious"), "--reuse", "--no-progress"]) == 2
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "mine"  # --reuse never replaces a non-pack
+
+
+def test_make_default_model_prints_its_directory(tmp_path, capsys):
+    from gpu_worker.__main__ import main as worker_main
+
+    assert worker_main(["make-default-model", str(tmp_path), "--seed", "3"]) == 0
+    path = Path(capsys.readouterr().out.strip())
+    assert path.parent == tmp_path and (path / "config.json").is_file() and "seed3" in path.name
