@@ -3,7 +3,7 @@
     serve        the worker server (gRPC Generate/GetStats) over an expert store
     generate     generate in process, reading experts straight from a pack
     perplexity   perplexity of a pack on a text file
-    simulate     replay expert traces through the cache policies (gpu_worker/simulator.py)
+    simulate     replay expert traces through the cache policies (gpu_worker/simulator/)
     analyze      report + plots + a learned allocation from traces (gpu_worker/analysis.py)
 
 User errors (bad flags or config, a budget below the minimum, an unreachable

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from expert_store.config import ConfigError, parse_size, read_toml_table
 
-from .policies import ALLOCATION_NAMES, POLICY_NAMES
+from .policy import ALLOCATION_NAMES, POLICY_NAMES
 from .predictors import PREDICTOR_NAMES
 
 DEFAULT_LISTEN = "127.0.0.1:50061"

@@ -11,7 +11,7 @@ import pytest
 from gpu_worker.analysis import (
     learn_allocation, popularity, prediction_accuracy, rare_experts, reuse_distances, router_entropy, transitions,
 )
-from gpu_worker.learned_allocation import LearnedAllocation
+from gpu_worker.policy import LearnedAllocation
 from gpu_worker.simulator import Replay, SimConfig, simulate
 from gpu_worker.traces import Trace, load_trace, make_meta, save_trace
 
