@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -30,6 +31,17 @@ from .config import PIN_MODES, SEMANTICS, SIM_POLICIES, SimConfig, SimResult, Si
 from .cost import PROFILES, HardwareProfile, estimate_cost, load_profile, resolve_expert_bytes
 from .replay import Replay
 from .run import make_sim_allocation, simulate
+
+
+def _say(*args: object) -> None:
+    """print to stdout; once the reader has gone (`simulate ... | head`), the rest goes to /dev/null and the
+    simulation goes on (its --json file is still written)."""
+    try:
+        print(*args, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _split(text: str) -> list[str]:
@@ -83,7 +95,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         from .hardware import measure_profile
 
         profile = measure_profile(a.measure, fmt=a.format)
-        print(f"[measured: {profile.measured}]", file=sys.stderr)
+        print(f"[measured: {profile.measured}]", file=sys.stderr)  # noqa: T201
     else:
         profile = load_profile(a.hardware)
     out: list[dict[str, Any]] = []
@@ -95,8 +107,8 @@ def cmd_simulate(a: argparse.Namespace) -> int:
             try:
                 eb = resolve_expert_bytes(profile, t, a.format)
             except SimulationError as e:
-                print(f"note: {e} (or pass --expert-bytes); no time projection")
-        print(f"\n== {t.path}: {t.model}, {t.num_tokens} rows x {t.num_layers} MoE layers, {t.num_experts} experts, "
+                _say(f"note: {e} (or pass --expert-bytes); no time projection")
+        _say(f"\n== {t.path}: {t.model}, {t.num_tokens} rows x {t.num_layers} MoE layers, {t.num_experts} experts, "
               f"top-{t.top_k}; {rp.S} forward steps ({'recorded' if t.step is not None else 'inferred'}); "
               f"semantics {a.semantics}")
         runs: list[SimResult] = []
@@ -138,17 +150,17 @@ def cmd_simulate(a: argparse.Namespace) -> int:
                 out.append(row)
         _print_tables(runs, t.num_layers * t.num_experts, eb, profile)
         for n in sorted(notes):
-            print(f"note: {n}")
+            _say(f"note: {n}")
     if out:
         thr = {}
         for row in out:
             if row["predictor"] == "none":
                 thr.setdefault(row["policy"], []).append(row["cells_per_s"])
-        print("\nreplay speed, load-on-demand runs (token-layer cells/s, median): " +
+        _say("\nreplay speed, load-on-demand runs (token-layer cells/s, median): " +
               ", ".join(f"{k} {int(np.median(v)):,}" for k, v in thr.items()))
     if a.json_out:
         Path(a.json_out).write_text(json.dumps({"profile": asdict(profile), "results": out}, indent=1))
-        print(f"wrote {a.json_out}")
+        _say(f"wrote {a.json_out}")
     return 0
 
 
@@ -164,14 +176,14 @@ def _print_tables(runs: list[SimResult], total: int, eb: int, profile: HardwareP
     if not runs:
         return
     head = "  ".join(f"{f'{q}={100 * q / total:.0f}%' if total else q:>9}" for q in slot_cols)
-    print("hit rate (hits + prefetch hits) / lookups; columns: budget in experts (share of all experts)")
-    print(f"{'allocation':<18}{'predictor':<12}{'policy':<10}{head}")
+    _say("hit rate (hits + prefetch hits) / lookups; columns: budget in experts (share of all experts)")
+    _say(f"{'allocation':<18}{'predictor':<12}{'policy':<10}{head}")
     for (al, pr, pol), d in by_key.items():
         cells = "  ".join(f"{d[q].hit_rate:9.3f}" if q in d else f"{'-':>9}" for q in slot_cols)
-        print(f"{al[:17]:<18}{pr:<12}{pol:<10}{cells}")
+        _say(f"{al[:17]:<18}{pr:<12}{pol:<10}{cells}")
     if eb:
-        print(f"projected decode tokens/s on {profile.name} ({eb} bytes per expert)")
+        _say(f"projected decode tokens/s on {profile.name} ({eb} bytes per expert)")
         for (al, pr, pol), d in by_key.items():
             cells = "  ".join(f"{estimate_cost(d[q], profile, eb).decode_tokens_per_s:9.1f}" if q in d else
                               f"{'-':>9}" for q in slot_cols)
-            print(f"{al[:17]:<18}{pr:<12}{pol:<10}{cells}")
+            _say(f"{al[:17]:<18}{pr:<12}{pol:<10}{cells}")

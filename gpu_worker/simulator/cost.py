@@ -31,7 +31,7 @@ class HardwareProfile:
     layer_token_s: float  # per extra row in the step, per layer (batched decode / prefill)
     expert_compute_s: float  # one resident expert used in a layer step (T = 1)
     step_s: float  # per forward: embedding, LM head, sampling, scheduling
-    expert_bytes: int = 0  # bytes per expert transfer; 0: the trace's meta expert_bytes[format]
+    expert_bytes: int = 0  # bytes per expert transfer where the trace does not say (its meta.expert_bytes wins)
     measured: str = ""  # how the numbers were obtained
 
 
@@ -103,13 +103,19 @@ class CostEstimate:
 
 
 def resolve_expert_bytes(profile: HardwareProfile, trace: Trace, fmt: str) -> int:
-    if profile.expert_bytes:
-        return profile.expert_bytes
+    """Bytes one expert transfer moves for `trace`: its meta.expert_bytes[fmt] (or its only entry), else
+    meta.cache.expert_bytes (the recording worker's), else the profile's own expert_bytes (the machine it
+    was measured on)."""
     eb = trace.expert_bytes
     if fmt in eb:
         return eb[fmt]
     if eb:
         return next(iter(eb.values()))
+    cache = trace.meta.get("cache") or {}
+    if int(cache.get("expert_bytes") or 0) > 0:
+        return int(cache["expert_bytes"])
+    if profile.expert_bytes:
+        return profile.expert_bytes
     raise SimulationError(f"{trace.path}: meta.expert_bytes has no {fmt!r} entry: give the profile's expert_bytes")
 
 

@@ -361,3 +361,47 @@ def test_the_worker_config_selects_a_learned_allocation_file(tmp_path):
         WorkerConfig(store="unix:/tmp/s.sock", allocation="deep_favoring")
     with pytest.raises(AllocationFileError):
         make_worker_allocation(f"learned:{tmp_path / 'missing.json'}")
+
+
+# -- the cost model takes the trace's expert size; the CLI survives a closed pipe ---------------------------
+
+
+def test_simulate_uses_the_traces_expert_bytes_then_the_recording_cache(tmp_path):
+    from gpu_worker.__main__ import main
+    from gpu_worker.simulator import resolve_expert_bytes
+    from gpu_worker.traces import save_trace
+
+    seq = [[0, 1], [2, 3], [0, 2], [1, 3]] * 4
+    big = one_layer(seq)
+    big.meta["expert_bytes"] = {"int4": 88_080_384}  # a Mixtral-8x7B int4 expert, not this machine's 124,416
+    path = save_trace(big, tmp_path / "big.npz")
+    out = tmp_path / "big.json"
+    assert main(["simulate", str(path), "--policies", "lru", "--allocations", "uniform", "--budgets", "4",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert rows and all(r["cost"]["expert_bytes"] == 88_080_384 for r in rows)
+    empty = one_layer(seq)
+    empty.meta["expert_bytes"] = {}
+    empty.meta["cache"] = {"expert_bytes": 4242}
+    assert resolve_expert_bytes(PROFILES["this-machine"], empty, "int4") == 4242
+    empty.meta.pop("cache")
+    assert resolve_expert_bytes(PROFILES["this-machine"], empty, "int4") == PROFILES["this-machine"].expert_bytes
+
+
+def test_simulate_into_a_closed_pipe_still_writes_its_json(shared_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    traces = [str(shared_dir / "traces" / f"tiny-mixtral-8req-{k}.npz") for k in ("interleaved", "sequential")]
+    out = tmp_path / "x.json"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # each line reaches the pipe as it is printed
+    p = subprocess.Popen([sys.executable, "-m", "gpu_worker", "simulate", *traces, "--policies", "lru",
+                          "--allocations", "uniform", "--budgets", "25%", "--json", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    head = [p.stdout.readline() for _ in range(2)]  # `| head -2`
+    p.stdout.close()
+    _, err = p.communicate(timeout=120)
+    assert len(head) == 2 and p.returncode == 0, err.decode()
+    results = json.loads(out.read_text())["results"]
+    assert {r["trace"] for r in results} == {"tiny-mixtral-8req-interleaved", "tiny-mixtral-8req-sequential"}
