@@ -37,7 +37,7 @@ def score(model, ids: list[int], window: int, controller=None, cache=None) -> tu
         if controller is not None:
             controller.begin_step([0] * chunk.numel(), [True] * chunk.numel())
         with torch.inference_mode():
-            logits = model.forward([model.new_sequence(chunk.numel())], [chunk], all_logits=True)
+            logits = model.forward([model.new_sequence(chunk.numel())], [chunk], all_logits=True, observer=controller)
         if controller is not None:
             controller.end_step()
         if cache is not None:
@@ -91,9 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                 budget = 2 * args.top_k * eb if budget_name == "min" else int(full * float(budget_name[:-1]) / 100)
                 cache = ExpertCache(args, PackFetcher(pack), "int4", "auto", cpu, budget, tail_fmt="int2")
                 model = build_model(pack, cache, cpu)
-                ctl = PrefetchController(model, cache, make_predictor("none"), int2_tail_share=share,
+                ctl = PrefetchController(args, cache, make_predictor("none"), int2_tail_share=share,
                                          start_thread=False)
-                model.observer = ctl
                 t0 = time.perf_counter()
                 ppl, _ = score(model, ids, a.window, ctl, cache)
                 s = cache.stats().total

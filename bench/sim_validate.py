@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from client.processes import Service, module_command  # noqa: E402
 from gpu_worker.simulator import Replay, estimate_cost, simulate, worker_config_of  # noqa: E402
-from gpu_worker.traces import attach_recorder, load_trace, recorder_for_engine  # noqa: E402
+from gpu_worker.traces import load_trace, recorder_for  # noqa: E402
 
 MODEL = REPO.parent / "shared" / "models" / "tiny-mixtral"
 
@@ -59,20 +59,12 @@ def run_in_process(pack, store_addr: str, prompts, budget: str, concurrent: bool
     full = full_budget_bytes(pack.args, "int4", "auto", cpu)
     cache = ExpertCache(pack.args, store, "int4", "auto", cpu, resolve_budget(budget, full), policy="lru")
     model = build_model(pack, cache, cpu)
-    engine = Engine(model, None, max_batch_size=8, num_threads=1)
     tdir = out / f"traces-{budget.rstrip('%')}-{'conc' if concurrent else 'seq'}"
-    recorder = recorder_for_engine(engine, tdir, model_name="tiny-mixtral",
-                                   expert_bytes={"int4": store.manifest().expert_bytes("int4")})
-    attach_recorder(engine, recorder)
+    recorder = recorder_for(pack.args, tdir, model_name="tiny-mixtral", cache=cache,
+                            expert_bytes={"int4": store.manifest().expert_bytes("int4")})
     step_s: list[float] = []
-    original = engine._step
-
-    def timed_step():
-        t0 = time.perf_counter()
-        original()
-        step_s.append(time.perf_counter() - t0)
-
-    engine._step = timed_step  # bench-only instrumentation of this instance
+    engine = Engine(model, None, max_batch_size=8, num_threads=1, tracker=cache, recorder=recorder,
+                    on_step=lambda t: step_s.append(t.wall_ns / 1e9))
     finals = []
     with engine:
         groups = [prompts] if concurrent else [[p] for p in prompts]

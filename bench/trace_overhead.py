@@ -5,7 +5,7 @@
 The worst case for the recorder's relative cost: every expert resident (an in-process cache at 100%,
 warm, so no fetch hides the recorder's work), torch on one thread. Decodes the 8 prompts of
 prompts.jsonl sequentially (batch 1) and concurrently (batch 8) through the Engine, alternately without
-and with a TraceRecorder attached (gpu_worker.traces.attach_recorder, weights recorded), and compares
+and with a TraceRecorder attached (Engine(recorder=...), weights recorded), and compares
 the median decode tokens/s (decode steps' wall time, through the engine's step). Also reports the time
 spent inside the recorder's hooks per step and the time to write the file at close().
 """
@@ -32,24 +32,12 @@ MODEL = REPO.parent / "shared" / "models" / "tiny-mixtral"
 def decode_rate(model, prompts, concurrent: bool, new_tokens: int, recorder_dir: Path | None):
     from gpu_worker.engine import Engine, FinalEvent, GenerationRequest
     from gpu_worker.generate import SamplingParams
-    from gpu_worker.traces import attach_recorder, recorder_for_engine
+    from gpu_worker.traces import recorder_for
 
-    engine = Engine(model, None, max_batch_size=8, num_threads=1)
-    recorder = None
-    if recorder_dir is not None:
-        recorder = recorder_for_engine(engine, recorder_dir, model_name="tiny-mixtral")
-        detach = attach_recorder(engine, recorder)
+    recorder = recorder_for(model.args, recorder_dir, model_name="tiny-mixtral") if recorder_dir is not None else None
     steps: list[tuple[float, int, bool]] = []  # (seconds, rows, all decode)
-    original = engine._step
-
-    def timed() -> None:
-        batch = list(engine._active)
-        decode = all(r.prefilled for r in batch)
-        t0 = time.perf_counter()
-        original()
-        steps.append((time.perf_counter() - t0, len(batch), decode))
-
-    engine._step = timed
+    engine = Engine(model, None, max_batch_size=8, num_threads=1, recorder=recorder,
+                    on_step=lambda t: steps.append((t.wall_ns / 1e9, t.sequences, t.decode)))
     with engine:
         groups = [prompts] if concurrent else [[p] for p in prompts]
         for group in groups:
@@ -66,7 +54,6 @@ def decode_rate(model, prompts, concurrent: bool, new_tokens: int, recorder_dir:
         t0 = time.perf_counter()
         recorder.close()
         write_s = time.perf_counter() - t0
-        detach()
     dec = [(s, n) for s, n, d in steps if d]
     return sum(n for _, n in dec) / sum(s for s, _ in dec), hook_ms, write_s
 

@@ -82,10 +82,6 @@ class ModelArgs:
     def num_moe_layers(self) -> int:
         return len(self.moe_layers)
 
-    def moe_index(self, layer: int) -> int:
-        """Position of decoder layer `layer` among the MoE layers."""
-        return self.moe_layers.index(layer)
-
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["moe_layers"] = list(self.moe_layers)

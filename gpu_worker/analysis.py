@@ -7,7 +7,7 @@ per-layer expert popularity, reuse-distance CDF per layer, per-layer prediction 
 recorded `predicted` field when present; prev_token and eap replayed through their classes),
 layer-to-layer expert transitions, router entropy per layer, rarely used experts (pruning
 candidates), and the best per-layer allocation found for the budget, written as a
-`fate-allocation/1` file (gpu_worker.learned_allocation) the worker can load.
+`fate-allocation/1` file (gpu_worker.policy.allocation) the worker can load.
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from .learned_allocation import LearnedAllocation
+from .policy import LearnedAllocation
 from .simulator import (
-    SIM_POLICIES, Replay, SimConfig, SimulationError, make_sim_predictor, parse_budget, simulate,
+    PROFILES, SIM_POLICIES, HardwareProfile, Replay, SimConfig, estimate_cost, layer_slots, make_sim_predictor,
+    parse_budget, resolve_expert_bytes, simulate,
 )
 from .traces import Trace, load_trace
 
@@ -220,6 +220,9 @@ class LearnedResult:
     policy: str
     curves: np.ndarray  # [L, E + 1] hits of each layer with c slots (every layer at c)
     compared: dict[str, float] = field(default_factory=dict)  # allocation -> hit rate at the budget
+    compared_s: dict[str, float] = field(default_factory=dict)  # allocation -> projected seconds (the objective)
+    compared_tps: dict[str, float] = field(default_factory=dict)  # allocation -> projected decode tokens/s
+    profile: str = ""  # the cost model's hardware profile
 
 
 def _dp_split(curves: np.ndarray, Q: int, floor: int) -> list[int] | None:
@@ -250,8 +253,12 @@ def _dp_split(curves: np.ndarray, Q: int, floor: int) -> list[int] | None:
 
 
 def learn_allocation(rp: Replay, total_slots: int, policy: str = "lru", semantics: str = "worker",
-                     budget_label: str = "", max_evals: int = 120) -> LearnedResult:
-    """The per-layer slots that maximize the replayed hit rate for `total_slots` experts.
+                     budget_label: str = "", max_evals: int = 120, profile: HardwareProfile | None = None,
+                     expert_bytes: int = 0, fmt: str = "int4") -> LearnedResult:
+    """The per-layer slots that minimize the replay's projected time (the cost model on `profile`, default
+    this-machine, with the trace's expert bytes) for `total_slots` experts: hits alone ignore how misses
+    group into demand waves (one wave of n misses costs one link latency), so the fewest misses are not
+    always the fastest decode.
 
     1. Each layer's hit curve h_l(c), c = 0..E, from the simulator with every layer at c slots (one
        run per c gives every layer's point).
@@ -261,9 +268,11 @@ def learn_allocation(rp: Replay, total_slots: int, policy: str = "lru", semantic
        layer with fewer slots than its step needs borrows other layers' experts).
     3. Greedy marginal-gain search with the full replay: try moving one slot from the layer whose
        curve loses least to the one whose curve gains most (the best few pairs), keep a move that
-       raises the replayed hits, until none does or `max_evals` replays were spent.
+       lowers the projected time, until none does or `max_evals` replays were spent.
     """
     t = rp.trace
+    profile = profile or PROFILES["this-machine"]
+    eb = expert_bytes or resolve_expert_bytes(profile, t, fmt)
     L, E, K = rp.L, rp.E, rp.K
     Q = min(total_slots, L * E)
     curves = np.zeros((L, E + 1), np.int64)
@@ -274,24 +283,26 @@ def learn_allocation(rp: Replay, total_slots: int, policy: str = "lru", semantic
                                    slots_override=tuple((col, c) for col in range(L))))
         curves[:, c] = r.hits + r.prefetch_hits
     evals = 0
-    seen: dict[tuple[int, ...], float] = {}
+    seen: dict[tuple[int, ...], tuple[float, float, float]] = {}  # slots -> (seconds, hits, decode tokens/s)
 
-    def score(slots_col: Sequence[int]) -> float:
+    def replay(slots_col: Sequence[int]) -> tuple[float, float, float]:
         nonlocal evals
         key = tuple(int(x) for x in slots_col)
         if key not in seen:
             evals += 1
             r = simulate(rp, SimConfig(policy, total_slots, semantics=semantics, slots_override=tuple(enumerate(key))))
-            seen[key] = float((r.hits + r.prefetch_hits).sum())
+            c = estimate_cost(r, profile, eb)
+            seen[key] = (c.decode_s + c.prefill_s, float((r.hits + r.prefetch_hits).sum()), c.decode_tokens_per_s)
         return seen[key]
+
+    def score(slots_col: Sequence[int]) -> float:  # higher is better: less projected time
+        return -replay(slots_col)[0]
 
     starts: dict[str, list[int]] = {}
     for name, floor in (("curves", 0), ("curves_min_topk", K)):
         split = _dp_split(curves, Q, floor)
         if split is not None:
             starts[name] = split
-    from .simulator import layer_slots
-
     for name in ("uniform", "shallow_favoring"):
         starts[name] = layer_slots(rp, SimConfig(policy, total_slots, allocation=name))
     start_name = max(starts, key=lambda k: score(starts[k]))
@@ -321,11 +332,15 @@ def learn_allocation(rp: Replay, total_slots: int, policy: str = "lru", semantic
     alloc = LearnedAllocation(slots, total_slots, meta)
     lookups = float(rp.step_lookups.sum()) if semantics == "worker" else float(
         sum(len(r) for rows in rp.flat_rows for r in rows))
-    compared = {name: score(starts[name]) / lookups for name in ("uniform", "shallow_favoring")}
-    compared["learned"] = cur_score / lookups
+    final = {name: replay(starts[name]) for name in ("uniform", "shallow_favoring")}
+    final["learned"] = replay(cur)
+    compared = {k: v[1] / lookups for k, v in final.items()}
     alloc.meta["expected_hit_rate"] = round(compared["learned"], 6)
     alloc.meta["compared"] = {k: round(v, 6) for k, v in compared.items()}
-    return LearnedResult(alloc, total_slots, policy, curves, compared)
+    alloc.meta["objective"] = f"projected seconds on {profile.name} ({eb} bytes per expert)"
+    alloc.meta["projected_s"] = {k: round(v[0], 6) for k, v in final.items()}
+    return LearnedResult(alloc, total_slots, policy, curves, compared, {k: v[0] for k, v in final.items()},
+                         {k: v[2] for k, v in final.items()}, profile.name)
 
 
 # -- plots --------------------------------------------------------------------------------------------
@@ -340,8 +355,10 @@ def _plt():
     return plt
 
 
-def plot_hit_rates(path: Path, t: Trace, budgets: list[int], curves: dict[tuple[str, str], list[float]],
-                   allocations: Sequence[str], learned: LearnedResult | None) -> Path:
+def hit_rate_figure(t: Trace, budgets: list[int], curves: dict[tuple[str, str], list[float]],
+                    allocations: Sequence[str], learned: LearnedResult | None):
+    """One panel per allocation; the learned allocation's point (a star) on the first; one legend, on the
+    right panel, with every panel's entries."""
     plt = _plt()
     total = t.num_layers * t.num_experts
     fig, axes = plt.subplots(1, len(allocations), figsize=(5.2 * len(allocations), 4), sharey=True, squeeze=False)
@@ -360,11 +377,21 @@ def plot_hit_rates(path: Path, t: Trace, budgets: list[int], curves: dict[tuple[
         ax.grid(alpha=0.3)
         ax.set_ylim(0, 1.02)
     axes[0][0].set_ylabel("hit rate")
-    axes[0][-1].legend(fontsize=8, loc="lower right")
+    handles: dict[str, Any] = {}
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    axes[0][-1].legend(list(handles.values()), list(handles), fontsize=8, loc="lower right")
     fig.suptitle(f"{t.name}: hit rate vs budget (worker replay)", fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def plot_hit_rates(path: Path, t: Trace, budgets: list[int], curves: dict[tuple[str, str], list[float]],
+                   allocations: Sequence[str], learned: LearnedResult | None) -> Path:
+    fig = hit_rate_figure(t, budgets, curves, allocations, learned)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _plt().close(fig)
     return path
 
 
@@ -600,14 +627,16 @@ def analyze_trace(t: Trace, out: Path, budget: str = "25%", policy: str = "lru",
     if learned is not None:
         lo = learned.allocation
         md += [f"### Learned allocation for {budget} ({q} experts, policy {policy})", "",
-               "Per-layer hit curves from the simulator (every layer at c slots, c = 0..E), then the split of the "
-               "budget that maximizes their sum (exact, by dynamic programming); checked by a full replay:", "",
+               "Starting points from per-layer hit curves (every layer at c slots, c = 0..E; the split that "
+               "maximizes their sum, by dynamic programming) and the fixed allocations, then slot moves kept when "
+               "a full replay's projected time (the cost model) falls:", "",
                "| layer | " + " | ".join(str(x) for x in t.layer_ids) + " |", "|---|" + "---|" * L,
                "| slots | " + " | ".join(str(lo.learned[x]) for x in t.layer_ids) + " |", "",
-               "| allocation | hit rate |", "|---|---|"]
-        md += [f"| {k} | {_fmt(v)} |" for k, v in learned.compared.items()]
+               f"| allocation | hit rate | projected s ({learned.profile}) | decode tokens/s |", "|---|---|---|---|"]
+        md += [f"| {k} | {_fmt(v)} | {_fmt(learned.compared_s[k], 4)} | {_fmt(learned.compared_tps[k], 1)} |"
+               for k, v in learned.compared.items()]
         md += ["", f"Written to `{alloc_path.name}` (format `fate-allocation/1`; load it with "
-                   f"`gpu_worker.learned_allocation.LearnedAllocation.load`, or replay it with "
+                   f"`gpu_worker.policy.LearnedAllocation.load`, or replay it with "
                    f"`simulate --allocations learned:{alloc_path.name}`).", ""]
     summary = {"trace": t.path, "budgets": budgets,
                "hit_rate": {f"{al}/{pol}": ys for (al, pol), ys in curves.items()},
@@ -625,7 +654,7 @@ def write_report(traces: Sequence[Trace], out: str | Path, budget: str = "25%", 
     out.mkdir(parents=True, exist_ok=True)
     md = ["# Expert-trace analysis", "",
           "Generated by `python -m gpu_worker analyze`. Hit rates replay the traces through the worker's own "
-          "policy and allocation classes (gpu_worker.policies) with Belady's optimal replacement as the bound.", ""]
+          "cache ledger, policy and allocation classes (gpu_worker.policy) with Belady's optimal replacement as the bound.", ""]
     summaries = []
     for t in traces:
         lines, summary = analyze_trace(t, out, budget, policy, semantics)

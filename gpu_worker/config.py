@@ -30,8 +30,8 @@ from expert_store.settings import (
     read_toml,
 )
 
-from .policies import ALLOCATION_NAMES, POLICY_NAMES
-from .predictors import PREDICTOR_NAMES
+from .policy import ALLOCATION_NAMES, POLICY_NAMES
+from .policy.predictors import PREDICTOR_NAMES
 
 __all__ = ["COMPUTE_FORMS", "Budget", "ConfigError", "WorkerConfig", "build_config", "load_toml", "resolve_budget",
            "resolve_staging"]

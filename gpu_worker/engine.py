@@ -10,335 +10,45 @@ Results leave the compute thread through a per-request `sink` callable; the
 asyncio side (`AsyncRequestStream`) passes one that hops onto the event loop with
 `loop.call_soon_threadsafe` into an `asyncio.Queue`.
 
-Per-request expert statistics combine two views of a step:
-  - the model's routings (a `RoutingObserver`: ids [T, K] per MoE layer) split by
-    the step's token -> request map, and
-  - the provider's `StepOutcome` (which experts of each layer were hits or misses
-    in this forward, bytes fetched, time compute waited on fetches).
-A request's lookups in a step are the distinct (layer, expert) pairs its tokens
-routed to (the cache looks each expert up once per step, so a request running
-alone has exactly the cache's counts); each is a hit or a miss as the expert was
-in that step. Bytes fetched and fetch wait are per step, not per expert owner:
-they are charged in full to every request in the step (a shared decode step
-stalls every request in it), so they do not sum across requests; so are the
-step's prefetched experts, prefetched bytes, wasted prefetch bytes and INT2 misses.
-
-A `StepController` (gpu_worker.prefetch.PrefetchController) hears each request's
-start and end (by the engine's integer request id) and, before each forward, the
-step's token rows (request id, prefill or decode); after it, it returns what the
-predictions scored per request and layer, added to the request's statistics. Each
-request also keeps its counts per MoE layer and over its decode steps alone
-(`ExpertStats.decode`: its prefill left out).
+The engine takes its step hooks at construction (gpu_worker.step_hooks: the cache as
+`tracker`, the prefetch `controller`, the trace `recorder`, and the per-request
+`attribution`, gpu_worker.request_stats) and passes their routing observers to each
+forward; nothing else is wired into the model. The public types (requests, events,
+errors) live in gpu_worker.events and are importable from here.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import secrets
 import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Protocol, Sequence
+from dataclasses import replace
+from typing import Callable, Iterable
 
 import torch
 
 from expert_store.errors import FateError
 
-from .generate import SamplingParams, make_generator, sample
-from .model import MoEModel, SequenceKV
-from .tokenizer import IncrementalDecoder, TextTokenizer
+from .events import (  # noqa: F401 - the engine's public API
+    ContextLengthError, EngineStats, EngineStoppedError, ErrorEvent, Event, ExpertStats, FinalEvent, FinishReason,
+    GenerationRequest, LayerExpertStats, QueueFullError, RequestError, Sink, Timings, TokenEvent,
+)
+from .generate import make_generator, sample
+from .model import MoEModel
+from .request_state import ActiveRequest, RequestHandle, held_suffix
+from .request_state import logprob as token_logprob
+from .request_stats import StepAttribution, StepExperts, step_experts_from  # noqa: F401
+from .step_hooks import RoutingFanout, StepController, StepListener, StepTiming, StepTracker  # noqa: F401
+from .tokenizer import TextTokenizer
 
 log = logging.getLogger("gpu_worker.engine")
 
 
-# -- errors -------------------------------------------------------------------------------
-
-
-class RequestError(FateError, ValueError):
-    """A request the engine refuses as given (bad prompt, stop strings, token ids)."""
-
-
-class ContextLengthError(RequestError):
-    """The prompt plus max_new_tokens do not fit the model's context."""
-
-
-class QueueFullError(FateError):
-    """Too many requests waiting: retry later or raise --max-queue."""
-
-
-class EngineStoppedError(FateError):
-    """The engine is shutting down (or has stopped): the request was not (fully) served."""
-
-
-# -- domain types -------------------------------------------------------------------------
-
-
-class FinishReason(enum.Enum):
-    LENGTH = "length"  # reached max_new_tokens
-    EOS = "eos"  # the model's end-of-sequence token
-    STOP_STRING = "stop_string"
-    STOP_TOKEN = "stop_token"
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt_ids: tuple[int, ...]
-    params: SamplingParams  # max_new_tokens already resolved (no "0 = default" here)
-    stop_strings: tuple[str, ...] = ()
-    details: bool = False  # fill TokenEvent.logprob
-    request_id: str = ""  # "" -> the engine assigns one
-
-
-@dataclass
-class LayerExpertStats:
-    """One request's counts at one MoE layer (see the module docstring for attribution)."""
-
-    lookups: int = 0
-    hits: int = 0  # prefetch hits included
-    misses: int = 0
-    prefetch_hits: int = 0
-    predictions: int = 0  # token rows a prediction was made for
-    predictions_exact: int = 0  # predicted top-k == routed top-k (as sets)
-    predicted_routed: int = 0  # routed experts inside the row's prediction
-
-
-@dataclass
-class ExpertStats:
-    """One request's expert-cache statistics (see the module docstring for attribution)."""
-
-    lookups: int = 0
-    hits: int = 0
-    misses: int = 0
-    prefetch_hits: int = 0
-    prefetches_issued: int = 0
-    bytes_fetched: int = 0
-    fetch_wait_ns: int = 0
-    predictions: int = 0
-    predictions_exact: int = 0
-    predicted_routed: int = 0
-    prefetch_bytes: int = 0  # step-charged, like bytes_fetched
-    prefetch_wasted_bytes: int = 0  # step-charged: prefetched experts evicted unused during its steps
-    int2_misses: int = 0  # step-charged: INT2 tail experts fetched during its steps
-    layers: dict[int, LayerExpertStats] = field(default_factory=dict)  # decoder layer -> counts
-    decode: LayerExpertStats = field(default_factory=LayerExpertStats)  # all layers, decode steps only
-
-    def copy(self) -> "ExpertStats":
-        return replace(self, layers={k: replace(v) for k, v in self.layers.items()}, decode=replace(self.decode))
-
-
-@dataclass(frozen=True)
-class Timings:
-    queue_ns: int  # accepted -> admitted
-    prefill_ns: int  # the forward that ran the prompt
-    decode_ns: int  # first decode forward started -> last token sampled
-    time_to_first_token_ns: int  # accepted -> first token sampled
-    total_ns: int  # accepted -> finished
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    index: int  # position among generated tokens
-    id: int
-    text: str  # may be "" (incomplete UTF-8, held back for a stop string) or carry earlier tokens' text
-    logprob: float | None = None
-
-
-@dataclass(frozen=True)
-class FinalEvent:
-    request_id: str
-    finish_reason: FinishReason
-    seed: int
-    prompt_tokens: int
-    completion_tokens: int  # generated, including a stopping token that was not streamed
-    timings: Timings
-    experts: ExpertStats
-    stop_string: str = ""
-    stop_token_id: int | None = None
-    trailing_text: str = ""  # held-back text released at the end (not carried by any token event)
-
-
-@dataclass(frozen=True)
-class ErrorEvent:
-    error: BaseException
-
-
-Event = TokenEvent | FinalEvent | ErrorEvent
-Sink = Callable[[Event], None]
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    active_requests: int
-    queued_requests: int
-    requests_total: int  # accepted
-    requests_failed: int
-    requests_cancelled: int
-    prompt_tokens_total: int
-    generated_tokens_total: int
-    steps_total: int
-
-
-# -- what the engine needs from the provider for per-request statistics ----------------------
-
-
-@dataclass
-class StepExperts:
-    """The provider's view of one forward, normalized for attribution."""
-
-    hits: dict[int, set[int]] = field(default_factory=dict)  # layer -> experts found resident
-    misses: dict[int, set[int]] = field(default_factory=dict)  # layer -> experts fetched on demand
-    prefetch_hits: dict[int, set[int]] = field(default_factory=dict)
-    prefetches_issued: int = 0
-    bytes_fetched: int = 0
-    fetch_wait_ns: int = 0
-    prefetch_bytes: int = 0
-    prefetch_wasted_bytes: int = 0
-    int2_misses: int = 0
-
-
-class StepTracker(Protocol):
-    """A provider that reports per step (gpu_worker.cache.ExpertCache)."""
-
-    def begin_step(self) -> None: ...
-
-    def end_step(self): ...  # -> an outcome `step_experts_from` understands
-
-
-class StepController(Protocol):
-    """Sees each step's token rows and requests' lifetimes (gpu_worker.prefetch.PrefetchController)."""
-
-    def start_request(self, rid: int) -> None: ...
-
-    def end_request(self, rid: int) -> None: ...
-
-    def begin_step(self, rids: Sequence[int], prefill: Sequence[bool]) -> None: ...
-
-    def end_step(self, outcome=None): ...  # -> StepPredictions (.by_request: {rid: {layer: counts}})
-
-
-def step_experts_from(outcome) -> StepExperts:
-    """Normalize a provider's step outcome: a StepExperts as is, or the cache's StepOutcome
-    (`hits`, `prefetch_hits`, `misses`: {layer: [expert]}, and `bytes_fetched`, `fetch_wait_ns` totals).
-    Hits include prefetch hits, as in RequestExpertStats."""
-    if outcome is None:
-        return StepExperts()
-    if isinstance(outcome, StepExperts):
-        return outcome
-
-    def sets(name: str) -> dict[int, set[int]]:
-        return {int(layer): {int(e) for e in es} for layer, es in (getattr(outcome, name, None) or {}).items()}
-
-    pre = sets("prefetch_hits")
-    hits = sets("hits")
-    for layer, es in pre.items():
-        hits.setdefault(layer, set()).update(es)
-    return StepExperts(
-        hits=hits,
-        misses=sets("misses"),
-        prefetch_hits=pre,
-        prefetches_issued=int(getattr(outcome, "prefetches_issued", 0) or 0),
-        bytes_fetched=int(outcome.bytes_fetched),
-        fetch_wait_ns=int(outcome.fetch_wait_ns),
-        prefetch_bytes=int(getattr(outcome, "prefetch_bytes", 0) or 0),
-        prefetch_wasted_bytes=int(getattr(outcome, "prefetch_wasted_bytes", 0) or 0),
-        int2_misses=int(getattr(outcome, "int2_misses", 0) or 0),
-    )
-
-
-class _StepRouting:
-    """RoutingObserver recording this step's routings (and passing them on to a previous observer)."""
-
-    def __init__(self, inner=None):
-        self.inner = inner
-        self.ids: dict[int, torch.Tensor] = {}  # layer -> [T, K] on the CPU
-
-    def on_gate_input(self, layer: int, gate_input: torch.Tensor) -> None:
-        if self.inner is not None:
-            self.inner.on_gate_input(layer, gate_input)
-
-    def on_routing(self, layer: int, expert_ids: torch.Tensor, weights: torch.Tensor) -> None:
-        self.ids[layer] = expert_ids.detach().to("cpu")
-        if self.inner is not None:
-            self.inner.on_routing(layer, expert_ids, weights)
-
-
-# -- requests inside the engine ---------------------------------------------------------------
-
-
-class RequestHandle:
-    """The caller's side of a submitted request: cancel it (client gone)."""
-
-    def __init__(self, engine: "Engine", request_id: str):
-        self._engine = engine
-        self.request_id = request_id
-        self.cancelled = False
-        self.done = False
-
-    def cancel(self) -> None:
-        """Drop the request at the next step (its KV cache is freed); no further events."""
-        if not self.done and not self.cancelled:
-            self.cancelled = True
-            self._engine._wake()
-
-
-@dataclass
-class _Request:
-    req: GenerationRequest
-    sink: Sink
-    handle: RequestHandle
-    seed: int
-    t_accepted: int
-    stops: frozenset[int] = frozenset()
-    seq: SequenceKV | None = None
-    generator: torch.Generator | None = None
-    decoder: IncrementalDecoder | None = None
-    next_input: list[int] = field(default_factory=list)
-    generated: int = 0
-    held: str = ""  # decoded text not yet streamed (a possible stop-string prefix)
-    prefilled: bool = False
-    t_admitted: int = 0
-    prefill_ns: int = 0
-    t_first_token: int = 0
-    t_decode_start: int = 0
-    t_last_token: int = 0
-    experts: ExpertStats = field(default_factory=ExpertStats)
-    rid: int = 0  # the engine's integer id (predictors, traces)
-    started: bool = False  # the controller saw start_request
-
-
 def _now() -> int:
     return time.perf_counter_ns()
-
-
-def _held_suffix(text: str, stop_strings: Sequence[str]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
-    best = 0
-    for s in stop_strings:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
-
-
-def _logprob(logits: torch.Tensor, params: SamplingParams, token: int) -> float:
-    """log P(token) under the distribution `sample` draws from (greedy: the model's softmax)."""
-    if params.greedy:
-        return float(torch.log_softmax(logits.float(), -1)[token])
-    scores = logits.float() / params.temperature
-    if 0 < params.top_k < scores.numel():
-        kth = torch.topk(scores, params.top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True)
-        p = torch.softmax(sorted_scores, dim=-1)
-        drop = (p.cumsum(-1) - p) >= params.top_p
-        drop[0] = False
-        scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
-    return float(torch.log_softmax(scores, -1)[token])
 
 
 # -- the engine -------------------------------------------------------------------------------
@@ -356,9 +66,19 @@ class Engine:
         max_queue: int = 64,
         tracker: StepTracker | None = None,
         controller: StepController | None = None,
+        recorder: StepListener | None = None,
+        attribution: StepAttribution | None = None,
         on_final: Callable[[FinalEvent], None] | None = None,
+        on_step_error: Callable[[BaseException], None] | None = None,
+        on_step: Callable[[StepTiming], None] | None = None,
         num_threads: int | None = None,
     ):
+        """tracker: the expert cache's step outcomes (default: the model's provider when it has
+        begin_step/end_step); controller: the prefetch controller (rows, predictions; also a routing
+        observer); recorder: the trace recorder (rows, requests, routing); attribution: charges each
+        step to its requests (a fresh StepAttribution by default); on_final: each FinalEvent
+        (metrics); on_step_error: a failed forward's exception (e.g. mark the store unreachable);
+        on_step: each step's wall time and shape (StepTiming)."""
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError(f"max_batch_size must be >= 1 and max_queue >= 0, got {max_batch_size}, {max_queue}")
         self.model = model
@@ -369,25 +89,28 @@ class Engine:
             tracker = model.experts  # type: ignore[assignment]
         self.tracker = tracker
         self.controller = controller
+        self.recorder = recorder
+        self.attribution = attribution or StepAttribution()
         self.on_final = on_final
+        self.on_step_error = on_step_error
+        self.on_step = on_step
         self.num_threads = num_threads  # torch threads, set on the compute thread itself (OpenMP's is per thread)
-        self.on_step_error: Callable[[BaseException], None] | None = None  # e.g. mark the store unreachable
+        # listeners in call order for begin_step / start_request (end_* run in reverse)
+        self._listeners: tuple[StepListener, ...] = tuple(x for x in (recorder, controller) if x is not None)
+        self._routing = RoutingFanout([self.attribution, recorder, controller])
         self._cond = threading.Condition()
-        self._pending: deque[_Request] = deque()
-        self._active: list[_Request] = []
+        self._pending: deque[ActiveRequest] = deque()
+        self._active: list[ActiveRequest] = []
         self._accepting = True
         self._stop = False
         self._thread: threading.Thread | None = None
         self._counts = dict(total=0, failed=0, cancelled=0, prompt=0, generated=0, steps=0)
-        self._routing = _StepRouting()
         self._next_rid = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> "Engine":
         if self._thread is None:
-            self._routing = _StepRouting(self.model.observer)
-            self.model.observer = self._routing
             self._thread = threading.Thread(target=self._run, name="engine-compute", daemon=True)
             self._thread.start()
         return self
@@ -459,11 +182,11 @@ class Engine:
         seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
         request_id = req.request_id or uuid.uuid4().hex[:16]
         req = replace(req, request_id=request_id, params=replace(req.params, seed=seed))
-        handle = RequestHandle(self, request_id)
+        handle = RequestHandle(self._wake, request_id)
         stops = set(req.params.stop_token_ids)
         if not req.params.ignore_eos:
             stops |= set(self.model.args.eos_token_ids)
-        r = _Request(req=req, sink=sink, handle=handle, seed=seed, t_accepted=_now(), stops=frozenset(stops))
+        r = ActiveRequest(req=req, sink=sink, handle=handle, seed=seed, t_accepted=_now(), stops=frozenset(stops))
         with self._cond:
             if not self._accepting or self._stop:
                 raise EngineStoppedError("the worker is shutting down: retry on another worker")
@@ -530,9 +253,9 @@ class Engine:
             r.rid = self._next_rid
             self._next_rid += 1
             self._active.append(r)
-            if self.controller is not None:
-                self.controller.start_request(r.rid)
-                r.started = True
+            for x in self._listeners:
+                x.start_request(r.rid)
+            r.started = True
 
     def _drop_cancelled(self) -> None:
         gone = [r for r in self._active if r.handle.cancelled]
@@ -545,38 +268,45 @@ class Engine:
                     self._counts["cancelled"] += 1
                     self._release(r)
 
-    def _release(self, r: _Request) -> None:
-        """The controller forgets a finished, failed or cancelled request."""
-        if r.started and self.controller is not None:
+    def _release(self, r: ActiveRequest) -> None:
+        """The step listeners forget a finished, failed or cancelled request."""
+        if r.started:
             r.started = False
-            try:
-                self.controller.end_request(r.rid)
-            except Exception:  # noqa: BLE001 - statistics must not break generation
-                log.exception("engine: controller.end_request failed")
+            for x in reversed(self._listeners):
+                try:
+                    x.end_request(r.rid)
+                except Exception:  # noqa: BLE001 - statistics must not break generation
+                    log.exception("engine: end_request of %s failed", type(x).__name__)
 
     def _step(self) -> None:
+        t_start = _now()
         batch = list(self._active)
         tokens = [torch.tensor(r.next_input, dtype=torch.long) for r in batch]
-        self._routing.ids.clear()
+        lengths = [len(t) for t in tokens]
+        decode = all(r.prefilled for r in batch)
+        self.attribution.begin_step()
         if self.tracker is not None:
             self.tracker.begin_step()
-        if self.controller is not None:
+        if self._listeners:
             rids = [r.rid for r, t in zip(batch, tokens) for _ in range(t.numel())]
             prefill = [not r.prefilled for r, t in zip(batch, tokens) for _ in range(t.numel())]
-            self.controller.begin_step(rids, prefill)
+            for x in self._listeners:
+                x.begin_step(rids, prefill)
         t0 = _now()
         predictions = None
         try:
-            logits = self.model.forward([r.seq for r in batch], tokens)  # [B, V]
+            logits = self.model.forward([r.seq for r in batch], tokens, observer=self._routing)  # [B, V]
             raw = self.tracker.end_step() if self.tracker is not None else None
             outcome = step_experts_from(raw) if self.tracker is not None else None
             if self.controller is not None:
                 predictions = self.controller.end_step(raw)
+            if self.recorder is not None:
+                self.recorder.end_step(raw)
         except Exception as e:  # noqa: BLE001 - the step's requests fail, the engine goes on
-            for end in (getattr(self.tracker, "end_step", None), getattr(self.controller, "end_step", None)):
-                if end is not None:
+            for x in (self.tracker, self.controller, self.recorder):
+                if x is not None:
                     try:
-                        end()
+                        x.end_step()
                     except Exception:  # noqa: BLE001 - the step already failed; its outcome is moot
                         pass
             if not isinstance(e, FateError):
@@ -587,7 +317,8 @@ class Engine:
             return
         t1 = _now()
         self._counts["steps"] += 1
-        self._attribute(batch, [len(t) for t in tokens], outcome, predictions)
+        self.attribution.attribute([r.experts for r in batch], [r.prefilled for r in batch],
+                                   [len(t) for t in tokens], outcome, predictions, [r.rid for r in batch])
         for j, r in enumerate(batch):
             if not r.prefilled:
                 r.prefilled = True
@@ -597,50 +328,10 @@ class Engine:
                 r.t_decode_start = t0
             token = sample(logits[j], r.req.params, r.generator)
             self._on_token(r, token, logits[j])
+        if self.on_step is not None:
+            self.on_step(StepTiming(_now() - t_start, len(batch), sum(lengths), decode))
 
-    def _attribute(self, batch: list[_Request], lengths: list[int], outcome: StepExperts | None,
-                   predictions=None) -> None:
-        starts = [0]
-        for n in lengths:
-            starts.append(starts[-1] + n)
-        for layer, ids in self._routing.ids.items():
-            hits = outcome.hits.get(layer, set()) if outcome else set()
-            misses = outcome.misses.get(layer, set()) if outcome else set()
-            pre = outcome.prefetch_hits.get(layer, set()) if outcome else set()
-            for j, r in enumerate(batch):
-                mine = set(ids[starts[j] : starts[j + 1]].reshape(-1).tolist())
-                s = r.experts
-                n_hits, n_misses, n_pre = len(mine & hits), len(mine & misses), len(mine & pre)
-                s.lookups += len(mine)
-                s.hits += n_hits
-                s.misses += n_misses
-                s.prefetch_hits += n_pre
-                for ls in (s.layers.setdefault(layer, LayerExpertStats()),) + ((s.decode,) if r.prefilled else ()):
-                    ls.lookups += len(mine)
-                    ls.hits += n_hits
-                    ls.misses += n_misses
-                    ls.prefetch_hits += n_pre
-        if predictions is not None:
-            for r in batch:
-                for layer, c in predictions.by_request.get(r.rid, {}).items():
-                    s = r.experts
-                    s.predictions += c.predictions
-                    s.predictions_exact += c.exact
-                    s.predicted_routed += c.routed_in
-                    for ls in (s.layers.setdefault(layer, LayerExpertStats()),) + ((s.decode,) if r.prefilled else ()):
-                        ls.predictions += c.predictions
-                        ls.predictions_exact += c.exact
-                        ls.predicted_routed += c.routed_in
-        if outcome is not None:
-            for r in batch:
-                r.experts.bytes_fetched += outcome.bytes_fetched
-                r.experts.fetch_wait_ns += outcome.fetch_wait_ns
-                r.experts.prefetches_issued += outcome.prefetches_issued
-                r.experts.prefetch_bytes += outcome.prefetch_bytes
-                r.experts.prefetch_wasted_bytes += outcome.prefetch_wasted_bytes
-                r.experts.int2_misses += outcome.int2_misses
-
-    def _on_token(self, r: _Request, token: int, logits: torch.Tensor) -> None:
+    def _on_token(self, r: ActiveRequest, token: int, logits: torch.Tensor) -> None:
         p = r.req.params
         now = _now()
         index = r.generated
@@ -652,7 +343,7 @@ class Engine:
             reason = FinishReason.STOP_TOKEN if token in p.stop_token_ids else FinishReason.EOS
             self._finish(r, reason, stop_token_id=token, trailing_text=r.held)
             return
-        logprob = _logprob(logits, p, token) if r.req.details else None
+        logprob = token_logprob(logits, p, token) if r.req.details else None
         piece = r.decoder.push(token) if r.decoder is not None else ""
         text = r.held + piece
         if r.req.stop_strings:
@@ -663,7 +354,7 @@ class Engine:
                     self._emit(r, TokenEvent(index, token, text[:at], logprob))
                 self._finish(r, FinishReason.STOP_STRING, stop_string=s)
                 return
-            keep = _held_suffix(text, r.req.stop_strings)
+            keep = held_suffix(text, r.req.stop_strings)
             r.held = text[len(text) - keep :] if keep else ""
             text = text[: len(text) - keep]
         self._emit(r, TokenEvent(index, token, text, logprob))
@@ -672,14 +363,14 @@ class Engine:
             return
         r.next_input = [token]
 
-    def _emit(self, r: _Request, ev: Event) -> None:
+    def _emit(self, r: ActiveRequest, ev: Event) -> None:
         try:
             r.sink(ev)
         except Exception:  # noqa: BLE001 - a broken sink (its loop closed) must not stop the engine
             log.debug("engine: sink of request %s failed", r.req.request_id, exc_info=True)
             r.handle.cancelled = True
 
-    def _finish(self, r: _Request, reason: FinishReason, **kw) -> None:
+    def _finish(self, r: ActiveRequest, reason: FinishReason, **kw) -> None:
         now = _now()
         final = FinalEvent(
             request_id=r.req.request_id,
@@ -709,7 +400,7 @@ class Engine:
             except Exception:  # noqa: BLE001 - metrics must not break generation
                 log.exception("engine: on_final callback failed")
 
-    def _fail(self, batch: Iterable[_Request], error: BaseException) -> None:
+    def _fail(self, batch: Iterable[ActiveRequest], error: BaseException) -> None:
         with self._cond:
             for r in batch:
                 if r in self._active:

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .simulator import HardwareProfile
+from .simulator.cost import HardwareProfile
 
 
 def _median_s(fn, repeats: int) -> float:
@@ -76,28 +75,24 @@ def measure_compute(model, cache, batch: int = 8, steps: int = 30, prompt_len: i
         def on_routing(self, layer, ids, w):
             distinct.append(int(torch.unique(ids).numel()))
 
-    saved = model.observer
-    model.observer = Count()
+    count = Count()
     rng = np.random.default_rng(0)
     med: dict[int, tuple[float, float]] = {}
-    try:
-        for T in (1, batch):
-            seqs = [model.new_sequence(prompt_len + steps + 1) for _ in range(T)]
-            prompts = [torch.tensor(rng.integers(2, a.vocab_size, prompt_len)) for _ in range(T)]
-            logits = model.forward(seqs, prompts)
+    for T in (1, batch):
+        seqs = [model.new_sequence(prompt_len + steps + 1) for _ in range(T)]
+        prompts = [torch.tensor(rng.integers(2, a.vocab_size, prompt_len)) for _ in range(T)]
+        logits = model.forward(seqs, prompts, observer=count)
+        nxt = [torch.argmax(logits[j]).reshape(1) for j in range(T)]
+        times, used = [], []
+        for s in range(steps):
+            distinct.clear()
+            t0 = time.perf_counter()
+            logits = model.forward(seqs, nxt, observer=count)
             nxt = [torch.argmax(logits[j]).reshape(1) for j in range(T)]
-            times, used = [], []
-            for s in range(steps):
-                distinct.clear()
-                t0 = time.perf_counter()
-                logits = model.forward(seqs, nxt)
-                nxt = [torch.argmax(logits[j]).reshape(1) for j in range(T)]
-                if s >= 2:
-                    times.append(time.perf_counter() - t0)
-                    used.append(sum(distinct))
-            med[T] = (statistics.median(times), statistics.median(used))
-    finally:
-        model.observer = saved
+            if s >= 2:
+                times.append(time.perf_counter() - t0)
+                used.append(sum(distinct))
+        med[T] = (statistics.median(times), statistics.median(used))
     L = len(a.moe_layers)
     (_, compute), = list(cache.iter_experts(a.moe_layers[0], [0]))
     h = torch.randn(1, a.hidden_size)
@@ -121,16 +116,8 @@ def engine_step_s(model, prompt_len: int = 16, steps: int = 30) -> float:
     from .engine import Engine, FinalEvent, GenerationRequest
     from .generate import SamplingParams
 
-    engine = Engine(model, None, max_batch_size=1, num_threads=1)
     times: list[float] = []
-    original = engine._step
-
-    def timed() -> None:  # this instance only: measurement
-        t0 = time.perf_counter()
-        original()
-        times.append(time.perf_counter() - t0)
-
-    engine._step = timed
+    engine = Engine(model, None, max_batch_size=1, num_threads=1, on_step=lambda t: times.append(t.wall_ns / 1e9))
     done = threading.Event()
     rng = np.random.default_rng(1)
     with engine:
@@ -183,13 +170,3 @@ def measure_profile(pack_path: str | Path, fmt: str = "int4", store: str | None 
                   f"{comp[f'batch{batch}_step_s'] * 1e3:.2f} ms at batch {batch}; expert compute "
                   f"{comp['expert_compute_s'] * 1e6:.0f} us/row; engine overhead "
                   f"{comp['engine_extra_s'] * 1e3:.2f} ms/step"))
-
-
-def profile_json(p: HardwareProfile) -> dict:
-    from dataclasses import asdict
-
-    return asdict(p)
-
-
-def with_expert_bytes(p: HardwareProfile, nbytes: int) -> HardwareProfile:
-    return replace(p, expert_bytes=nbytes)

@@ -210,10 +210,11 @@ class MoEModel:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return ids, weights
 
-    def _moe(self, i: int, h: torch.Tensor) -> torch.Tensor:
+    def _moe(self, i: int, h: torch.Tensor, observer: RoutingObserver | None, experts: ExpertProvider
+             ) -> torch.Tensor:
         ids, weights = self.route(i, h)
-        if self.observer is not None:
-            self.observer.on_routing(i, ids, weights)
+        if observer is not None:
+            observer.on_routing(i, ids, weights)
         weights = weights.to(h.dtype)
         needed = torch.unique(ids).tolist()  # ascending: the order of the sum below
         counts = torch.bincount(ids.reshape(-1), minlength=self.args.num_experts).tolist()  # [E]
@@ -223,7 +224,7 @@ class MoEModel:
         # evict it once we ask for the next: the order of the sum is fixed below, so the
         # result does not depend on the arrival order.
         ys: dict[int, torch.Tensor] = {}
-        for e, compute in self.experts.iter_experts(i, popular):
+        for e, compute in experts.iter_experts(i, popular):
             tok, slot = torch.where(ids == e)
             ys[e] = compute(h[tok]).to(h.dtype) * weights[tok, slot, None]  # [t_e, H]
             del compute  # let the cache free it before it builds the next one
@@ -240,14 +241,20 @@ class MoEModel:
 
     @torch.inference_mode()
     def forward(
-        self, seqs: Sequence[SequenceKV], tokens: Sequence[torch.Tensor], all_logits: bool = False
+        self, seqs: Sequence[SequenceKV], tokens: Sequence[torch.Tensor], all_logits: bool = False,
+        observer: RoutingObserver | None = None, experts: ExpertProvider | None = None,
     ) -> torch.Tensor:
         """Run new `tokens[j]` (1-D ids) of each sequence `seqs[j]` through the model.
+
+        `observer` / `experts`: this forward's routing observer and expert provider (default: the
+        model's own, given at construction).
 
         Returns logits fp32: [sum t_j, V] when all_logits, else the last token's [len(seqs), V].
         Each sequence's KV cache is advanced by its tokens.
         """
         a = self.args
+        observer = self.observer if observer is None else observer
+        experts = self.experts if experts is None else experts
         lengths = [int(t.numel()) for t in tokens]
         ids = torch.cat([t.reshape(-1) for t in tokens]).to(self.device)
         if int(ids.min()) < 0 or int(ids.max()) >= a.vocab_size:
@@ -262,9 +269,9 @@ class MoEModel:
             x = x + self._attention(i, h, seqs, lengths, cos, sin)
             h = rms_norm(x, layer.attn["post_attention_norm"], a.rms_norm_eps)
             if layer.router is not None:
-                if self.observer is not None:
-                    self.observer.on_gate_input(i, h)
-                x = x + self._moe(i, h)
+                if observer is not None:
+                    observer.on_gate_input(i, h)
+                x = x + self._moe(i, h, observer, experts)
             else:
                 m = layer.dense_mlp
                 x = x + swiglu(h, m["gate"], m["up"], m["down"])

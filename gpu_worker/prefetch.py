@@ -43,7 +43,9 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from .predictors import Predictor
+from expert_store.model_args import ModelArgs
+
+from .policy.predictors import Predictor, int2_tail, merge_ranked
 
 if TYPE_CHECKING:
     from .cache import ExpertCache, StepOutcome
@@ -118,47 +120,6 @@ class WidthController:
             self.cut -= 1
 
 
-def merge_ranked(lists: Sequence[Sequence[int]], top_k: int) -> list[int]:
-    """One ranked list from per-row lists: more rows' top-k first, then more rows' lists, then best rank,
-    then lower id."""
-    in_topk: dict[int, int] = {}
-    in_list: dict[int, int] = {}
-    best: dict[int, int] = {}
-    for row in lists:
-        for rank, e in enumerate(row):
-            in_list[e] = in_list.get(e, 0) + 1
-            if rank < top_k:
-                in_topk[e] = in_topk.get(e, 0) + 1
-            if rank < best.get(e, 1 << 30):
-                best[e] = rank
-    return sorted(in_list, key=lambda e: (-in_topk.get(e, 0), -in_list[e], best[e], e))
-
-
-def int2_tail(rows: Sequence[Sequence[int]], prefill: Sequence[bool], share: float) -> list[int]:
-    """The least popular experts routed only by prefill rows whose token assignments add up to at most
-    `share` of the prefill rows' assignments (least popular first; ties: higher id first, the reverse
-    of the fetch order)."""
-    counts: dict[int, int] = {}
-    decode_used: set[int] = set()
-    total = 0
-    for row, pre in zip(rows, prefill):
-        if pre:
-            for e in row:
-                counts[e] = counts.get(e, 0) + 1
-            total += len(row)
-        else:
-            decode_used.update(row)
-    if share <= 0 or not total:
-        return []
-    out, cum = [], 0
-    for e in sorted((e for e in counts if e not in decode_used), key=lambda e: (counts[e], -e)):
-        if cum + counts[e] > share * total:
-            break
-        cum += counts[e]
-        out.append(e)
-    return out
-
-
 # -- the prefetch thread --------------------------------------------------------------------------
 
 
@@ -193,7 +154,7 @@ class Prefetcher:
         self.width = width
         self.room_wait_s = room_wait_s
         self.stats = PrefetcherStats()
-        self._cond = cache._cond  # noqa: SLF001 - one lock for the cache's state and this queue
+        self._cond = cache.cond  # one lock for the cache's state and this queue
         self._heap: list[_Job] = []
         self._seq = itertools.count()
         self._stop = False
@@ -236,7 +197,7 @@ class Prefetcher:
         while not self._stop:
             while self._heap:
                 job = heapq.heappop(self._heap)
-                if self.cache._passed(self.cache._layers[job.layer], job.step):  # noqa: SLF001 - lock held
+                if self.cache.passed(job.layer, job.step):
                     self._drop(job)
                     continue
                 return job
@@ -245,10 +206,9 @@ class Prefetcher:
 
     def _drop(self, job: _Job) -> None:
         self.stats.jobs_stale += 1
-        L = self.cache._layers[job.layer]  # noqa: SLF001 - lock held
-        left = sum(1 for e in job.experts if e not in L.resident)
+        left = self.cache.not_resident(job.layer, job.experts)
         self.stats.experts_dropped += left
-        L.stats.prefetch_dropped += left
+        self.cache.count_dropped(job.layer, left)
 
     def _run(self) -> None:
         torch.set_num_threads(1)  # building experts must not fight the compute thread for cores
@@ -262,7 +222,7 @@ class Prefetcher:
                     self._cond.wait(self.room_wait_s)
                 if self._stop:
                     return
-                if self.cache._passed(self.cache._layers[job.layer], job.step):  # noqa: SLF001
+                if self.cache.passed(job.layer, job.step):
                     self._drop(job)
                     continue
                 self._busy = True
@@ -282,8 +242,8 @@ class Prefetcher:
                     # job for this layer arrived meanwhile (a stale one is dropped when popped)
                     self.stats.room_waits += 1
                     self._cond.wait_for(lambda: self._stop or self._heap_has(job.step, job.target)
-                                        or self.cache.budget_bytes - self.cache._used >= self.cache.expert_bytes
-                                        or self.cache._passed(self.cache._layers[job.layer], job.step),
+                                        or self.cache.has_free_unit
+                                        or self.cache.passed(job.layer, job.step),
                                         self.room_wait_s)
                     job.room_waits += 1
                     if not self._heap_has(job.step, job.target) and job.room_waits < MAX_ROOM_WAITS:
@@ -330,7 +290,7 @@ class ControllerStats:
 class PrefetchController:
     """RoutingObserver + the engine's step hooks; see the module docstring."""
 
-    def __init__(self, model: "MoEModel", cache: "ExpertCache", predictor: Predictor, *, width: int = 0,
+    def __init__(self, args: ModelArgs, cache: "ExpertCache", predictor: Predictor, *, width: int = 0,
                  lookahead: int = 1, throttle: bool = True, int2_tail_share: float = 0.0,
                  start_thread: bool = True, synchronous: bool = False):
         """synchronous: no thread; each prefetch runs to completion on the compute thread when it is
@@ -338,7 +298,7 @@ class PrefetchController:
         and deterministic tests (the tokens are the same either way)."""
         if lookahead not in (1, 2):
             raise ValueError(f"lookahead must be 1 or 2, got {lookahead}")
-        a = model.args
+        a = args
         self.args = a
         self.cache = cache
         self.predictor = predictor
@@ -475,8 +435,7 @@ class PrefetchController:
             self.predictor.observe(m, self._rids, rows)
 
     def _layer_wait_ns(self) -> int:
-        step = self.cache._step  # noqa: SLF001 - read-only peek at this step's stall so far
-        return step.fetch_wait_ns if step is not None else 0
+        return self.cache.step_fetch_wait_ns
 
 
 # -- start-up measurement -----------------------------------------------------------------------------
@@ -493,6 +452,16 @@ class _OneExpert:
             yield e, self.compute
 
 
+class _NoObserver:
+    """A RoutingObserver that ignores everything (the measurement's forwards are nobody's steps)."""
+
+    def on_gate_input(self, layer, gate_input) -> None:
+        pass
+
+    def on_routing(self, layer, expert_ids, weights) -> None:
+        pass
+
+
 def measure_width_inputs(model: "MoEModel", cache: "ExpertCache", samples: int = 5) -> tuple[float, float]:
     """(one MoE layer's compute ns for one token, one expert's fetch + build ns), medians of `samples`
     runs, measured with the cache's own fetcher (prefetch priority) and compute form."""
@@ -503,17 +472,13 @@ def measure_width_inputs(model: "MoEModel", cache: "ExpertCache", samples: int =
         layer, e = a.moe_layers[i % len(a.moe_layers)], (i * 7) % a.num_experts
         t0 = time.perf_counter_ns()
         blob = cache.fetcher.fetch([(layer, e, cache.fmt)], "prefetch")[0]
-        compute, _ = cache._build(blob, cache.fmt, cache.form)  # noqa: SLF001
+        compute = cache.build_expert(blob)
         fetch_ns.append(time.perf_counter_ns() - t0)
-    saved, saved_obs = model.experts, model.observer
-    model.experts, model.observer = _OneExpert(compute), None
+    one, quiet = _OneExpert(compute), _NoObserver()
     layer_ns = []
-    try:
-        for _ in range(samples + 1):
-            seq = model.new_sequence(4)
-            t0 = time.perf_counter_ns()
-            model.forward([seq], [torch.tensor([a.bos_token_id or 0])])
-            layer_ns.append((time.perf_counter_ns() - t0) / max(1, a.num_layers))
-    finally:
-        model.experts, model.observer = saved, saved_obs
+    for _ in range(samples + 1):
+        seq = model.new_sequence(4)
+        t0 = time.perf_counter_ns()
+        model.forward([seq], [torch.tensor([a.bos_token_id or 0])], observer=quiet, experts=one)
+        layer_ns.append((time.perf_counter_ns() - t0) / max(1, a.num_layers))
     return statistics.median(layer_ns[1:]), statistics.median(fetch_ns)

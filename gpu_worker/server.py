@@ -60,16 +60,14 @@ from .engine import (
 )
 from .expert_compute import default_compute_form
 from .generate import SamplingError, SamplingParams
-from .learned_allocation import make_worker_allocation
 from .metrics import WorkerMetrics
 from .model import MoEModel, TokenRangeError, WeightsError
-from .policies import make_policy_factory
-from .predictors import make_predictor
-from .prefetch import PrefetchController, measure_width_inputs
+from .prefetch import PrefetchController
 from .runtime import FORMAT_PREFERENCE, pick_device
 from .store_client import StoreClient, StoreError, StoreManifest, StoreUnavailableError
 from .tokenizer import TextTokenizer, TokenizerError
-from .traces import TraceRecorder, attach_recorder, recorder_for_engine
+from .traces import TraceRecorder
+from .wiring import WorkerSpec, build_worker
 
 log = logging.getLogger("gpu_worker.server")
 
@@ -195,41 +193,22 @@ def load_runtime(cfg: WorkerConfig) -> WorkerRuntime:
         total_slots = budget // expert_compute_nbytes(m.args, fmt, form, device)
         staging = resolve_staging(cfg.staging_slots, cfg.predictor, total_slots, m.args.num_experts)
         tail_fmt = "int2" if cfg.int2_tail > 0 and fmt != "int2" and "int2" in m.formats else None
-        cache = ExpertCache(m.args, store, fmt, form, device, budget,  # checks the minimum
-                            policy=make_policy_factory(cfg.policy, cfg.lfu_decay),
-                            allocation=make_worker_allocation(cfg.allocation, cfg.full_layers), staging_slots=staging,
-                            tail_fmt=tail_fmt)
         if cfg.int2_tail > 0 and fmt != "int2" and tail_fmt is None:
             log.warning("int2_tail = %g: the store does not serve int2 experts (serve a pack with int2 and include "
                         "it in the store's --formats); prefill tails are fetched as %s", cfg.int2_tail, fmt)
         transport = store.transport  # decided now: a worker asked for shm that cannot have it stops here
         t0 = time.perf_counter()
-        dense = store.dense_tensors()
-        model = MoEModel(m.args, dense, cache, device=device)
-        unused = set(dense) - model.loaded_names
-        if unused:
-            raise WeightsError(f"the store's dense tensors include ones the runtime does not use: {sorted(unused)[:5]}")
-        tokenizer = _load_tokenizer(store, m)
-        predictor = make_predictor(cfg.predictor, routers=[model.layers[i].router for i in m.args.moe_layers],
-                                   num_moe_layers=m.args.num_moe_layers, num_experts=m.args.num_experts)
-        controller = PrefetchController(model, cache, predictor, width=cfg.prefetch_width, lookahead=cfg.lookahead,
-                                        throttle=cfg.throttle, int2_tail_share=cfg.int2_tail if tail_fmt else 0.0,
-                                        synchronous=cfg.prefetch_sync)
-        if controller.enabled and not cfg.prefetch_width:
-            layer_ns, expert_ns = measure_width_inputs(model, cache)
-            controller.width.observe_layer_ns(layer_ns)
-            controller.width.observe_expert_ns(expert_ns)
-            log.info("prefetch width %d: layer compute %.0f us (1 token), expert fetch + build %.0f us",
-                     controller.width.width, layer_ns / 1e3, expert_ns / 1e3)
-        model.observer = controller
-        engine = Engine(model, tokenizer, max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
-                        num_threads=cfg.threads, controller=controller)
-        recorder = None
-        if cfg.trace_dir:
-            recorder = recorder_for_engine(engine, cfg.trace_dir, cfg.trace_every, model_name=m.family,
-                                           expert_bytes={f: m.expert_bytes(f) for f in m.formats})
-            attach_recorder(engine, recorder)
-            log.info("recording expert-activation traces into %s", cfg.trace_dir)
+        spec = WorkerSpec(fmt=fmt, budget_bytes=budget, form=form, policy=cfg.policy, lfu_decay=cfg.lfu_decay,
+                          allocation=cfg.allocation, full_layers=cfg.full_layers, staging_slots=staging,
+                          tail_fmt=tail_fmt, predictor=cfg.predictor, prefetch_width=cfg.prefetch_width,
+                          lookahead=cfg.lookahead, throttle=cfg.throttle, int2_tail_share=cfg.int2_tail,
+                          prefetch_sync=cfg.prefetch_sync, trace_dir=cfg.trace_dir, trace_every=cfg.trace_every,
+                          model_name=m.family, max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
+                          threads=cfg.threads)
+        w = build_worker(m.args, store.dense_tensors(), store, _load_tokenizer(store, m), spec, device,
+                         expert_bytes={f: m.expert_bytes(f) for f in m.formats})
+        cache, model, tokenizer, engine, controller, recorder = w.cache, w.model, w.engine.tokenizer, w.engine, \
+            w.controller, w.recorder
         log.info(
             "model %s (%s) on %s: experts %s as %s, cache budget %d bytes (%.1f%% of %d), %d slots "
             "(%s, %d staging), policy %s, predictor %s (lookahead %d), int2 tail %g; transport %s; "

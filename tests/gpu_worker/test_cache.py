@@ -129,16 +129,16 @@ def test_budget_never_exceeded_in_a_batched_forward(pack, prompt_ids, eb):
     fetcher = RecordingFetcher(pack)
     cache = _cache(pack, budget, fetcher)
     model = build_model(pack, cache, CPU)
-    model.observer = routings = _Routings()
+    routings = _Routings()
 
     def run(m, track):
         seqs = [m.new_sequence() for _ in prompt_ids]
-        logits = m.forward(seqs, [torch.tensor(ids) for ids in prompt_ids])
+        logits = m.forward(seqs, [torch.tensor(ids) for ids in prompt_ids], observer=routings)
         out = [logits.argmax(-1)]
         for _ in range(4):
             if track:
                 cache.begin_step()
-            logits = m.forward(seqs, [t.reshape(1) for t in out[-1]])
+            logits = m.forward(seqs, [t.reshape(1) for t in out[-1]], observer=routings)
             if track:
                 step = cache.end_step()
                 for layer in pack.args.moe_layers:  # every routed expert once: a hit or a miss

@@ -7,10 +7,23 @@ import random
 
 import pytest
 
-from gpu_worker.policies import (
+from gpu_worker.policy import (
     ARCPolicy, LFUDecayPolicy, LFUPolicy, LRUPolicy, PolicyError, ShallowFavoringAllocation,
-    UniformAllocation, make_allocation, make_policy_factory, replay_layer,
+    UniformAllocation, make_allocation, make_policy_factory,
 )
+from gpu_worker.policy.ledger import CacheLedger
+
+
+def replay_layer(policy, capacity: int, accesses, step_every: int = 1) -> int:
+    """Hits of one layer with `capacity` slots over a sequence of expert ids: each access one demand call
+    of the cache ledger (what the cache and the simulator drive), on_step after every `step_every`."""
+    ledger = CacheLedger([0], {0: capacity}, lambda slots: policy, capacity)
+    L = ledger.layers[0]
+    for i, e in enumerate(accesses):
+        ledger.replay_demand(L, [e])
+        if (i + 1) % step_every == 0:
+            ledger.end_step()
+    return L.stats.hits
 
 
 def resident_after(policy, capacity, seq):

@@ -9,15 +9,9 @@ import math
 import pytest
 import torch
 
-from gpu_worker.predictors import (
-    PREDICTOR_NAMES,
-    CrossLayerPredictor,
-    EAPPredictor,
-    PredictorError,
-    PrevTokenPredictor,
-    make_predictor,
-)
-from gpu_worker.prefetch import WidthController, int2_tail, merge_ranked
+from gpu_worker.policy.predictors import EAPPredictor, PredictorError, PrevTokenPredictor, int2_tail, merge_ranked
+from gpu_worker.predictors import PREDICTOR_NAMES, CrossLayerPredictor, make_predictor
+from gpu_worker.prefetch import WidthController
 
 
 # -- prev_token -------------------------------------------------------------------------------

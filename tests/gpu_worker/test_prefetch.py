@@ -20,7 +20,7 @@ from gpu_worker.config import resolve_staging
 from gpu_worker.engine import Engine, ErrorEvent, FinalEvent, GenerationRequest, TokenEvent
 from gpu_worker.experts import PackExpertSource
 from gpu_worker.generate import SamplingParams, generate
-from gpu_worker.policies import ALLOCATION_NAMES, POLICY_NAMES, make_allocation, make_policy_factory
+from gpu_worker.policy import ALLOCATION_NAMES, POLICY_NAMES, CacheLedger, make_allocation, make_policy_factory
 from gpu_worker.predictors import PREDICTOR_NAMES, make_predictor
 from gpu_worker.prefetch import PrefetchController, Prefetcher
 from gpu_worker.runtime import build_model
@@ -81,10 +81,10 @@ class Stack:
         self.model = build_model(pack, self.cache, CPU)
         p = make_predictor(predictor, routers=[self.model.layers[i].router for i in a.moe_layers],
                            num_moe_layers=a.num_moe_layers, num_experts=a.num_experts, seed=0)
-        self.controller = PrefetchController(self.model, self.cache, p, width=width, lookahead=lookahead,
+        self.controller = PrefetchController(a, self.cache, p, width=width, lookahead=lookahead,
                                              int2_tail_share=int2_tail)
-        self.model.observer = self.controller
-        self.engine = Engine(self.model, tok, max_batch_size=8, controller=self.controller, num_threads=1)
+        self.engine = Engine(self.model, tok, max_batch_size=8, tracker=self.cache, controller=self.controller,
+                             num_threads=1)
 
     def run(self, prompts, n=NEW_TOKENS, stagger_s=0.0) -> list[tuple[list[int], FinalEvent]]:
         out: list[tuple[list[int], FinalEvent | None]] = []
@@ -246,13 +246,13 @@ def test_stale_prefetches_are_dropped(pack, eb):
         _wait(lambda: cache.resident(2) == [5, 6])
         assert fetcher.calls[-1] == ([(2, 5, FMT), (2, 6, FMT)], "prefetch")
         # a newer job for the same layer replaces a queued one (the thread held back by a demand fetch)
-        with cache._cond:
+        with cache.cond:
             cache._demand_fetching += 1
         pf.submit(step, 3, 3, [1])
         pf.submit(step, 3, 3, [2])
-        with cache._cond:
+        with cache.cond:
             cache._demand_fetching -= 1
-            cache._cond.notify_all()
+            cache.cond.notify_all()
         _wait(lambda: pf.idle())
         assert pf.stats.jobs_replaced == 1 and cache.resident(3) == [2]
     finally:
@@ -360,17 +360,9 @@ class _Steps:
 
 
 def _replay(steps, slots: dict[int, int], total_units: int, new_policy) -> dict[int, tuple[int, int, int]]:
-    """cache.py's module docstring, 1-5, for load on demand: per layer (hits, misses, evictions)."""
-    layers = list(slots)
-    pol = {l: new_policy(slots[l]) for l in layers}
-    res: dict[int, set[int]] = {l: set() for l in layers}
-    counts = {l: [0, 0, 0] for l in layers}
-
-    def evict(l, v):
-        res[l].remove(v)
-        pol[l].on_evict(v)
-        counts[l][2] += 1
-
+    """cache.py's module docstring, 1-5, for load on demand, through the torch-free ledger's replay (what the
+    simulator runs): per layer (hits, misses, evictions)."""
+    ledger = CacheLedger(list(slots), slots, new_policy, total_units)
     for step in steps:
         for layer, rows in step:
             c: dict[int, int] = {}
@@ -378,36 +370,9 @@ def _replay(steps, slots: dict[int, int], total_units: int, new_policy) -> dict[
                 for e in row:
                     c[e] = c.get(e, 0) + 1
             ids = sorted(c, key=lambda e: (-c[e], e))  # popularity order, ties: lower id
-            R = res[layer]
-            for e in ids:
-                if e in R:
-                    counts[layer][0] += 1
-                    pol[layer].on_hit(e)
-            left = [e for e in ids if e not in R]
-            while left:
-                used = sum(len(r) for r in res.values())
-                n = (total_units - used) + len(R)
-                if n == 0:
-                    n = used - len(R)
-                wave, left = left[:n], left[n:]
-                for reserved, e in enumerate(wave):  # reserved: in flight, neither resident nor evictable
-                    pol[layer].on_miss(e, False)
-                    if sum(len(r) for r in res.values()) + reserved >= total_units:
-                        if R:
-                            evict(layer, pol[layer].victim(set(R)))
-                        else:
-                            other = next(l for l in sorted(layers, key=lambda l: slots[l] - len(res[l]))
-                                         if l != layer and res[l])
-                            evict(other, pol[other].victim(set(res[other])))
-                for e in wave:
-                    R.add(e)
-                    pol[layer].on_insert(e, False)
-                    counts[layer][1] += 1
-            while len(R) > slots[layer]:
-                evict(layer, pol[layer].victim(set(R)))
-        for l in layers:
-            pol[l].on_step()
-    return {l: tuple(v) for l, v in counts.items()}
+            ledger.replay_demand(ledger.layers[layer], ids)
+        ledger.end_step()
+    return {l: (L.stats.hits, L.stats.misses, L.stats.evictions) for l, L in ledger.layers.items()}
 
 
 @pytest.mark.parametrize("allocation,policy,units,staging", [
@@ -422,17 +387,17 @@ def test_demand_path_replays_exactly_from_the_docstring(pack, tok, all_prompts, 
     cache = ExpertCache(a, PackFetcher(pack), FMT, "auto", CPU, units * eb, policy=make_policy_factory(policy),
                         allocation=make_allocation(allocation), staging_slots=staging)
     model = build_model(pack, cache, CPU)
-    model.observer = rec = _Steps()
+    rec = _Steps()
     prompts = [ids[:20] for ids in all_prompts[:4]]
     seqs = [model.new_sequence() for _ in prompts]
     cache.begin_step()
     rec.steps.append([])
-    nxt = model.forward(seqs, [torch.tensor(ids) for ids in prompts]).argmax(-1)
+    nxt = model.forward(seqs, [torch.tensor(ids) for ids in prompts], observer=rec).argmax(-1)
     cache.end_step()
     for _ in range(8):
         cache.begin_step()
         rec.steps.append([])
-        nxt = model.forward(seqs, [t.reshape(1) for t in nxt]).argmax(-1)
+        nxt = model.forward(seqs, [t.reshape(1) for t in nxt], observer=rec).argmax(-1)
         cache.end_step()
     got = {l: (s.hits, s.misses, s.evictions) for l, s in cache.stats().layers.items()}
     assert got == _replay(rec.steps, cache.slots(), units, make_policy_factory(policy))

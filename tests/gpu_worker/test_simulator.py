@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpu_worker.learned_allocation import AllocationFileError, LearnedAllocation
+from gpu_worker.policy import AllocationFileError, LearnedAllocation
 from gpu_worker.simulator import (
     PROFILES, SIM_POLICIES, HardwareProfile, Replay, SimConfig, SimulationError, estimate_cost, parse_budget,
     simulate, worker_config_of,
@@ -168,29 +168,20 @@ def test_tiny_mixtral_trace_reproduces_its_readme(shared_dir):
 
 
 def _serve_and_record(pack, prompts, tmp_path, policy, allocation, pct, predictor=None, new_tokens=10):
-    from gpu_worker.cache import ExpertCache, full_budget_bytes
-    from gpu_worker.engine import Engine, ErrorEvent, FinalEvent, GenerationRequest
+    from gpu_worker.cache import full_budget_bytes
+    from gpu_worker.engine import ErrorEvent, FinalEvent, GenerationRequest
     from gpu_worker.generate import SamplingParams
-    from gpu_worker.runtime import build_model
     from gpu_worker.store_client import PackFetcher
-    from gpu_worker.traces import attach_recorder, recorder_for_engine
+    from gpu_worker.wiring import WorkerSpec, build_worker
 
     cpu = torch.device("cpu")
     budget = int(pct * full_budget_bytes(pack.args, "int4", "auto", cpu))
-    cache = ExpertCache(pack.args, PackFetcher(pack), "int4", "auto", cpu, budget, policy=policy,
-                        allocation=allocation, staging_slots=2 if predictor else 0)
-    model = build_model(pack, cache, cpu)
-    controller = None
-    if predictor is not None:
-        from gpu_worker.predictors import make_predictor
-        from gpu_worker.prefetch import PrefetchController
-
-        pred = make_predictor(predictor, num_moe_layers=pack.args.num_moe_layers, num_experts=pack.args.num_experts)
-        controller = PrefetchController(model, cache, pred, width=3, throttle=False)
-        model.observer = controller
-    engine = Engine(model, None, max_batch_size=4, controller=controller)
-    recorder = recorder_for_engine(engine, tmp_path / f"{policy}-{allocation}-{pct}", model_name="tiny-mixtral")
-    attach_recorder(engine, recorder)
+    spec = WorkerSpec(fmt="int4", budget_bytes=budget, policy=policy, allocation=allocation,
+                      staging_slots=2 if predictor else 0, predictor=predictor or "none", prefetch_width=3,
+                      throttle=False, trace_dir=tmp_path / f"{policy}-{allocation}-{pct}", model_name="tiny-mixtral",
+                      max_batch_size=4)
+    w = build_worker(pack.args, pack.dense_tensors(), PackFetcher(pack), None, spec, cpu)
+    cache, engine, controller, recorder = w.cache, w.engine, w.controller, w.recorder
     done = [threading.Event() for _ in prompts]
     errors = []
 
@@ -207,8 +198,7 @@ def _serve_and_record(pack, prompts, tmp_path, policy, allocation, pct, predicto
             engine.submit(GenerationRequest(tuple(ids), SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)),
                           sink(i))
         assert all(d.wait(120) for d in done)
-    if controller is not None:
-        controller.close()
+    controller.close()
     assert not errors
     files = recorder.close()
     assert len(files) == 1
@@ -359,8 +349,8 @@ def test_the_worker_cache_takes_a_learned_allocation(pack, tmp_path):
 
 def test_the_worker_config_selects_a_learned_allocation_file(tmp_path):
     from gpu_worker.config import ConfigError, WorkerConfig
-    from gpu_worker.learned_allocation import make_worker_allocation
-    from gpu_worker.policies import ShallowFavoringAllocation
+    from gpu_worker.policy import make_allocation as make_worker_allocation
+    from gpu_worker.policy import ShallowFavoringAllocation
 
     path = LearnedAllocation({0: 6, 1: 2, 2: 0, 3: 4}, 12).save(tmp_path / "alloc.json")
     cfg = WorkerConfig(store="unix:/tmp/s.sock", allocation=f"learned:{path}")
@@ -371,3 +361,47 @@ def test_the_worker_config_selects_a_learned_allocation_file(tmp_path):
         WorkerConfig(store="unix:/tmp/s.sock", allocation="deep_favoring")
     with pytest.raises(AllocationFileError):
         make_worker_allocation(f"learned:{tmp_path / 'missing.json'}")
+
+
+# -- the cost model takes the trace's expert size; the CLI survives a closed pipe ---------------------------
+
+
+def test_simulate_uses_the_traces_expert_bytes_then_the_recording_cache(tmp_path):
+    from gpu_worker.__main__ import main
+    from gpu_worker.simulator import resolve_expert_bytes
+    from gpu_worker.traces import save_trace
+
+    seq = [[0, 1], [2, 3], [0, 2], [1, 3]] * 4
+    big = one_layer(seq)
+    big.meta["expert_bytes"] = {"int4": 88_080_384}  # a Mixtral-8x7B int4 expert, not this machine's 124,416
+    path = save_trace(big, tmp_path / "big.npz")
+    out = tmp_path / "big.json"
+    assert main(["simulate", str(path), "--policies", "lru", "--allocations", "uniform", "--budgets", "4",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert rows and all(r["cost"]["expert_bytes"] == 88_080_384 for r in rows)
+    empty = one_layer(seq)
+    empty.meta["expert_bytes"] = {}
+    empty.meta["cache"] = {"expert_bytes": 4242}
+    assert resolve_expert_bytes(PROFILES["this-machine"], empty, "int4") == 4242
+    empty.meta.pop("cache")
+    assert resolve_expert_bytes(PROFILES["this-machine"], empty, "int4") == PROFILES["this-machine"].expert_bytes
+
+
+def test_simulate_into_a_closed_pipe_still_writes_its_json(shared_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    traces = [str(shared_dir / "traces" / f"tiny-mixtral-8req-{k}.npz") for k in ("interleaved", "sequential")]
+    out = tmp_path / "x.json"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # each line reaches the pipe as it is printed
+    p = subprocess.Popen([sys.executable, "-m", "gpu_worker", "simulate", *traces, "--policies", "lru",
+                          "--allocations", "uniform", "--budgets", "25%", "--json", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    head = [p.stdout.readline() for _ in range(2)]  # `| head -2`
+    p.stdout.close()
+    _, err = p.communicate(timeout=120)
+    assert len(head) == 2 and p.returncode == 0, err.decode()
+    results = json.loads(out.read_text())["results"]
+    assert {r["trace"] for r in results} == {"tiny-mixtral-8req-interleaved", "tiny-mixtral-8req-sequential"}

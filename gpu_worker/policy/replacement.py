@@ -1,8 +1,8 @@
-"""Replacement policies (per MoE layer) and allocations of a cache budget across layers.
+"""Replacement policies: which resident expert of one MoE layer leaves.
 
-Plain Python, no torch and no I/O: the worker's `ExpertCache` and the offline
-simulator drive these very classes, so a hit rate replayed from a trace is the hit
-rate the worker would have had.
+Plain Python, no torch and no I/O: the cache ledger (gpu_worker.policy.ledger) drives
+these very classes for the worker's `ExpertCache` and for the offline simulator, so a
+hit rate replayed from a trace is the hit rate the worker would have had.
 
 How a cache drives a policy, for one layer (expert ids are ints within the layer):
 - a routed expert is resident: `on_hit(e)`;
@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from typing import Callable, ClassVar, Collection, Sequence
+from typing import Callable, ClassVar, Collection
+
+from expert_store.errors import FateError
 
 
-class PolicyError(ValueError):
+class PolicyError(FateError, ValueError):
     """An unknown policy or allocation name, or a policy asked for a victim it does not hold."""
 
 
@@ -249,89 +251,3 @@ def make_policy_factory(name: str, lfu_decay: float = 0.9) -> Callable[[int], Re
     if name not in factories:
         raise PolicyError(f"unknown replacement policy {name!r}; known: {', '.join(POLICY_NAMES)}")
     return factories[name]
-
-
-# -- allocation of the budget across MoE layers ---------------------------------------------
-
-
-class Allocation(ABC):
-    """Maps a budget in expert slots to resident slots per MoE layer (their sum <= total)."""
-
-    name: ClassVar[str]
-
-    @abstractmethod
-    def slots(self, total_slots: int, moe_layers: Sequence[int], num_experts: int) -> dict[int, int]:
-        """Slots for every layer of moe_layers (0..num_experts each)."""
-
-
-class UniformAllocation(Allocation):
-    """The same share for every MoE layer; the remainder (fewer slots than layers) goes to
-    the shallowest layers, one each."""
-
-    name = "uniform"
-
-    def slots(self, total_slots: int, moe_layers: Sequence[int], num_experts: int) -> dict[int, int]:
-        n = len(moe_layers)
-        if n == 0:
-            return {}
-        per, extra = divmod(max(0, total_slots), n)
-        return {l: min(num_experts, per + (1 if i < extra else 0)) for i, l in enumerate(moe_layers)}
-
-
-class ShallowFavoringAllocation(Allocation):
-    """Fate's allocation: the first `full_layers` MoE layers entirely resident; the rest of
-    the budget split evenly over the deeper layers. When fewer than `full_layers` whole
-    layers fit, layers are filled from the shallowest and the deeper ones get nothing.
-    (Shallow layers are the least predictable by the cross-layer gate and the first one
-    cannot be predicted at all, so the budget buys most there.)"""
-
-    name = "shallow_favoring"
-
-    def __init__(self, full_layers: int = 4) -> None:
-        if full_layers < 0:
-            raise PolicyError(f"shallow_favoring: full_layers must be >= 0, got {full_layers}")
-        self.full_layers = full_layers
-
-    def slots(self, total_slots: int, moe_layers: Sequence[int], num_experts: int) -> dict[int, int]:
-        left = max(0, total_slots)
-        out: dict[int, int] = {}
-        head = list(moe_layers[: self.full_layers])
-        for l in head:
-            out[l] = min(num_experts, left)
-            left -= out[l]
-        tail = list(moe_layers[len(head):])
-        out |= UniformAllocation().slots(left, tail, num_experts)
-        return out
-
-
-ALLOCATION_NAMES = ("uniform", "shallow_favoring")
-
-
-def make_allocation(name: str, full_layers: int = 4) -> Allocation:
-    if name == "uniform":
-        return UniformAllocation()
-    if name == "shallow_favoring":
-        return ShallowFavoringAllocation(full_layers)
-    raise PolicyError(f"unknown allocation {name!r}; known: {', '.join(ALLOCATION_NAMES)}")
-
-
-def replay_layer(policy: ReplacementPolicy, capacity: int, accesses: Sequence[int], step_every: int = 1) -> int:
-    """Hits of one layer with `capacity` slots over a sequence of expert ids, driven exactly
-    as the cache drives a policy (on_step after every `step_every` accesses)."""
-    resident: set[int] = set()
-    hits = 0
-    for i, e in enumerate(accesses):
-        if e in resident:
-            hits += 1
-            policy.on_hit(e)
-        elif capacity > 0:
-            policy.on_miss(e)
-            if len(resident) >= capacity:
-                v = policy.victim(resident)
-                resident.remove(v)
-                policy.on_evict(v)
-            resident.add(e)
-            policy.on_insert(e)
-        if (i + 1) % step_every == 0:
-            policy.on_step()
-    return hits

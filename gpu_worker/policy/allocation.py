@@ -1,4 +1,8 @@
-"""A per-layer slot allocation learned offline from traces (`python -m gpu_worker analyze`), loaded from a file.
+"""Allocations: a cache budget in expert slots split into resident slots per MoE layer.
+
+`make_allocation` is the one factory: "uniform", "shallow_favoring" (Fate's: the first
+`full_layers` MoE layers whole, the rest split evenly) or "learned:PATH", a per-layer split
+learned offline from traces (`python -m gpu_worker analyze`) and read from a file.
 
 File format `fate-allocation/1` (JSON):
     {"format": "fate-allocation/1",
@@ -7,33 +11,85 @@ File format `fate-allocation/1` (JSON):
      "total_slots": 32,                    # the budget (in experts) the slots were learned for
      "slots": {"0": 6, "1": 2, ...},       # decoder layer index -> resident slots; sum <= total_slots
      "policy": "lru", "budget": "25%", "source": [...], "expected_hit_rate": 0.71}   # informative
-Only `format`, `slots` and `total_slots` are required.
-
-For the budget it was learned for, `LearnedAllocation.slots` returns the file's slots; for another
-budget it scales them (largest remainder, capped at num_experts, the rest going to the layers with
-the most slots), so one file serves nearby budgets. It implements `policies.Allocation`, so the
-cache and the simulator take it wherever they take `uniform` or `shallow_favoring`.
+Only `format`, `slots` and `total_slots` are required. For the budget it was learned for,
+`LearnedAllocation.slots` returns the file's slots; for another budget it scales them (largest
+remainder, capped at num_experts, the rest going to the layers with the most slots), so one file
+serves nearby budgets.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
-from expert_store.errors import FateError
+from .replacement import PolicyError
 
-from .policies import Allocation, PolicyError, make_allocation
+ALLOCATION_NAMES = ("uniform", "shallow_favoring")  # and learned:PATH
+
+
+class Allocation(ABC):
+    """Maps a budget in expert slots to resident slots per MoE layer (their sum <= total)."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def slots(self, total_slots: int, moe_layers: Sequence[int], num_experts: int) -> dict[int, int]:
+        """Slots for every layer of moe_layers (0..num_experts each)."""
+
+
+class UniformAllocation(Allocation):
+    """The same share for every MoE layer; the remainder (fewer slots than layers) goes to
+    the shallowest layers, one each."""
+
+    name = "uniform"
+
+    def slots(self, total_slots: int, moe_layers: Sequence[int], num_experts: int) -> dict[int, int]:
+        n = len(moe_layers)
+        if n == 0:
+            return {}
+        per, extra = divmod(max(0, total_slots), n)
+        return {l: min(num_experts, per + (1 if i < extra else 0)) for i, l in enumerate(moe_layers)}
+
+
+class ShallowFavoringAllocation(Allocation):
+    """Fate's allocation: the first `full_layers` MoE layers entirely resident; the rest of
+    the budget split evenly over the deeper layers. When fewer than `full_layers` whole
+    layers fit, layers are filled from the shallowest and the deeper ones get nothing.
+    (Shallow layers are the least predictable by the cross-layer gate and the first one
+    cannot be predicted at all, so the budget buys most there.)"""
+
+    name = "shallow_favoring"
+
+    def __init__(self, full_layers: int = 4) -> None:
+        if full_layers < 0:
+            raise PolicyError(f"shallow_favoring: full_layers must be >= 0, got {full_layers}")
+        self.full_layers = full_layers
+
+    def slots(self, total_slots: int, moe_layers: Sequence[int], num_experts: int) -> dict[int, int]:
+        left = max(0, total_slots)
+        out: dict[int, int] = {}
+        head = list(moe_layers[: self.full_layers])
+        for l in head:
+            out[l] = min(num_experts, left)
+            left -= out[l]
+        tail = list(moe_layers[len(head):])
+        out |= UniformAllocation().slots(left, tail, num_experts)
+        return out
+
 
 ALLOCATION_FORMAT = "fate-allocation/1"
 
 
-class AllocationFileError(FateError, PolicyError):
+class AllocationFileError(PolicyError):
     """An allocation file that cannot be read (the message names the file and the field)."""
 
 
 class LearnedAllocation(Allocation):
+    """Slots per MoE layer from a fate-allocation/1 file (module docstring)."""
+
     name = "learned"
 
     def __init__(self, slots: Mapping[int, int], total_slots: int, meta: Mapping[str, Any] | None = None,
@@ -118,8 +174,12 @@ def _scale(want: dict[int, int], learned_total: int, total: int, num_experts: in
     return out
 
 
-def make_worker_allocation(name: str, full_layers: int = 4) -> Allocation:
-    """An allocation by its configured name: "uniform", "shallow_favoring", or "learned:PATH"."""
-    if name.startswith("learned:"):
-        return LearnedAllocation.load(name[len("learned:"):])
-    return make_allocation(name, full_layers)
+def make_allocation(spec: str, full_layers: int = 4) -> Allocation:
+    """An allocation by name: "uniform", "shallow_favoring" (with `full_layers`) or "learned:PATH"."""
+    if spec.startswith("learned:"):
+        return LearnedAllocation.load(spec[len("learned:"):])
+    if spec == "uniform":
+        return UniformAllocation()
+    if spec == "shallow_favoring":
+        return ShallowFavoringAllocation(full_layers)
+    raise PolicyError(f"unknown allocation {spec!r}; known: {', '.join(ALLOCATION_NAMES)}, learned:PATH")

@@ -1,0 +1,460 @@
+"""The cache ledger: who holds which expert slot, in units of one expert, and what that cost.
+
+One algorithm, two drivers: the worker's `ExpertCache` (gpu_worker.cache) drives it around real
+fetches and compute builds, with its lock held; the offline simulator (gpu_worker.sim) drives the
+same methods from a trace (`replay_demand`, `replay_prefetch`), so a replayed count is the count
+the worker would have had.
+
+Layout: the budget is `total_slots` units. `staging_slots` of them are set aside for prefetched
+experts not used yet (and for a layer's misses beyond its share while it computes); an
+`Allocation` turns the rest into resident slots per MoE layer. Whatever is not held by a layer's
+slots is free: any layer may use it while it computes (its experts beyond its slots), and
+prefetches land there. A `ReplacementPolicy` per layer picks victims. `used` counts resident and
+reserved units (a reservation is taken before a fetch starts) and never exceeds `total_slots`.
+
+Demand path, per MoE layer L per forward step (gpu_worker.cache's docstring tells it with fetches):
+ 1. `begin_call(L, ids)`: lookups += len(ids); every id resident now is a hit, in ids order
+    (`use`: on_hit; a prefetch hit when a prefetch brought it and it was not used since).
+ 2. The other ids, in waves: `reserve(L, todo, borrow=True)` reserves the first n, where
+        n = free units + L's unpinned residents,
+    or, only when that is 0, n = every other layer's unpinned residents (borrowing). For each, in
+    order: `on_miss(e)`; then, if no unit is free, one eviction (`evict_one`): L's victim among its
+    unpinned residents if it has any, else another layer's, taking layers in order of (slots -
+    residents) ascending (ties: lower layer index), the first with an unpinned resident. Each
+    reserved expert is then inserted (`insert`: on_insert) and counted as a miss (`count_demand`).
+ 3. `end_call(L)`: while L holds more residents than its slots, evict L's victim among its unpinned
+    residents ("trim": the scratch goes back to the free units).
+ 4. `end_step()` calls `on_step()` on every layer's policy, in layer order.
+Prefetch path (`reserve_prefetch`): in rank order, a free unit, else one of L's unpinned residents
+outside the prefetch's own list; never another layer's expert, never a pinned one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping, Sequence
+
+from expert_store.errors import FateError
+
+from .replacement import ReplacementPolicy
+
+
+class CacheError(FateError, ValueError):
+    """A cache misconfigured (unknown policy or allocation) or misused (a layer without experts)."""
+
+
+class CacheBudgetError(CacheError):
+    """A budget that cannot work (below one layer's top-k experts), or a cache that cannot make room."""
+
+
+# -- statistics ---------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerStats:
+    lookups: int = 0  # experts asked for (each id once per iter_experts call)
+    hits: int = 0  # resident when asked for, not brought by an unused prefetch
+    prefetch_hits: int = 0  # resident (or arriving) because a prefetch brought them, first use
+    prefetch_late_hits: int = 0  # of prefetch_hits: still in flight when asked for (compute waited)
+    misses: int = 0  # fetched on demand (INT2 tail experts included)
+    int2_misses: int = 0  # of misses: INT2 tail experts (prefill), not inserted
+    evictions: int = 0
+    prefetched: int = 0  # experts inserted by prefetch
+    prefetch_unused_evictions: int = 0  # prefetched experts evicted before any use
+    prefetch_dropped: int = 0  # experts of prefetches dropped: their layer had run (stale)
+    bytes_fetched: int = 0  # blob bytes fetched for this layer (demand + prefetch)
+    demand_bytes: int = 0  # of bytes_fetched: demand fetches (INT2 included)
+    int2_bytes: int = 0  # of demand_bytes: INT2 tail blobs
+    prefetch_bytes: int = 0  # of bytes_fetched: prefetches
+    prefetch_wasted_bytes: int = 0  # blob bytes of prefetched experts evicted before any use
+    fetch_wait_ns: int = 0  # compute thread blocked on demand fetches, their builds and late prefetches
+    build_ns: int = 0  # of all fetches (demand + prefetch), time building compute forms from blobs
+    used_bytes: int = 0  # resident experts x expert_bytes
+    resident: int = 0
+    slots: int = 0
+
+    def add(self, other: "LayerStats") -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    @property
+    def hit_rate(self) -> float:
+        """(hits + prefetch hits) / lookups."""
+        return (self.hits + self.prefetch_hits) / self.lookups if self.lookups else 0.0
+
+
+@dataclass
+class CacheStats:
+    budget_bytes: int
+    expert_bytes: int
+    used_bytes: int  # resident + reserved
+    reserved_bytes: int  # experts being fetched or built
+    high_water_bytes: int
+    total: LayerStats
+    layers: dict[int, LayerStats]
+    staging_slots: int = 0
+    total_slots: int = 0
+
+
+@dataclass
+class StepOutcome:
+    """What the cache did in one forward step, per MoE layer (the engine attributes it to requests
+    through their routings). Each expert a layer asked for is in exactly one of the three maps."""
+
+    hits: dict[int, list[int]] = field(default_factory=dict)  # layer -> experts resident when asked for
+    prefetch_hits: dict[int, list[int]] = field(default_factory=dict)  # ... resident or arriving by prefetch
+    misses: dict[int, list[int]] = field(default_factory=dict)  # layer -> experts fetched on demand
+    layer_fetch_wait_ns: dict[int, int] = field(default_factory=dict)  # compute thread blocked, per layer
+    layer_bytes_fetched: dict[int, int] = field(default_factory=dict)  # demand-fetched blob bytes, per layer
+    prefetches_issued: int = 0  # experts prefetches inserted during the step (any layer)
+    prefetch_bytes: int = 0  # their blob bytes
+    prefetch_wasted_bytes: int = 0  # prefetched experts evicted unused during the step
+    int2_misses: int = 0
+
+    @property
+    def fetch_wait_ns(self) -> int:
+        return sum(self.layer_fetch_wait_ns.values())
+
+    @property
+    def bytes_fetched(self) -> int:
+        return sum(self.layer_bytes_fetched.values())
+
+    def count(self, kind: str) -> int:
+        """Total experts in `kind` ("hits", "prefetch_hits", "misses") over all layers."""
+        return sum(len(v) for v in getattr(self, kind).values())
+
+
+# -- the ledger ---------------------------------------------------------------------------------
+
+
+class LayerLedger:
+    """One MoE layer's part of the ledger (its fields are read by the cache and the prefetch thread)."""
+
+    __slots__ = ("layer", "policy", "slots", "resident", "pins", "pending", "prefetched", "stats", "done_step",
+                 "active", "int2_tail")
+
+    def __init__(self, layer: int, policy: ReplacementPolicy, slots: int):
+        self.layer = layer
+        self.policy = policy
+        self.slots = slots
+        self.resident: dict[int, Any] = {}  # expert -> payload (the worker's compute form; None in a replay)
+        self.pins: dict[int, int] = {}  # expert -> pin count (in use, never evicted)
+        self.pending: set[int] = set()  # reserved and being fetched by someone
+        self.prefetched: dict[int, int] = {}  # inserted by prefetch, not used yet -> blob bytes
+        self.stats = LayerStats()
+        self.done_step = -1  # the last step whose demand call for this layer ended
+        self.active = False  # inside a demand call now
+        self.int2_tail: tuple[int, frozenset[int]] | None = None  # (step, experts) for the next demand call
+
+    def evictable(self):
+        """Resident experts not pinned (the resident map itself when nothing is pinned)."""
+        if not self.pins:
+            return self.resident
+        pins = self.pins
+        return {e for e in self.resident if not pins.get(e)}
+
+    def n_evictable(self) -> int:
+        return len(self.resident) if not self.pins else sum(1 for e in self.resident if not self.pins.get(e))
+
+
+class CacheLedger:
+    """Slots, reservations, borrowing, eviction, trim and prefetch room of a budgeted expert cache, in units
+    of one expert, with per-layer statistics. No locking: the worker's cache holds its lock around calls."""
+
+    def __init__(self, moe_layers: Sequence[int], slots: Mapping[int, int],
+                 new_policy: Callable[[int], ReplacementPolicy], total_slots: int, staging_slots: int = 0,
+                 policies: Mapping[int, ReplacementPolicy] | None = None):
+        """slots: resident slots per MoE layer (an Allocation's answer); new_policy: slots -> a fresh policy
+        (or `policies`, one per layer, given); total_slots: the budget in units."""
+        self.total_slots = int(total_slots)
+        self.staging_slots = int(staging_slots)
+        self.layers: dict[int, LayerLedger] = {
+            layer: LayerLedger(layer, policies[layer] if policies is not None else new_policy(slots[layer]),
+                               int(slots[layer]))
+            for layer in moe_layers}
+        self._order = list(self.layers.values())
+        self.used = 0  # resident + reserved units
+        self.reserved = 0
+        self.high_water = 0
+        self.step: StepOutcome | None = None
+        self.step_seq = 0
+
+    # -- lookups --------------------------------------------------------------------------------
+
+    def layer(self, layer: int) -> LayerLedger:
+        try:
+            return self.layers[layer]
+        except KeyError:
+            raise CacheError(f"layer {layer} is not an MoE layer (MoE layers: {list(self.layers)})") from None
+
+    @property
+    def free(self) -> int:
+        return self.total_slots - self.used
+
+    def passed(self, L: LayerLedger, step: int) -> bool:
+        """Has the demand call of `step` for L ended (or a later step begun)?"""
+        return step < self.step_seq or L.done_step >= step
+
+    def pinned(self) -> int:
+        return sum(1 for S in self._order for p in S.pins.values() if p)
+
+    # -- the demand path ------------------------------------------------------------------------
+
+    def begin_call(self, L: LayerLedger, ids: list[int], pin: bool) -> tuple[list[int], frozenset[int]]:
+        """Step 1: (the ids resident now, used as hits; this step's INT2 tail experts)."""
+        L.active = True
+        L.stats.lookups += len(ids)
+        tail: frozenset[int] = frozenset()
+        if L.int2_tail is not None:
+            if L.int2_tail[0] == self.step_seq:
+                tail = L.int2_tail[1]
+            L.int2_tail = None
+        R = L.resident
+        ready = [e for e in ids if e in R]
+        self.use(L, ready, late=False, pin=pin)
+        return ready, tail
+
+    def use(self, L: LayerLedger, ready: list[int], late: bool, pin: bool) -> None:
+        """Count resident experts as (prefetch) hits (on_hit each), pinned when `pin`."""
+        st, P, step, on_hit = L.stats, L.prefetched, self.step, L.policy.on_hit
+        if not P and step is None and not pin:
+            st.hits += len(ready)
+            for e in ready:
+                on_hit(e)
+            return
+        for e in ready:
+            if e in P:
+                del P[e]
+                st.prefetch_hits += 1
+                st.prefetch_late_hits += late
+                if step is not None:
+                    step.prefetch_hits.setdefault(L.layer, []).append(e)
+            else:
+                st.hits += 1
+                if step is not None:
+                    step.hits.setdefault(L.layer, []).append(e)
+            on_hit(e)
+            if pin:
+                L.pins[e] = L.pins.get(e, 0) + 1
+
+    def reserve(self, L: LayerLedger, experts: list[int], borrow: bool, prefetch: bool = False) -> list[int]:
+        """Step 2: room for the first experts of `experts` that fit, in layer L: free units first, then L's
+        unpinned experts (by its policy); only when neither exists, (borrow) other layers' unpinned experts.
+        Returns those reserved; each had its policy's on_miss just before room was made for it."""
+        room = self.total_slots - self.used + L.n_evictable()
+        if borrow and room == 0:
+            room = sum(S.n_evictable() for S in self._order if S is not L)
+        chosen = experts[:room]
+        on_miss = L.policy.on_miss
+        for e in chosen:
+            on_miss(e, prefetch)
+            if self.used >= self.total_slots and not self.evict_one(L, borrow):
+                raise CacheError(f"cache accounting: no room after counting {room} (a cache bug)")
+            self.take(1)
+        return chosen
+
+    def insert(self, L: LayerLedger, e: int, payload: Any, prefetch: bool = False, blob_bytes: int = 0,
+               pin: bool = False) -> None:
+        """A reserved expert becomes resident (its unit moves from reserved to resident)."""
+        self.reserved -= 1
+        L.resident[e] = payload
+        L.policy.on_insert(e, prefetch)
+        if prefetch:
+            L.prefetched[e] = blob_bytes
+            L.stats.prefetched += 1
+            if self.step is not None:
+                self.step.prefetches_issued += 1
+        if pin:
+            L.pins[e] = L.pins.get(e, 0) + 1
+
+    def count_demand(self, L: LayerLedger, wave: list[int], int2: bool = False) -> None:
+        """`wave` was fetched on demand: misses (and INT2 misses)."""
+        L.stats.misses += len(wave)
+        if int2:
+            L.stats.int2_misses += len(wave)
+        if self.step is not None:
+            self.step.misses.setdefault(L.layer, []).extend(wave)
+            if int2:
+                self.step.int2_misses += len(wave)
+
+    def unpin(self, L: LayerLedger, e: int) -> None:
+        left = L.pins.get(e, 0) - 1
+        if left > 0:
+            L.pins[e] = left
+        else:
+            L.pins.pop(e, None)
+
+    def end_call(self, L: LayerLedger) -> None:
+        """Step 3: trimmed back to the layer's slots; the call's step is done for L."""
+        self.trim(L)
+        L.done_step = self.step_seq
+        L.active = False
+
+    def trim(self, L: LayerLedger) -> None:
+        """Back to the layer's slots after its step: the scratch it used goes back to the budget."""
+        while len(L.resident) > L.slots:
+            candidates = L.evictable()
+            if not candidates:
+                break
+            self.evict(L, L.policy.victim(candidates))
+
+    # -- prefetch and transient room ------------------------------------------------------------
+
+    def reserve_prefetch(self, L: LayerLedger, experts: list[int], protect: set[int]) -> list[int]:
+        """Prefetch room, in rank order: a free unit, else one of L's unpinned experts outside `protect`."""
+        chosen = []
+        for e in experts:
+            free = self.used < self.total_slots
+            if free:
+                candidates: Any = ()
+            else:
+                candidates = {x for x in L.evictable() if x not in protect}
+                if not candidates:
+                    break
+            L.policy.on_miss(e, True)
+            if not free:
+                self.evict(L, L.policy.victim(candidates))
+            self.take(1)
+            chosen.append(e)
+        return chosen
+
+    def make_room(self, L: LayerLedger, units: int, borrow: bool) -> bool:
+        """Evict (L first, then others) until `units` free units exist; False (nothing evicted beyond need)
+        when the unpinned experts cannot make that much room."""
+        if self.free >= units:
+            return True
+        evictable = L.n_evictable() + (sum(S.n_evictable() for S in self._order if S is not L) if borrow else 0)
+        if self.free + evictable < units:
+            return False
+        while self.free < units:
+            if not self.evict_one(L, borrow):
+                return False
+        return True
+
+    def take(self, units: int) -> None:
+        self.used += units
+        self.reserved += units
+        if self.used > self.high_water:
+            self.high_water = self.used
+
+    def give_back(self, units: int) -> None:
+        """Reserved units released without an insert (a failed fetch, a dropped INT2 copy)."""
+        self.used -= units
+        self.reserved -= units
+
+    def evict_one(self, L: LayerLedger, borrow: bool) -> bool:
+        candidates = L.evictable()
+        if candidates:
+            self.evict(L, L.policy.victim(candidates))
+            return True
+        if not borrow:
+            return False
+        # other layers, the ones furthest over their slots first (scratch and staged prefetches), then any
+        for other in sorted(self._order, key=lambda S: S.slots - len(S.resident)):
+            if other is not L and (c := other.evictable()):
+                self.evict(other, other.policy.victim(c))
+                return True
+        return False
+
+    def evict(self, L: LayerLedger, e: int) -> None:
+        del L.resident[e]
+        L.policy.on_evict(e)
+        L.stats.evictions += 1
+        if L.prefetched and e in L.prefetched:
+            nbytes = L.prefetched.pop(e)
+            L.stats.prefetch_unused_evictions += 1
+            L.stats.prefetch_wasted_bytes += nbytes
+            if self.step is not None:
+                self.step.prefetch_wasted_bytes += nbytes
+        self.used -= 1
+
+    def clear(self) -> None:
+        """Drop every unpinned expert."""
+        for L in self._order:
+            for e in list(L.evictable()):
+                self.evict(L, e)
+
+    # -- steps and statistics -------------------------------------------------------------------
+
+    def begin_step(self, record: bool = True) -> None:
+        """A forward step begins; `record`: keep a StepOutcome of it."""
+        self.step_seq += 1
+        self.step = StepOutcome() if record else None
+
+    def end_step(self) -> StepOutcome:
+        """The outcome since `begin_step`; ages the policies (`on_step`, in layer order)."""
+        out, self.step = self.step or StepOutcome(), None
+        for L in self._order:
+            L.policy.on_step()
+        return out
+
+    def stats(self, expert_bytes: int, budget_bytes: int) -> CacheStats:
+        layers = {}
+        total = LayerStats()
+        for layer, L in self.layers.items():
+            s = LayerStats(**vars(L.stats))
+            s.resident, s.used_bytes, s.slots = len(L.resident), len(L.resident) * expert_bytes, L.slots
+            layers[layer] = s
+            total.add(s)
+        return CacheStats(budget_bytes, expert_bytes, self.used * expert_bytes, self.reserved * expert_bytes,
+                          self.high_water * expert_bytes, total, layers, self.staging_slots, self.total_slots)
+
+    # -- replays (the simulator's driver: no fetches, nothing pinned or pending between calls) ---------
+
+    def replay_demand(self, L: LayerLedger, ids: list[int]) -> tuple[int, int]:
+        """One demand call for L with `ids` (distinct, in the model's order), as the worker's cache runs it
+        when every fetch completes at once: (misses, waves)."""
+        ready, _ = self.begin_call(L, ids, pin=False)
+        misses = waves = 0
+        if len(ready) < len(ids):
+            R = L.resident
+            remaining = [e for e in ids if e not in R]
+            misses = len(remaining)
+            insert = self.insert
+            while remaining:
+                wave = self.reserve(L, remaining, borrow=True)
+                if not wave:
+                    raise CacheBudgetError(f"layer {L.layer}: no room for one expert in {self.total_slots} units")
+                for e in wave:
+                    insert(L, e, None)
+                self.count_demand(L, wave)
+                remaining = remaining[len(wave):]
+                waves += 1
+        self.end_call(L)
+        return misses, waves
+
+    def replay_prefetch(self, L: LayerLedger, experts: list[int]) -> int:
+        """A prefetch of `experts` (ranked) for L that lands before L's next demand call: how many landed."""
+        R = L.resident
+        todo = [e for e in experts if e not in R and e not in L.pending]
+        wave = self.reserve_prefetch(L, todo, protect=set(experts))
+        for e in wave:
+            self.insert(L, e, None, prefetch=True)
+        return len(wave)
+
+    def replay_access(self, L: LayerLedger, row: Sequence[int], pin: bool, start: int = 0,
+                      stop: int | None = None) -> int:
+        """The flat semantics (one access at a time into L's own slots, no borrowing, no scratch) for
+        row[start:stop]: a hit, or a miss inserted in place of L's victim (outside `row` when `pin`,
+        unless every resident is in `row`); a layer without slots inserts nothing. Returns the misses."""
+        R, st, pol = L.resident, L.stats, L.policy
+        misses = 0
+        for e in row[start:stop]:
+            st.lookups += 1
+            if e in R:
+                st.hits += 1
+                pol.on_hit(e)
+                continue
+            misses += 1
+            st.misses += 1
+            if not L.slots:
+                continue
+            pol.on_miss(e, False)
+            if len(R) >= L.slots:
+                candidates = R
+                if pin:
+                    candidates = {x for x in R if x not in row} or R
+                self.evict(L, pol.victim(candidates))
+            self.take(1)
+            self.insert(L, e, None)
+        return misses
