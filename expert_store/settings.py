@@ -439,8 +439,3 @@ def prog_name(module: str) -> str:
     """The command as the user typed it: `fate-store` (the installed script), else `python -m module`."""
     script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
     return script if script.startswith("fate-") else f"python -m {module}"
-
-
-def toml_keys(cls: type) -> list[str]:
-    """Every key a TOML file may hold for `cls`."""
-    return [s.name for s in settings_of(cls)]
