@@ -380,7 +380,7 @@ _METAVARS = {"int": "N", "float": "X", "address": "ADDR", "size": "SIZE", "budge
 def flag_help(s: Setting) -> str:
     """The docstring, the allowed values and the default, %-escaped for argparse."""
     parts = [s.doc.rstrip(".") + "." if s.doc else ""]
-    if s.choices is not None and str(s.choices) not in s.doc:
+    if s.choices is not None and not all(str(v) in s.doc for v in [*s.choices.values, *s.choices.patterns]):
         parts.append(f"One of: {s.choices}.")
     parts.append("(required)" if s.required else f"(default: {s.shown_default()})")
     return " ".join(p for p in parts if p).replace("%", "%%")
