@@ -22,11 +22,11 @@ from .settings import (
     LOG_LEVELS,
     Choices,
     ConfigError,
+    ListenAddress,
     Size,
     build,
     check,
-    check_address,
-    check_choices,
+    check_settings,
     parse_size,
     read_toml,
 )
@@ -42,7 +42,7 @@ class StoreConfig:
     pack: Path
     """Pack directory to serve (written by `python -m expert_store pack`)."""
 
-    listen: str = DEFAULT_LISTEN
+    listen: ListenAddress = DEFAULT_LISTEN
     """Address to serve on: `host:port` (port 0 picks a free one) or `unix:/path/to.sock`."""
 
     ram_bytes: Size = 1 << 30
@@ -106,7 +106,7 @@ class StoreConfig:
     """Logging level: debug, info, warning, error."""
 
     def __post_init__(self) -> None:
-        check_choices(self)
+        check_settings(self)
         check(self.ram_bytes >= 0, "ram_bytes", self.ram_bytes, "must be >= 0")
         check(self.lease_ttl_ms > 0, "lease_ttl_ms", self.lease_ttl_ms, "must be > 0")
         check(self.max_lease_ttl_ms >= self.lease_ttl_ms, "max_lease_ttl_ms", self.max_lease_ttl_ms,
@@ -120,7 +120,6 @@ class StoreConfig:
         check(1 <= self.io_threads <= 64, "io_threads", self.io_threads, "must be 1..64")
         check(self.prefetch_queue >= 0, "prefetch_queue", self.prefetch_queue, "must be >= 0")
         check(self.grace_s >= 0, "grace_s", self.grace_s, "must be >= 0")
-        check_address("listen", self.listen)
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

@@ -15,8 +15,8 @@ this module (the worker imports the store's package, never the reverse).
 Types the converter knows: bool, int, float, str, Path (relative paths in a TOML file are
 relative to the file), `X | None`, `tuple[str, ...]` (a TOML list or "a,b"), `Size` (bytes:
 123, "512MiB", "1.5G"), `Budget` (bytes, or a share: "25%"), `CountOrAuto` ("auto" or a
-count). `Annotated[T, Choices(...)]` names the values a field allows; the check runs in
-`check_choices`, which a class's `__post_init__` calls.
+count). `Annotated[T, Choices(...)]` names the values a field allows, `ListenAddress` an address to
+serve on; both are checked by `check_settings`, which a class's `__post_init__` calls.
 """
 
 from __future__ import annotations
@@ -142,6 +142,8 @@ Size = Annotated[int, _Kind("size")]
 """Bytes; written 123, "512MiB", "4GiB", "1.5G" (KiB/MiB/GiB: powers of 1024; K/M/G: of 1000)."""
 CountOrAuto = Annotated[typing.Union[int, str], _Kind("count_or_auto")]
 """"auto" or a count >= 0."""
+ListenAddress = Annotated[str, _Kind("address")]
+"""An address to serve on: host:port, or unix:/path/to.sock (checked by check_settings)."""
 
 
 # -- fields -----------------------------------------------------------------------------------
@@ -152,7 +154,7 @@ class Setting:
     """One field of a settings class, as the converter sees it."""
 
     name: str
-    kind: str  # bool, int, float, str, path, strs, size, budget, count_or_auto
+    kind: str  # bool, int, float, str, address, path, strs, size, budget, count_or_auto
     optional: bool  # None allowed
     default: Any  # dataclasses.MISSING: required
     doc: str
@@ -214,7 +216,7 @@ class Setting:
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                 raise bad('a list of names, e.g. ["int4", "int2"] or "int4,int2"')
             return tuple(v.strip() for v in value if v.strip())
-        if not isinstance(value, (str, Path)) or (k == "path" and not str(value)):
+        if not isinstance(value, (str, Path)) or (k == "path" and not str(value)):  # str, address, path
             raise bad("a path" if k == "path" else "a string")
         if k == "path":
             p = Path(value).expanduser()
@@ -308,9 +310,12 @@ def settings_of(cls: type) -> tuple[Setting, ...]:
     return tuple(out)
 
 
-def check_choices(obj: Any) -> None:
-    """ConfigError for the first field of `obj` whose value its Choices do not allow."""
+def check_settings(obj: Any) -> None:
+    """ConfigError for the first field of `obj` whose value its Choices do not allow, or whose listen
+    address is malformed. A settings class's __post_init__ calls it, then checks its own ranges."""
     for s in settings_of(type(obj)):
+        if s.kind == "address":
+            check_address(s.name, getattr(obj, s.name))
         if s.choices is None:
             continue
         value = getattr(obj, s.name)
@@ -368,14 +373,14 @@ def read_toml(cls: type, path: str | Path, section: str) -> dict[str, Any]:
 
 # -- command line -----------------------------------------------------------------------------
 
-_METAVARS = {"int": "N", "float": "X", "size": "SIZE", "budget": "SIZE|PCT%", "count_or_auto": "N|auto",
+_METAVARS = {"int": "N", "float": "X", "address": "ADDR", "size": "SIZE", "budget": "SIZE|PCT%", "count_or_auto": "N|auto",
              "strs": "A,B", "path": "PATH", "str": "TEXT"}  # fmt: skip
 
 
 def flag_help(s: Setting) -> str:
     """The docstring, the allowed values and the default, %-escaped for argparse."""
     parts = [s.doc.rstrip(".") + "." if s.doc else ""]
-    if s.choices is not None and str(s.choices) not in s.doc:
+    if s.choices is not None and not all(str(v) in s.doc for v in [*s.choices.values, *s.choices.patterns]):
         parts.append(f"One of: {s.choices}.")
     parts.append("(required)" if s.required else f"(default: {s.shown_default()})")
     return " ".join(p for p in parts if p).replace("%", "%%")
@@ -439,8 +444,3 @@ def prog_name(module: str) -> str:
     """The command as the user typed it: `fate-store` (the installed script), else `python -m module`."""
     script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
     return script if script.startswith("fate-") else f"python -m {module}"
-
-
-def toml_keys(cls: type) -> list[str]:
-    """Every key a TOML file may hold for `cls`."""
-    return [s.name for s in settings_of(cls)]

@@ -23,10 +23,10 @@ from expert_store.settings import (
     Choices,
     ConfigError,
     CountOrAuto,
+    ListenAddress,
     build,
     check,
-    check_address,
-    check_choices,
+    check_settings,
     read_toml,
 )
 
@@ -50,7 +50,7 @@ class WorkerConfig:
     store: str
     """Address of the expert store: `host:port` or `unix:/path/to.sock`."""
 
-    listen: str = DEFAULT_LISTEN
+    listen: ListenAddress = DEFAULT_LISTEN
     """Address to serve Generate on: `host:port` (port 0 picks a free one) or `unix:/path/to.sock`."""
 
     budget_bytes: Budget = Budget(share=1.0)
@@ -153,7 +153,7 @@ class WorkerConfig:
         if not self.store:
             raise ConfigError("store: give the expert store's address (--store host:port or unix:/path)")
         object.__setattr__(self, "budget_bytes", Budget.parse(self.budget_bytes))  # parsed once, here
-        check_choices(self)
+        check_settings(self)
         check(0 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port, "must be 0 (off) to 65535")
         check(1 <= self.max_batch_size <= 1024, "max_batch_size", self.max_batch_size, "must be 1..1024")
         check(self.max_queue >= 0, "max_queue", self.max_queue, "must be >= 0")
@@ -169,7 +169,6 @@ class WorkerConfig:
         check(self.store_wait_s >= 0, "store_wait_s", self.store_wait_s, "must be >= 0")
         check(self.grace_s >= 0, "grace_s", self.grace_s, "must be >= 0")
         check(self.trace_every >= 0, "trace_every", self.trace_every, "must be >= 0")
-        check_address("listen", self.listen, "127.0.0.1:50061")
 
 
 def resolve_staging(value: int | str, predictor: str, total_slots: int, num_experts: int) -> int:
