@@ -53,15 +53,16 @@ FAMILY_CONFIGS: dict[str, tuple[str, str, dict]] = {
 }
 
 
-def build_hf_checkpoint(family: str, out: Path, seed: int = 0):
-    """Save a tiny fp32 model whose weights are all bf16-representable, so a bf16 pack is lossless."""
+def build_hf_checkpoint(family: str, out: Path | None, seed: int = 0, **overrides):
+    """Save a tiny fp32 model whose weights are all bf16-representable, so a bf16 pack is lossless
+    (out None: build it only). `overrides` replace config keys of the family's case."""
     import transformers
 
     cfg_name, model_name, kw = FAMILY_CONFIGS[family]
     common = dict(vocab_size=256, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                   initializer_range=0.08, max_position_embeddings=512, bos_token_id=0, eos_token_id=1,
                   pad_token_id=None, tie_word_embeddings=False)
-    cfg = getattr(transformers, cfg_name)(**(common | kw))
+    cfg = getattr(transformers, cfg_name)(**(common | kw | overrides))
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(cfg).eval()
     with torch.no_grad():
@@ -72,7 +73,8 @@ def build_hf_checkpoint(family: str, out: Path, seed: int = 0):
                 p.uniform_(0.8, 1.2)  # norms: not all ones, so a missed norm shows
             if p.is_floating_point() and "inv_freq" not in name:
                 p.copy_(p.bfloat16().float())
-    model.save_pretrained(out)
+    if out is not None:
+        model.save_pretrained(out)
     return model
 
 
