@@ -9,7 +9,12 @@ each expert, one blob from `codec.encode_expert`, each starting at a 4 KiB
 boundary, so fetching an expert is one aligned read and one copy. Every blob's
 offset is known before anything is written, so each expert is read from the
 checkpoint once, encoded in every format and written at its offsets: memory
-stays at one expert whatever the checkpoint size.
+stays at one expert whatever the checkpoint size. dense.safetensors is written
+the same way, one tensor at a time.
+
+FP8 block-scaled and MXFP4 checkpoints are decoded as they are read
+(`checkpoint_formats`): experts are quantized from the fp32 decode, FP8 dense
+tensors are stored as bf16, every other dense tensor in its checkpoint dtype.
 
 The pack is built in a temp sibling `.{name}.tmp-<pid>` and renamed into place
 after `manifest.json` (written last, fsynced) exists: a crash leaves no
