@@ -24,6 +24,7 @@ from .attention import SequenceKV, gqa_attention, mla_attention, rms_norm, rope_
 from .routing import Router
 
 if TYPE_CHECKING:
+    from .expert_compute import ExpertCompute
     from .experts import ExpertProvider
 
 
@@ -148,17 +149,18 @@ class MoEModel:
         """Layer i's router on gate input h [T, H] -> (expert ids [T, K], weights [T, K] fp32)."""
         return self.layers[i].router(h)
 
-    def _expert(self, i: int, e: int, compute, x: torch.Tensor) -> torch.Tensor:
+    def _expert(self, i: int, e: int, compute: ExpertCompute, x: torch.Tensor) -> torch.Tensor:
         """One routed expert on x [t, H]: plain SwiGLU, or with gpt-oss's biases and clamped SwiGLU."""
-        b = self.layers[i].expert_bias
-        if not b and self.args.expert_activation == "silu":
+        a, b = self.args, self.layers[i].expert_bias
+        if not b and a.expert_activation == "silu":
             return compute(x)
         g, u = compute.project_in(x)  # [t, I] fp32 each
         if b:
             g, u = g + b["gate"][e], u + b["up"][e]
-        a = self.args
-        act = clamped_swiglu(g, u, a.swiglu_limit, a.swiglu_alpha) if a.expert_activation == "clamped_swiglu" \
-            else F.silu(g) * u
+        if a.expert_activation == "clamped_swiglu":
+            act = clamped_swiglu(g, u, a.swiglu_limit, a.swiglu_alpha)
+        else:
+            act = F.silu(g) * u
         y = compute.project_out(act)
         return y + b["down"][e] if b else y
 
