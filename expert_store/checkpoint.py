@@ -118,6 +118,22 @@ class CheckpointReader:
         except _READ_ERRORS as e:
             raise PackError(f"{file}: cannot read the header of tensor {name!r} ({e}); the file is corrupt") from None
 
+    def dtype(self, name: str) -> str:
+        """The stored dtype as the safetensors header spells it ("BF16", "F8_E4M3", "U8", ...)."""
+        file = self.file_of(name)
+        try:
+            return str(self._handles[file].get_slice(name).get_dtype())
+        except _READ_ERRORS as e:
+            raise PackError(f"{file}: cannot read the header of tensor {name!r} ({e}); the file is corrupt") from None
+
+    def get_index(self, name: str, index: int) -> torch.Tensor:
+        """tensor[index] along dim 0, read without the rest (one expert of a fused [E, ...] tensor)."""
+        file = self.file_of(name)
+        try:
+            return self._handles[file].get_slice(name)[index]
+        except _READ_ERRORS as e:
+            raise PackError(f"{file}: cannot read tensor {name!r} ({e}); the file is truncated or corrupt") from None
+
     def get(self, name: str) -> torch.Tensor:
         """One tensor, copied out of the mmap in its stored dtype."""
         file = self.file_of(name)

@@ -9,7 +9,12 @@ each expert, one blob from `codec.encode_expert`, each starting at a 4 KiB
 boundary, so fetching an expert is one aligned read and one copy. Every blob's
 offset is known before anything is written, so each expert is read from the
 checkpoint once, encoded in every format and written at its offsets: memory
-stays at one expert whatever the checkpoint size.
+stays at one expert whatever the checkpoint size. dense.safetensors is written
+the same way, one tensor at a time.
+
+FP8 block-scaled and MXFP4 checkpoints are decoded as they are read
+(`checkpoint_formats`): experts are quantized from the fp32 decode, FP8 dense
+tensors are stored as bf16, every other dense tensor in its checkpoint dtype.
 
 The pack is built in a temp sibling `.{name}.tmp-<pid>` and renamed into place
 after `manifest.json` (written last, fsynced) exists: a crash leaves no
@@ -32,7 +37,6 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from . import hf_names
@@ -40,6 +44,7 @@ from .model_args import ModelArgs, read_hf_config
 
 from . import codec
 from .checkpoint import CheckpointReader
+from .checkpoint_formats import DecodedCheckpoint, checkpoint_quantization
 from .errors import PackError
 
 logger = logging.getLogger(__name__)
@@ -123,9 +128,11 @@ def write_pack(
     fmts = _check_formats(formats)
     cfg, cfg_source = read_hf_config(src)
     args = ModelArgs.from_hf_config(cfg, cfg_source)
+    quant = checkpoint_quantization(cfg, cfg_source)
     _check_out_dir(out, force)
 
-    with CheckpointReader(src) as ckpt:
+    with CheckpointReader(src) as reader:
+        ckpt = DecodedCheckpoint(reader, quant)
         _check_tensors(args, ckpt)
         _remove_stale(out)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -171,7 +178,7 @@ def _check_out_dir(out: Path, force: bool) -> None:
         raise PackError(f"{out}: exists and is not a pack; refusing to replace it even with --force (remove it yourself)")
 
 
-def _check_tensors(args: ModelArgs, ckpt: CheckpointReader) -> None:
+def _check_tensors(args: ModelArgs, ckpt: DecodedCheckpoint) -> None:
     """Every expected tensor present; every present tensor expected (else a warning, never a silent drop)."""
     expected = hf_names.dense_tensor_names(args) + hf_names.expert_tensor_names(args)
     present = ckpt.names()
@@ -183,21 +190,41 @@ def _check_tensors(args: ModelArgs, ckpt: CheckpointReader) -> None:
             f"{', '.join(missing[:5])}{more} (is config.json the one for these weights?)"
         )
     unexpected = sorted(present - set(expected))
-    if unexpected:
+    if unexpected:  # e.g. DeepSeek-V3's multi-token-prediction layer
+        more = f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""
         logger.warning(
-            "%s: %d tensor(s) are neither dense nor expert tensors and are NOT packed: %s",
-            ckpt.path, len(unexpected), ", ".join(unexpected),
+            "%s: %d tensor(s) are neither dense nor expert tensors and are NOT packed: %s%s",
+            ckpt.path, len(unexpected), ", ".join(unexpected[:10]), more,
         )
-    hidden, inter = args.hidden_size, args.expert_intermediate_size
-    want = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+    hidden, inter, E = args.hidden_size, args.expert_intermediate_size, args.num_experts
+    want = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter),
+            "gate_up": (E, hidden, 2 * inter), "down_fused": (E, inter, hidden)}
+    checks = []
     for layer in args.moe_layers:
-        for e in range(args.num_experts):
-            for role, name in hf_names.expert(args, layer, e).items():
-                if (shape := ckpt.shape(name)) != want[role]:
-                    raise PackError(
-                        f"{ckpt.file_of(name)}: tensor {name!r} has shape {list(shape)}, config.json implies "
-                        f"{list(want[role])} (is config.json the one for these weights?)"
-                    )
+        fused = hf_names.fused_experts(args, layer)
+        if fused:
+            checks += [(fused["gate_up"], want["gate_up"]), (fused["down"], want["down_fused"])]
+            continue
+        for e in range(E):
+            checks += [(name, want[role]) for role, name in hf_names.expert(args, layer, e).items()]
+    for name, shape_wanted in checks:
+        if (shape := ckpt.shape(name)) != shape_wanted:
+            raise PackError(
+                f"{ckpt.file_of(name)}: tensor {name!r} has shape {list(shape)}, config.json implies "
+                f"{list(shape_wanted)} (is config.json the one for these weights?)"
+            )
+    for name in hf_names.dense_tensor_names(args):
+        ckpt.dtype(name)  # an unscaled FP8 or an unstorable dtype fails here, before anything is written
+
+
+def read_expert(args: ModelArgs, ckpt: DecodedCheckpoint, layer: int, e: int) -> dict[str, torch.Tensor]:
+    """One expert's gate, up [I, H] and down [H, I], decoded (fp32 where the checkpoint is quantized)."""
+    fused = hf_names.fused_experts(args, layer)
+    if not fused:
+        return {role: ckpt.get_float(name) for role, name in hf_names.expert(args, layer, e).items()}
+    gate_up = ckpt.get_expert(fused["gate_up"], e)  # [H, 2I]: gate even columns, up odd
+    return {"gate": gate_up[:, 0::2].T.contiguous(), "up": gate_up[:, 1::2].T.contiguous(),
+            "down": ckpt.get_expert(fused["down"], e).T.contiguous()}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -229,7 +256,7 @@ def _remove_stale(out: Path) -> None:
 
 
 def _write_contents(
-    args: ModelArgs, ckpt: CheckpointReader, src: Path, tmp: Path, fmts: tuple[str, ...], progress: bool
+    args: ModelArgs, ckpt: DecodedCheckpoint, src: Path, tmp: Path, fmts: tuple[str, ...], progress: bool
 ) -> dict[str, Any]:
     """Write every file but the manifest into `tmp`; returns the manifest."""
     hidden, inter = args.hidden_size, args.expert_intermediate_size
@@ -248,8 +275,7 @@ def _write_contents(
         bar = tqdm(total=len(ids), unit="expert", desc=f"packing {src.name}", disable=None if progress else True)
         with bar, _encode_threads(hidden, inter):
             for i, (layer, e) in enumerate(ids):
-                names = hf_names.expert(args, layer, e)
-                w = {role: ckpt.get(name) for role, name in names.items()}
+                w = read_expert(args, ckpt, layer, e)
                 blobs: dict[str, dict[str, int]] = {}
                 for f in fmts:
                     blob = codec.encode_expert(f, w["gate"], w["up"], w["down"])
@@ -267,10 +293,8 @@ def _write_contents(
     finally:
         os.close(fd)
 
-    dense = {name: ckpt.get(name) for name in hf_names.dense_tensor_names(args)}
-    save_file(dense, str(tmp / DENSE_FILE), metadata={"format": "pt"})
-    del dense
-    shutil.copymode(tmp / EXPERTS_FILE, tmp / DENSE_FILE)  # safetensors creates it 0600; make it like the rest
+    write_dense(ckpt, hf_names.dense_tensor_names(args), tmp / DENSE_FILE, progress)
+    shutil.copymode(tmp / EXPERTS_FILE, tmp / DENSE_FILE)  # the same mode as the rest
     _fsync_file(tmp / DENSE_FILE)
 
     for name in CONFIG_FILES:
@@ -304,6 +328,39 @@ def _write_contents(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "tool": tool_version(),
     }
+
+
+_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                torch.bool: "BOOL"}
+
+
+def write_dense(ckpt: DecodedCheckpoint, names: list[str], path: Path, progress: bool) -> None:
+    """dense.safetensors written one tensor at a time (the layout safetensors reads; header first, since
+    every decoded shape and dtype is known from the checkpoint's headers): memory stays at one tensor."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        dtype, shape = ckpt.dtype(name), ckpt.shape(name)
+        if dtype not in _DTYPE_NAMES:
+            raise PackError(f"{ckpt.file_of(name)}: tensor {name!r} has dtype {dtype}, which a pack cannot store")
+        n = dtype.itemsize
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # safetensors pads the header to 8 bytes
+    bar = tqdm(total=len(names), unit="tensor", desc="dense tensors", disable=None if progress else True)
+    with open(path, "wb") as f, bar:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for name in names:
+            t = ckpt.get(name).contiguous()
+            if t.dtype != ckpt.dtype(name) or list(t.shape) != header[name]["shape"]:
+                raise PackError(f"{ckpt.file_of(name)}: tensor {name!r} decoded to {t.dtype} {list(t.shape)}, its "
+                                f"header says {ckpt.dtype(name)} {header[name]['shape']} (the file is corrupt)")
+            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            bar.update(1)
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

@@ -45,6 +45,12 @@ class ExpertCompute(Protocol):
 
     def __call__(self, x: Tensor) -> Tensor: ...
 
+    def project_in(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(gate x, up x) fp32 [T, I] each: for families whose activation or biases differ (gpt-oss)."""
+
+    def project_out(self, h: Tensor) -> Tensor:
+        """down h, fp32 [T, H]."""
+
 
 def _tensor_bytes(*tensors: Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -68,6 +74,14 @@ class DenseExpert:
         xc = x.to(self.gate.dtype)  # no copy in the fp32 form
         h = F.silu(F.linear(xc, self.gate)) * F.linear(xc, self.up)  # [T, I]
         return F.linear(h, self.down).float()  # [T, H]
+
+    def project_in(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        _check_input(x, self.hidden)
+        xc = x.to(self.gate.dtype)
+        return F.linear(xc, self.gate).float(), F.linear(xc, self.up).float()
+
+    def project_out(self, h: Tensor) -> Tensor:
+        return F.linear(h.to(self.down.dtype), self.down).float()
 
 
 class DequantPerUseExpert:
@@ -93,6 +107,15 @@ class DequantPerUseExpert:
         h = F.silu(F.linear(xc, self._weight(self.mats[0])))  # [T, I]
         h = h * F.linear(xc, self._weight(self.mats[1]))
         return F.linear(h, self._weight(self.mats[2])).float()  # [T, H]
+
+    def project_in(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        _check_input(x, self.hidden)
+        xc = x.to(self.dtype)
+        return (F.linear(xc, self._weight(self.mats[0])).float(),
+                F.linear(xc, self._weight(self.mats[1])).float())
+
+    def project_out(self, h: Tensor) -> Tensor:
+        return F.linear(h.to(self.dtype), self._weight(self.mats[2])).float()
 
 
 class Int4Linear:
@@ -177,6 +200,19 @@ class Int4FusedExpert:
         xc = x.to(torch.bfloat16)
         h = F.silu(self.gate(xc)) * self.up(xc)  # [T, I] bf16
         return self.down(h).float()  # [T, H]
+
+    def project_in(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        _check_input(x, self.hidden)
+        if x.shape[0] == 0:
+            empty = x.new_empty((0, self.gate.n))
+            return empty, empty
+        xc = x.to(torch.bfloat16)
+        return self.gate(xc).float(), self.up(xc).float()
+
+    def project_out(self, h: Tensor) -> Tensor:
+        if h.shape[0] == 0:
+            return h.new_empty((0, self.hidden))
+        return self.down(h.to(torch.bfloat16)).float()
 
 
 def make_expert_compute(fmt: str, blob: BlobLike, hidden: int, inter: int, form: str,

@@ -1,5 +1,6 @@
-"""The MoE decoder in plain PyTorch: embeddings, RMSNorm, RoPE, GQA attention with a
-KV cache, routers in fp32, routed experts through an `ExpertProvider`, the LM head.
+"""The MoE decoder in plain PyTorch: embeddings, RMSNorm, attention with a KV cache (GQA or MLA,
+gpu_worker.attention), routers in fp32 (gpu_worker.routing), routed experts through an
+`ExpertProvider`, shared experts and dense MLP layers, the LM head.
 
 One forward runs a ragged batch: any number of sequences, each bringing any
 number of new tokens (a whole prompt at prefill, one token per decode step).
@@ -9,7 +10,6 @@ per sequence. That is what lets concurrent requests share a decode step.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, Sequence
 
@@ -18,10 +18,13 @@ import torch.nn.functional as F
 
 from expert_store import hf_names
 from expert_store.errors import FateError
-
 from expert_store.model_args import ModelArgs
 
+from .attention import SequenceKV, gqa_attention, mla_attention, rms_norm, rope_cos_sin, rope_inv_freq
+from .routing import Router
+
 if TYPE_CHECKING:
+    from .expert_compute import ExpertCompute
     from .experts import ExpertProvider
 
 
@@ -43,54 +46,43 @@ class RoutingObserver(Protocol):
         """expert_ids, weights: [T, K] for MoE layer `layer`."""
 
 
-class SequenceKV:
-    """One sequence's KV cache: per layer [n_kv, capacity, head_dim], grown by doubling."""
-
-    def __init__(self, args: ModelArgs, device: torch.device, dtype: torch.dtype, capacity: int = 64):
-        self.length = 0
-        self._shape = (args.num_kv_heads, capacity, args.head_dim)
-        self.k = [torch.empty(self._shape, device=device, dtype=dtype) for _ in range(args.num_layers)]
-        self.v = [torch.empty(self._shape, device=device, dtype=dtype) for _ in range(args.num_layers)]
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [n_kv, t, hd] after the cached tokens; return all keys/values [n_kv, length + t, hd]."""
-        t = k.shape[1]
-        end = self.length + t
-        if end > self.k[layer].shape[1]:
-            new_cap = max(end, 2 * self.k[layer].shape[1])
-            for cache in (self.k, self.v):
-                old = cache[layer]
-                grown = torch.empty((old.shape[0], new_cap, old.shape[2]), device=old.device, dtype=old.dtype)
-                grown[:, : self.length] = old[:, : self.length]
-                cache[layer] = grown
-        self.k[layer][:, self.length : end] = k
-        self.v[layer][:, self.length : end] = v
-        return self.k[layer][:, :end], self.v[layer][:, :end]
-
-    def advance(self, t: int) -> None:
-        self.length += t
-
-
 @dataclass
 class _Layer:
     attn: dict[str, torch.Tensor]
-    router: torch.Tensor | None = None  # [E, H] fp32
+    router: Router | None = None
     shared: dict[str, torch.Tensor] = field(default_factory=dict)
     dense_mlp: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    expert_bias: dict[str, torch.Tensor] = field(default_factory=dict)  # gate/up [E, I], down [E, H]
 
 
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def clamped_swiglu(g: torch.Tensor, u: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
+    """gpt-oss: (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha g'), g' = min(g, limit)."""
+    g = g.clamp(max=limit)
+    return (u.clamp(-limit, limit) + 1) * g * torch.sigmoid(alpha * g)
+
+
+def _attn_shapes(a: ModelArgs) -> dict[str, tuple[int, ...]]:
+    H, hd, nh = a.hidden_size, a.head_dim, a.num_heads
+    shapes = {"input_norm": (H,), "post_attention_norm": (H,), "o": (H, nh * a.value_head_dim), "o_bias": (H,)}
+    if a.attention == "mla":
+        r, dr, ql = a.kv_lora_rank, a.qk_rope_head_dim, a.q_lora_rank
+        return shapes | {
+            "q": (nh * hd, H), "q_a": (ql, H), "q_a_bias": (ql,), "q_a_norm": (ql,), "q_b": (nh * hd, ql),
+            "kv_a": (r + dr, H), "kv_a_bias": (r + dr,), "kv_a_norm": (r,),
+            "kv_b": (nh * (a.qk_nope_head_dim + a.value_head_dim), r),
+        }
+    q_dim, kv_dim = nh * hd, a.num_kv_heads * hd
+    return shapes | {
+        "q": (q_dim, H), "k": (kv_dim, H), "v": (a.num_kv_heads * a.value_head_dim, H),
+        "q_bias": (q_dim,), "k_bias": (kv_dim,), "v_bias": (a.num_kv_heads * a.value_head_dim,),
+        "q_norm": (hd,) if a.qk_norm == "head" else (q_dim,),
+        "k_norm": (hd,) if a.qk_norm == "head" else (kv_dim,),
+        "sinks": (nh,),
+    }
 
 
 class MoEModel:
@@ -120,95 +112,57 @@ class MoEModel:
             return t.to(device=self.device, dtype=dt)
 
         a = args
-        H, hd = a.hidden_size, a.head_dim
-        q_dim, kv_dim = a.num_heads * hd, a.num_kv_heads * hd
+        H, E = a.hidden_size, a.num_experts
         self.embed = w(hf_names.embed_tokens(), (a.vocab_size, H))
         self.norm = w(hf_names.final_norm(), (H,))
         self.lm_head = self.embed if a.tie_word_embeddings else w(hf_names.lm_head(), (a.vocab_size, H))
-        attn_shapes = {
-            "input_norm": (H,), "post_attention_norm": (H,),
-            "q": (q_dim, H), "k": (kv_dim, H), "v": (kv_dim, H), "o": (H, q_dim),
-            "q_bias": (q_dim,), "k_bias": (kv_dim,), "v_bias": (kv_dim,), "o_bias": (H,),
-            "q_norm": (hd,) if a.qk_norm == "head" else (q_dim,),
-            "k_norm": (hd,) if a.qk_norm == "head" else (kv_dim,),
-        }  # fmt: skip
+        attn_shapes = _attn_shapes(a)
         self.layers: list[_Layer] = []
         for i in range(a.num_layers):
             layer = _Layer(attn={r: w(n, attn_shapes[r]) for r, n in hf_names.attention(a, i).items()})
             if i in a.moe_layers:
-                layer.router = w(hf_names.router(a, i), (a.num_experts, H), torch.float32)
+                extras = {r: w(n, (E,), torch.float32) for r, n in hf_names.router_extras(a, i).items()}
+                layer.router = Router(a, w(hf_names.router(a, i), (E, H), torch.float32), **extras)
                 S = a.shared_expert_intermediate_size
                 shapes = {"gate": (S, H), "up": (S, H), "down": (H, S), "gate_score": (1, H)}
                 layer.shared = {r: w(n, shapes[r]) for r, n in hf_names.shared_expert(a, i).items()}
+                I = a.expert_intermediate_size
+                shapes = {"gate_up_bias": (E, 2 * I), "down_bias": (E, H)}
+                b = {r: w(n, shapes[r]) for r, n in hf_names.expert_biases(a, i).items()}
+                if b:  # stored interleaved like gpt-oss's gate_up (gate even, up odd)
+                    layer.expert_bias = {"gate": b["gate_up_bias"][:, 0::2], "up": b["gate_up_bias"][:, 1::2],
+                                         "down": b["down_bias"]}
             else:
                 D = a.dense_intermediate_size
                 shapes = {"gate": (D, H), "up": (D, H), "down": (H, D)}
                 layer.dense_mlp = {r: w(n, shapes[r]) for r, n in hf_names.dense_mlp(a, i).items()}
             self.layers.append(layer)
-        self.inv_freq = 1.0 / (
-            a.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).to(self.device, torch.float32) / hd)
-        )  # [hd/2]
+        self.inv_freq = rope_inv_freq(a, self.device)  # [rope_dim / 2]
+        self._attend = mla_attention if a.attention == "mla" else gqa_attention
 
     def new_sequence(self, capacity: int = 64) -> SequenceKV:
         return SequenceKV(self.args, self.device, self.dtype, capacity)
 
     # -- pieces ---------------------------------------------------------------------------
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = (positions.float() / self.args.rope_scaling_factor)[:, None] * self.inv_freq[None, :]  # [T, hd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [T, hd]
-        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
-
-    def _attention(
-        self, i: int, h: torch.Tensor, seqs: Sequence[SequenceKV], lengths: list[int], cos: torch.Tensor,
-        sin: torch.Tensor,
-    ) -> torch.Tensor:
-        a, p = self.args, self.layers[i].attn
-        T = h.shape[0]
-        q = F.linear(h, p["q"], p.get("q_bias"))  # [T, nh*hd]
-        k = F.linear(h, p["k"], p.get("k_bias"))  # [T, nkv*hd]
-        v = F.linear(h, p["v"], p.get("v_bias"))
-        if a.qk_norm == "full":
-            q, k = rms_norm(q, p["q_norm"], a.rms_norm_eps), rms_norm(k, p["k_norm"], a.rms_norm_eps)
-        if a.clip_qkv is not None:
-            q, k, v = (t.clamp(-a.clip_qkv, a.clip_qkv) for t in (q, k, v))
-        q = q.view(T, a.num_heads, a.head_dim)
-        k = k.view(T, a.num_kv_heads, a.head_dim)
-        v = v.view(T, a.num_kv_heads, a.head_dim)
-        if a.qk_norm == "head":
-            q, k = rms_norm(q, p["q_norm"], a.rms_norm_eps), rms_norm(k, p["k_norm"], a.rms_norm_eps)
-        q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
-        k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
-
-        out = torch.empty_like(q)  # [T, nh, hd]
-        groups = a.num_heads // a.num_kv_heads
-        start = 0
-        for seq, t in zip(seqs, lengths):
-            past = seq.length
-            keys, values = seq.append(i, k[start : start + t].transpose(0, 1), v[start : start + t].transpose(0, 1))
-            keys = keys.repeat_interleave(groups, dim=0)  # [nh, past+t, hd]
-            values = values.repeat_interleave(groups, dim=0)
-            qs = q[start : start + t].transpose(0, 1)  # [nh, t, hd]
-            scores = (qs @ keys.transpose(1, 2)) / math.sqrt(a.head_dim)  # [nh, t, past+t]
-            q_pos = torch.arange(past, past + t, device=h.device)[:, None]
-            k_pos = torch.arange(past + t, device=h.device)[None, :]
-            allowed = k_pos <= q_pos
-            if a.sliding_window is not None:
-                allowed &= k_pos > q_pos - a.sliding_window
-            scores = scores.masked_fill(~allowed, float("-inf"))
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(qs.dtype)
-            out[start : start + t] = (probs @ values).transpose(0, 1)
-            start += t
-        return F.linear(out.reshape(T, -1), p["o"], p.get("o_bias"))
-
     def route(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i's router on gate input h [T, H] -> (expert ids [T, K], weights [T, K] fp32)."""
-        logits = F.linear(h.float(), self.layers[i].router)  # [T, E]
-        probs = torch.softmax(logits, dim=-1)
-        weights, ids = torch.topk(probs, self.args.top_k, dim=-1)  # [T, K], [T, K]
-        if self.args.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return ids, weights
+        return self.layers[i].router(h)
+
+    def _expert(self, i: int, e: int, compute: ExpertCompute, x: torch.Tensor) -> torch.Tensor:
+        """One routed expert on x [t, H]: plain SwiGLU, or with gpt-oss's biases and clamped SwiGLU."""
+        a, b = self.args, self.layers[i].expert_bias
+        if not b and a.expert_activation == "silu":
+            return compute(x)
+        g, u = compute.project_in(x)  # [t, I] fp32 each
+        if b:
+            g, u = g + b["gate"][e], u + b["up"][e]
+        if a.expert_activation == "clamped_swiglu":
+            act = clamped_swiglu(g, u, a.swiglu_limit, a.swiglu_alpha)
+        else:
+            act = F.silu(g) * u
+        y = compute.project_out(act)
+        return y + b["down"][e] if b else y
 
     def _moe(self, i: int, h: torch.Tensor, observer: RoutingObserver | None, experts: ExpertProvider
              ) -> torch.Tensor:
@@ -226,7 +180,7 @@ class MoEModel:
         ys: dict[int, torch.Tensor] = {}
         for e, compute in experts.iter_experts(i, popular):
             tok, slot = torch.where(ids == e)
-            ys[e] = compute(h[tok]).to(h.dtype) * weights[tok, slot, None]  # [t_e, H]
+            ys[e] = self._expert(i, e, compute, h[tok]).to(h.dtype) * weights[tok, slot, None]  # [t_e, H]
             del compute  # let the cache free it before it builds the next one
         for e in needed:
             tok, _ = torch.where(ids == e)
@@ -234,7 +188,7 @@ class MoEModel:
         shared = self.layers[i].shared
         if shared:
             s = swiglu(h, shared["gate"], shared["up"], shared["down"])
-            out = out + torch.sigmoid(F.linear(h, shared["gate_score"])) * s
+            out = out + (torch.sigmoid(F.linear(h, shared["gate_score"])) * s if "gate_score" in shared else s)
         return out
 
     # -- the forward ----------------------------------------------------------------------
@@ -262,11 +216,11 @@ class MoEModel:
         positions = torch.cat(
             [torch.arange(s.length, s.length + t, device=self.device) for s, t in zip(seqs, lengths)]
         )
-        cos, sin = self._rope(positions)
+        cos, sin = rope_cos_sin(a, self.inv_freq, positions, self.dtype)
         x = F.embedding(ids, self.embed)  # [T, H]
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.attn["input_norm"], a.rms_norm_eps)
-            x = x + self._attention(i, h, seqs, lengths, cos, sin)
+            x = x + self._attend(a, i, layer.attn, h, seqs, lengths, cos, sin)
             h = rms_norm(x, layer.attn["post_attention_norm"], a.rms_norm_eps)
             if layer.router is not None:
                 if observer is not None:

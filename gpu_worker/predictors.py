@@ -16,8 +16,9 @@ class CrossLayerPredictor(Predictor):
     """Fate's predictor: MoE layer t's router applied to an earlier layer's gate input (layer t - 1's for a
     lookahead of one, t - 2's for two): the top-`width` experts of its logits, per row.
 
-    `routers[t]`: MoE layer t's router weight [E, H] (fp32). Only the ranking matters, so the softmax
-    (monotonic) is skipped."""
+    `routers[t]`: MoE layer t's router: the runtime's `gpu_worker.routing.Router` (its `rank` applies the
+    family's bias, correction and group limits), or a bare weight [E, H] (fp32), ranked by its logits
+    (only the ranking matters, so the softmax, monotonic, is skipped)."""
 
     name = "cross_layer"
     needs_gate_input = True
@@ -33,9 +34,11 @@ class CrossLayerPredictor(Predictor):
         if not 0 <= moe_layer < len(self.routers):
             raise PredictorError(f"cross_layer: MoE layer {moe_layer} out of range 0..{len(self.routers) - 1}")
         router = self.routers[moe_layer]
-        width = min(width, router.shape[0])
         if width <= 0:
             return [[] for _ in rids]
+        if hasattr(router, "rank"):
+            return router.rank(gate_input, width).tolist()  # [T, min(width, E)]
+        width = min(width, router.shape[0])
         logits = torch.nn.functional.linear(gate_input.float(), router)  # [T, E]
         return torch.topk(logits, width, dim=-1).indices.tolist()  # [T, width]
 

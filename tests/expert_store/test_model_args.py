@@ -20,8 +20,8 @@ def test_rope_theta_top_level_or_in_rope_parameters():
     assert old.rope_theta == new.rope_theta == 5e5
     lin = ModelArgs.from_hf_config(BASE | {"rope_scaling": {"type": "linear", "factor": 2.0}, "rope_theta": 1e4})
     assert (lin.rope_theta, lin.rope_scaling_factor) == (1e4, 2.0)
-    with pytest.raises(UnsupportedModelError, match="yarn"):
-        ModelArgs.from_hf_config(BASE | {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(UnsupportedModelError, match="rope_parameters.rope_type 'longrope'"):
+        ModelArgs.from_hf_config(BASE | {"rope_parameters": {"rope_type": "longrope", "factor": 4.0}})
 
 
 @pytest.mark.parametrize("key", ["num_local_experts", "num_experts", "n_routed_experts"])
