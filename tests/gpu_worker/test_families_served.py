@@ -3,7 +3,7 @@ store (bf16 experts) and a worker at a 25% cache budget with cross_layer prefetc
 through client -> worker -> store equal transformers' own.
 
 A store serves one pack, so each family gets its own store + worker pair, started and stopped in
-turn (one pair alive at a time). Helpers come from tests/test_end_to_end.py.
+turn (one pair alive at a time), with the suite's process helper (tests.conftest.Processes).
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from client.api import WorkerClient
+from client.processes import module_command
 from expert_store.pack import write_pack
-from tests.test_end_to_end import CALL_TIMEOUT_S, Service, shm_segments_of, start_worker
+from tests.conftest import Processes, shm_segments_of
+from tests.test_end_to_end import CALL_TIMEOUT_S
 
 from .hf_models import build_hf_checkpoint, hf_greedy
 
@@ -27,24 +29,6 @@ PROMPT_LEN = 24
 NEW_TOKENS = 24
 
 
-def start_bf16_store(tmp: Path, pack: Path, name: str, ram_bytes: int) -> tuple[Service, str]:
-    import sys
-
-    address = f"unix:{tmp}/{name}.sock"
-    cmd = [sys.executable, "-m", "expert_store", "serve", str(pack), "--listen", address, "--ram-bytes",
-           str(ram_bytes), "--formats", "bf16", "--grace-s", "2"]
-    return Service(name, cmd, tmp / f"{name}.log"), address
-
-
-@pytest.fixture(scope="module")
-def sock_dir():
-    d = Path(tempfile.mkdtemp(prefix="fm-fam-"))  # short: unix socket paths are limited to ~100 bytes
-    yield d
-    for p in d.iterdir():
-        p.unlink()
-    d.rmdir()
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_served_greedy_tokens_equal_transformers(case, sock_dir, tmp_path):
     hf = build_hf_checkpoint(case, tmp_path / "ckpt")
@@ -53,13 +37,16 @@ def test_served_greedy_tokens_equal_transformers(case, sock_dir, tmp_path):
     reference = hf_greedy(hf, prompt, NEW_TOKENS)
     del hf
 
-    store, store_addr = start_bf16_store(sock_dir, pack, f"store-{case}", 1 << 20)
-    worker = None
+    procs = Processes(sock_dir)
     try:
-        store.wait_serving(store_addr)
-        worker, addr = start_worker(sock_dir, store_addr, f"worker-{case}", "--format", "bf16", "--transport", "shm",
-                                    "--budget-bytes", "25%", "--predictor", "cross_layer")
-        worker.wait_serving(addr)
+        store_addr = f"unix:{sock_dir}/store-{case}.sock"
+        procs.start(f"store-{case}", module_command("expert_store", "serve", pack, "--listen", store_addr,
+                                                   "--ram-bytes", str(1 << 20), "--formats", "bf16", "--grace-s", "2"),
+                    store_addr)
+        procs.wait(f"store-{case}")
+        addr = procs.start_worker(store_addr, f"worker-{case}", "--format", "bf16", "--transport", "shm",
+                                  "--budget-bytes", "25%", "--predictor", "cross_layer")
+        procs.wait(f"worker-{case}")
         with WorkerClient(addr, timeout_s=CALL_TIMEOUT_S) as w:
             done = w.generate_text(token_ids=prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)
             stats = w.stats(include_layers=True)
@@ -68,10 +55,7 @@ def test_served_greedy_tokens_equal_transformers(case, sock_dir, tmp_path):
         assert stats.high_water_bytes <= stats.budget_bytes
         assert stats.evictions > 0 and stats.misses > 0  # 25%: experts really come and go
         assert stats.predictor == "cross_layer" and stats.predictions > 0 and stats.prefetches_issued > 0
-        assert worker.terminate() == 0, worker.output()[-3000:]
-        worker = None
     finally:
-        if worker is not None:
-            worker.terminate()
-        assert store.terminate() == 0, store.output()[-3000:]
-    assert shm_segments_of(store.proc.pid) == []
+        rcs = procs.stop_all()
+    assert rcs == {name: 0 for name in rcs}, {n: procs.output(n) for n in rcs if rcs[n]}
+    assert shm_segments_of(procs.services[f"store-{case}"].pid) == []
