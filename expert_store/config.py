@@ -21,7 +21,7 @@ from typing import Any, Collection, Mapping
 
 from .errors import FateError
 
-DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_LISTEN = "unix:/run/fate-moe/store.sock"
 FORMAT_NAMES: tuple[str, ...] = ("bf16", "int8", "int4", "int2")
 
 
@@ -97,6 +97,30 @@ class StoreConfig:
     log_level: str = "info"
     """Logging level: debug, info, warning, error."""
 
+    max_keys_per_fetch: int = 4096
+    """Experts one FetchExperts / FetchExpertsShm / Prefetch request may name at most; more is
+    INVALID_ARGUMENT before any work (a worker asks for one layer's experts at a time)."""
+
+    max_request_bytes: int = 1 << 20
+    """Largest request message the store accepts (replies may be up to max_message_bytes); a larger
+    one is refused by gRPC with RESOURCE_EXHAUSTED before it is parsed."""
+
+    max_leases_per_client: int = 65536
+    """Shared-memory leases one client may hold at once; asking for more is RESOURCE_EXHAUSTED."""
+
+    tls_cert: Path | None = None
+    """PEM certificate chain for TLS on a TCP listener; None: no TLS (a warning on TCP)."""
+
+    tls_key: Path | None = None
+    """PEM private key of tls_cert."""
+
+    tls_client_ca: Path | None = None
+    """PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS)."""
+
+    auth_token_file: Path | None = None
+    """File holding the bearer token every call but health checks must carry
+    (`authorization: Bearer <token>`); None: no token (a warning on TCP)."""
+
     def __post_init__(self) -> None:
         _check(self.ram_bytes >= 0, "ram_bytes", self.ram_bytes, "must be >= 0")
         for f in self.formats:
@@ -115,16 +139,20 @@ class StoreConfig:
         _check(1 <= self.io_threads <= 64, "io_threads", self.io_threads, "must be 1..64")
         _check(self.prefetch_queue >= 0, "prefetch_queue", self.prefetch_queue, "must be >= 0")
         _check(self.grace_s >= 0, "grace_s", self.grace_s, "must be >= 0")
+        _check(self.max_keys_per_fetch >= 1, "max_keys_per_fetch", self.max_keys_per_fetch, "must be >= 1")
+        _check(self.max_request_bytes >= 4096, "max_request_bytes", self.max_request_bytes, "must be >= 4096")
+        _check(self.max_leases_per_client >= 1, "max_leases_per_client", self.max_leases_per_client, "must be >= 1")
         _check(self.log_level.lower() in ("debug", "info", "warning", "error"), "log_level", self.log_level,
                "choose from debug, info, warning, error")
         _check_listen(self.listen)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(StoreConfig)}
-_SIZE_FIELDS = {"ram_bytes", "chunk_bytes", "max_chunk_bytes", "max_message_bytes"}
-_PATH_FIELDS = {"pack", "popularity"}
+_SIZE_FIELDS = {"ram_bytes", "chunk_bytes", "max_chunk_bytes", "max_message_bytes", "max_request_bytes"}
+_PATH_FIELDS = {"pack", "popularity", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file"}
 _BOOL_FIELDS = {"promote_on_grpc_miss", "verify_on_start", "cold"}
-_INT_FIELDS = {"lease_ttl_ms", "max_lease_ttl_ms", "zstd_level", "io_threads", "prefetch_queue"}
+_INT_FIELDS = {"lease_ttl_ms", "max_lease_ttl_ms", "zstd_level", "io_threads", "prefetch_queue", "max_keys_per_fetch",
+               "max_leases_per_client"}
 _FLOAT_FIELDS = {"zstd_min_saving", "grace_s"}
 _STR_FIELDS = {"listen", "preferred_format", "log_level"}
 
@@ -234,5 +262,7 @@ def _check_listen(listen: str) -> None:
         return
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"listen = {listen!r}: expected host:port (e.g. 127.0.0.1:50051) or unix:/path/to.sock")
+        hint = f" (a socket path needs the scheme: unix:{listen})" if "/" in listen else ""
+        raise ConfigError(f"listen = {listen!r}: expected host:port (e.g. 127.0.0.1:50051) or "
+                          f"unix:/path/to.sock{hint}")
 
