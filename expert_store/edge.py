@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)  # no token, no wrapping
 TOKEN_HEADER = "authorization"
+CLIENT_SECRET_HEADER = "x-fate-client-secret"  # the store's leases belong to (client_id, this secret)
 
 StatusFor = Callable[[BaseException], tuple[grpc.StatusCode, str]]
 

@@ -23,7 +23,7 @@ from .core import (
     PRIORITY_DEMAND, PRIORITY_PREFETCH, Compression, InvalidRequest, LeaseLimitError, StoreCore, StoreUnavailable,
     Tier, TooManyKeys,
 )
-from .edge import EdgeInterceptor, Listener, ServerSecurity, bind
+from .edge import CLIENT_SECRET_HEADER, EdgeInterceptor, Listener, ServerSecurity, bind
 from .errors import ChecksumError, FateError
 from .packfile import Pack
 from .tiers import BlobKey
@@ -31,7 +31,6 @@ from .tiers import BlobKey
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "moe.v1.ExpertStore"
-CLIENT_SECRET_HEADER = "x-fate-client-secret"  # leases belong to (client_id, this secret)
 _OFF_LOOP_KEYS = 256  # requests naming more experts are converted and checked in a thread
 
 FORMAT_TO_PB = {

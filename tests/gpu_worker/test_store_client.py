@@ -23,15 +23,9 @@ from moe.v1 import store_pb2 as pb
 from moe.v1 import store_pb2_grpc as pb_grpc
 from expert_store.errors import ChecksumError
 from expert_store.packfile import Pack
-from gpu_worker.store_client import (
-    ExpertChunkAssembler,
-    PackFetcher,
-    StoreClient,
-    StoreError,
-    StoreManifest,
-    StoreUnavailableError,
-    assemble_dense,
-    verify_checksum,
+from gpu_worker.store_client import PackFetcher, StoreClient
+from gpu_worker.store_protocol import (
+    ExpertChunkAssembler, StoreError, StoreManifest, StoreUnavailableError, assemble_dense, verify_checksum,
 )
 
 REPO = Path(__file__).resolve().parents[2]
