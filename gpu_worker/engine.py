@@ -47,7 +47,7 @@ import torch
 
 from expert_store.errors import FateError
 
-from .generate import SamplingParams, make_generator, sample
+from .generate import SamplingParams, make_generator, sample, scaled_scores
 from .model import MoEModel, SequenceKV
 from .tokenizer import IncrementalDecoder, TextTokenizer
 
@@ -328,7 +328,7 @@ def _logprob(logits: torch.Tensor, params: SamplingParams, token: int) -> float:
     """log P(token) under the distribution `sample` draws from (greedy: the model's softmax)."""
     if params.greedy:
         return float(torch.log_softmax(logits.float(), -1)[token])
-    scores = logits.float() / params.temperature
+    scores = scaled_scores(logits, params.temperature)
     if 0 < params.top_k < scores.numel():
         kth = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -372,6 +372,9 @@ class Engine:
         self.on_final = on_final
         self.num_threads = num_threads  # torch threads, set on the compute thread itself (OpenMP's is per thread)
         self.on_step_error: Callable[[BaseException], None] | None = None  # e.g. mark the store unreachable
+        self.on_heartbeat: Callable[[], None] | None = None  # compute thread, each loop turn (a watchdog ping)
+        self.heartbeat_s = 1.0  # an idle compute thread still beats this often
+        self.crashed: BaseException | None = None  # set when the compute loop itself died
         self._cond = threading.Condition()
         self._pending: deque[_Request] = deque()
         self._active: list[_Request] = []
@@ -465,7 +468,7 @@ class Engine:
             stops |= set(self.model.args.eos_token_ids)
         r = _Request(req=req, sink=sink, handle=handle, seed=seed, t_accepted=_now(), stops=frozenset(stops))
         with self._cond:
-            if not self._accepting or self._stop:
+            if not self._accepting or self._stop or not self.alive:
                 raise EngineStoppedError("the worker is shutting down: retry on another worker")
             waiting = len(self._pending) - (self.max_batch_size - len(self._active))  # beyond the free slots
             if waiting >= self.max_queue:
@@ -496,9 +499,11 @@ class Engine:
             torch.set_num_threads(self.num_threads)
         try:
             while True:
+                self._beat()
                 with self._cond:
                     while not self._stop and not self._pending and not self._active:
-                        self._cond.wait()
+                        self._cond.wait(self.heartbeat_s)
+                        self._beat()
                     if self._stop:
                         break
                     self._admit()
@@ -509,9 +514,24 @@ class Engine:
                     self._cond.notify_all()  # drain() waiters
         except BaseException as e:  # a bug in the loop itself: fail everyone rather than hang them
             log.exception("engine: the compute loop crashed")
+            self.crashed = e
+            with self._cond:
+                self._accepting = False
             self._fail_all(e)
             raise
         self._fail_all(EngineStoppedError("the worker shut down before the request finished"))
+
+    @property
+    def alive(self) -> bool:
+        """The compute thread runs (False before start, after shutdown, and after a crash)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def _beat(self) -> None:
+        if self.on_heartbeat is not None:
+            try:
+                self.on_heartbeat()
+            except Exception:  # noqa: BLE001 - a failed ping must not stop generation
+                log.debug("engine: heartbeat callback failed", exc_info=True)
 
     def _admit(self) -> None:
         """Move queued requests into the batch (caller holds the lock)."""
@@ -583,7 +603,8 @@ class Engine:
                 log.exception("engine: a forward of %d sequences failed", len(batch))
             if self.on_step_error is not None:
                 self.on_step_error(e)
-            self._fail(batch, e)
+            culprits = self._routed_to_failed_expert(batch, tokens, e)
+            self._fail(culprits or batch, e)  # the others (KV untouched: a failed forward never advances) rerun
             return
         t1 = _now()
         self._counts["steps"] += 1
@@ -595,8 +616,28 @@ class Engine:
                 self._counts["prompt"] += len(r.req.prompt_ids)
             elif not r.t_decode_start:
                 r.t_decode_start = t0
-            token = sample(logits[j], r.req.params, r.generator)
-            self._on_token(r, token, logits[j])
+            try:  # one request's sampling or streaming failure is that request's alone
+                token = sample(logits[j], r.req.params, r.generator)
+                self._on_token(r, token, logits[j])
+            except Exception as e:  # noqa: BLE001 - the rest of the batch goes on
+                if not isinstance(e, FateError):
+                    log.exception("engine: request %s failed after its forward", r.req.request_id)
+                self._fail([r], e)
+
+    def _routed_to_failed_expert(self, batch: list[_Request], tokens: list[torch.Tensor],
+                                 e: BaseException) -> list[_Request]:
+        """The requests whose tokens routed to the expert a ChecksumError names ([] when unknown)."""
+        layer, expert = getattr(e, "layer", None), getattr(e, "expert", None)
+        ids = self._routing.ids.get(layer) if layer is not None and expert is not None else None
+        if ids is None or len(batch) < 2:
+            return []
+        out, start = [], 0
+        for r, t in zip(batch, tokens):
+            n = t.numel()
+            if bool((ids[start : start + n] == expert).any()):
+                out.append(r)
+            start += n
+        return out
 
     def _attribute(self, batch: list[_Request], lengths: list[int], outcome: StepExperts | None,
                    predictions=None) -> None:
