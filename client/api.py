@@ -12,13 +12,20 @@
 stays at this edge: callers get the frozen dataclasses below. A gRPC error is
 raised as `WorkerError`, whose `code` is the status code's name
 ("INVALID_ARGUMENT", "UNAVAILABLE", ...).
+
+Security: `token=` (or the file named by FATE_WORKER_TOKEN_FILE) is sent as
+`authorization: Bearer <token>` on every call; `tls_ca=` (or FATE_WORKER_TLS_CA)
+turns TLS on and trusts that CA (`tls=True` alone trusts the system's roots), and
+`tls_cert=` / `tls_key=` present a client certificate.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterator, Sequence
 
@@ -28,7 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from moe.v1 import worker_pb2 as pb
 from moe.v1 import worker_pb2_grpc as pb_grpc
 
-DEFAULT_ADDRESS = "127.0.0.1:50061"
+DEFAULT_ADDRESS = "unix:/run/fate-moe/worker.sock"
 
 _FINISH_REASONS = {
     pb.FINISH_REASON_UNSPECIFIED: "unspecified",
@@ -276,9 +283,15 @@ def build_request(
     details: bool = False,
     request_id: str = "",
 ) -> pb.GenerateRequest:
-    """Exactly one of prompt / token_ids. Zero values mean the worker's defaults (greedy, its max)."""
+    """Exactly one of prompt / token_ids. Zero values mean the worker's defaults (greedy, its max).
+    Values the message cannot carry raise WorkerError("INVALID_ARGUMENT", ...) before anything is sent."""
     if (prompt is None) == (token_ids is None):
         raise ValueError("give exactly one of prompt (text) or token_ids")
+    for name, value, top in (("max_new_tokens", max_new_tokens, 2**32 - 1), ("top_k", top_k, 2**31 - 1)):
+        if not 0 <= value <= top:
+            raise WorkerError("INVALID_ARGUMENT", f"{name} must be in 0..{top} (0: the worker's default), got {value}")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise WorkerError("INVALID_ARGUMENT", f"seed must be in 0..2^64-1, got {seed}")
     req = pb.GenerateRequest(
         request_id=request_id, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         stop_strings=list(stop), stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos, details=details,
@@ -368,19 +381,55 @@ class Generation:
         return Completion(self.text, tuple(t.id for t in self.tokens), self.result)
 
 
+@dataclass(frozen=True)
+class _Security:
+    """TLS credentials (or None) and the call metadata carrying the token."""
+
+    credentials: grpc.ChannelCredentials | None
+    metadata: tuple[tuple[str, str], ...]
+
+
+def _read(path: str | os.PathLike, what: str) -> bytes:
+    try:
+        return Path(path).expanduser().read_bytes()
+    except OSError as e:
+        raise WorkerError("INVALID_ARGUMENT", f"{what} {str(path)!r}: cannot read it ({e.strerror})") from None
+
+
+def _security(token: str | None, tls: bool, tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> _Security:
+    if token is None and os.environ.get("FATE_WORKER_TOKEN_FILE"):
+        token = _read(os.environ["FATE_WORKER_TOKEN_FILE"], "FATE_WORKER_TOKEN_FILE").decode().strip()
+    tls_ca = tls_ca or os.environ.get("FATE_WORKER_TLS_CA") or None
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    if not (tls or tls_ca or tls_cert):
+        return _Security(None, metadata)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=_read(tls_ca, "tls_ca") if tls_ca else None,
+        private_key=_read(tls_key, "tls_key") if tls_key else None,
+        certificate_chain=_read(tls_cert, "tls_cert") if tls_cert else None,
+    )
+    return _Security(creds, metadata)
+
+
 class WorkerClient:
     """Synchronous client (thread-safe: one channel, calls may run from several threads)."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float | None = None):
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float | None = None, *, token: str | None = None,
+                 tls: bool = False, tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None):
         self.address = address
         self.timeout_s = timeout_s  # deadline of each call; None: none
-        self._channel = grpc.insecure_channel(address)
+        sec = _security(token, tls, tls_ca, tls_cert, tls_key)
+        self._metadata = sec.metadata
+        self._channel = (grpc.secure_channel(address, sec.credentials) if sec.credentials is not None
+                         else grpc.insecure_channel(address))
         self._stub = pb_grpc.WorkerStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def generate(self, prompt: str | None = None, *, token_ids: Sequence[int] | None = None, **sampling) -> Generation:
         """Start a generation (keyword arguments as build_request's)."""
-        return Generation(self._stub.Generate(build_request(prompt, token_ids, **sampling), timeout=self.timeout_s))
+        return Generation(self._stub.Generate(build_request(prompt, token_ids, **sampling), timeout=self.timeout_s,
+                                              metadata=self._metadata))
 
     def generate_text(self, prompt: str | None = None, *, token_ids: Sequence[int] | None = None,
                       **sampling) -> Completion:
@@ -389,7 +438,7 @@ class WorkerClient:
     def stats(self, include_layers: bool = False) -> WorkerStats:
         try:
             reply = self._stub.GetStats(pb.GetWorkerStatsRequest(include_layers=include_layers),
-                                        timeout=self.timeout_s)
+                                        timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as e:
             raise WorkerError.from_rpc(e) from None
         return _stats_from_pb(reply)
@@ -471,17 +520,22 @@ class AsyncGeneration:
 class AsyncWorkerClient:
     """The same API on grpc.aio; create it inside a running event loop."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float | None = None):
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float | None = None, *, token: str | None = None,
+                 tls: bool = False, tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None):
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(address)
+        sec = _security(token, tls, tls_ca, tls_cert, tls_key)
+        self._metadata = sec.metadata
+        self._channel = (grpc.aio.secure_channel(address, sec.credentials) if sec.credentials is not None
+                         else grpc.aio.insecure_channel(address))
         self._stub = pb_grpc.WorkerStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def generate(self, prompt: str | None = None, *, token_ids: Sequence[int] | None = None,
                  **sampling) -> AsyncGeneration:
         return AsyncGeneration(self._stub.Generate(build_request(prompt, token_ids, **sampling),
-                                                   timeout=self.timeout_s))
+                                                   timeout=self.timeout_s, metadata=self._metadata))
 
     async def generate_text(self, prompt: str | None = None, *, token_ids: Sequence[int] | None = None,
                             **sampling) -> Completion:
@@ -490,7 +544,7 @@ class AsyncWorkerClient:
     async def stats(self, include_layers: bool = False) -> WorkerStats:
         try:
             reply = await self._stub.GetStats(pb.GetWorkerStatsRequest(include_layers=include_layers),
-                                              timeout=self.timeout_s)
+                                              timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as e:
             raise WorkerError.from_rpc(e) from None
         return _stats_from_pb(reply)

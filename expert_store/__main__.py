@@ -136,6 +136,16 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-message-bytes", type=_size_arg, default=None,
                    help=f"default {d['max_message_bytes'].default}")
     p.add_argument("--log-level", default=None, choices=("debug", "info", "warning", "error"))
+    p.add_argument("--max-keys-per-fetch", type=int, default=None,
+                   help=f"experts one request may name (default {d['max_keys_per_fetch'].default})")
+    p.add_argument("--max-request-bytes", type=_size_arg, default=None,
+                   help=f"largest request message (default {d['max_request_bytes'].default})")
+    p.add_argument("--max-leases-per-client", type=int, default=None,
+                   help=f"shared-memory leases one client may hold (default {d['max_leases_per_client'].default})")
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain: TLS on a TCP listener")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", type=Path, default=None, help="PEM CA: require client certificates it signed")
+    p.add_argument("--auth-token-file", type=Path, default=None, help="file with the bearer token callers must send")
     p.set_defaults(func=_cmd_serve)
 
 

@@ -97,6 +97,9 @@ _SERVE_FLAGS = (
     "metrics_host", "max_batch_size", "max_queue", "default_max_new_tokens", "threads", "policy", "predictor",
     "worker_id", "store_wait_s", "grace_s", "log_level", "lfu_decay", "allocation", "full_layers", "staging_slots",
     "prefetch_width", "lookahead", "throttle", "int2_tail", "prefetch_sync", "trace_dir", "trace_every",
+    "store_retry_s", "max_request_bytes", "max_prompt_bytes", "max_stop_strings", "max_stop_string_bytes", "tls_cert",
+    "tls_key", "tls_client_ca", "auth_token_file", "store_tls_ca", "store_tls_cert", "store_tls_key",
+    "store_auth_token_file",
 )  # fmt: skip
 
 
@@ -119,7 +122,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--config", default=None, help="TOML file with WorkerConfig keys (top level or [worker])")
     s.add_argument("--store", default=None, help="expert store address: host:port or unix:/path")
-    s.add_argument("--listen", default=None, help="address to serve on (default 127.0.0.1:50061; unix:/path)")
+    s.add_argument("--listen", default=None,
+                   help="address to serve on (default unix:/run/fate-moe/worker.sock; host:port for TCP)")
     s.add_argument("--budget-bytes", default=None,
                    help='expert-cache budget: bytes, a size like 512MiB, or a share of the experts like 25%%')
     s.add_argument("--format", dest="expert_format", default=None, help="expert format to fetch (default int4)")
@@ -149,13 +153,29 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--prefetch-sync", default=None, action=argparse.BooleanOptionalAction,
                    help="analysis: prefetch on the compute thread (the hit rate of an infinitely fast link)")
     s.add_argument("--int2-tail", type=float, default=None,
-                   help="prefill: share of token assignments whose least popular experts come as INT2 (0.3; 0: off)")
+                   help="prefill: share of token assignments whose least popular experts come as INT2 (default 0: "
+                        "off; lossy: output then depends on the cache state)")
     s.add_argument("--worker-id", default=None, help="id at the store (default worker-<pid>-<random>)")
     s.add_argument("--store-wait-s", type=float, default=None, help="how long to wait for the store at start")
     s.add_argument("--grace-s", type=float, default=None, help="SIGTERM grace for in-flight requests")
     s.add_argument("--log-level", default=None, help="debug, info, warning, error")
     s.add_argument("--trace-dir", default=None, help="write expert-activation traces (moe-trace/1) here")
     s.add_argument("--trace-every", type=int, default=None, help="one trace file per N finished requests (0: one per session)")
+    s.add_argument("--store-retry-s", type=float, default=None,
+                   help="how long in-flight requests wait for an unreachable store (default 15; 0: fail fast)")
+    s.add_argument("--max-request-bytes", type=int, default=None, help="largest Generate request message (1 MiB)")
+    s.add_argument("--max-prompt-bytes", type=int, default=None,
+                   help="largest prompt in UTF-8 bytes, checked before tokenizing (0: 32 per context token)")
+    s.add_argument("--max-stop-strings", type=int, default=None, help="stop strings per request at most (16)")
+    s.add_argument("--max-stop-string-bytes", type=int, default=None, help="longest stop string in bytes (256)")
+    s.add_argument("--tls-cert", default=None, help="PEM certificate chain: TLS on a TCP listener")
+    s.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    s.add_argument("--tls-client-ca", default=None, help="PEM CA: require client certificates it signed")
+    s.add_argument("--auth-token-file", default=None, help="file with the bearer token callers must send")
+    s.add_argument("--store-tls-ca", default=None, help="PEM CA of the store's certificate (a store with TLS)")
+    s.add_argument("--store-tls-cert", default=None, help="PEM client certificate for the store")
+    s.add_argument("--store-tls-key", default=None, help="PEM private key of --store-tls-cert")
+    s.add_argument("--store-auth-token-file", default=None, help="file with the store's bearer token")
     s.set_defaults(func=_cmd_serve)
 
 

@@ -22,7 +22,7 @@ from expert_store.config import ConfigError, parse_size, read_toml_table
 from .policies import ALLOCATION_NAMES, POLICY_NAMES
 from .predictors import PREDICTOR_NAMES
 
-DEFAULT_LISTEN = "127.0.0.1:50061"
+DEFAULT_LISTEN = "unix:/run/fate-moe/worker.sock"
 FORMAT_NAMES = ("bf16", "int8", "int4", "int2")
 COMPUTE_FORMS = ("fp32", "bf16", "int4_fused", "dequant_per_use")
 TRANSPORTS = ("auto", "shm", "grpc")
@@ -115,9 +115,11 @@ class WorkerConfig:
     """Analysis only: run each prefetch to completion on the compute thread as soon as it is proposed (no
     prefetch thread). The hit rate is then that of an infinitely fast link; decoding is slower."""
 
-    int2_tail: float = 0.3
+    int2_tail: float = 0.0
     """Prefill: the least popular experts carrying up to this share of the prompt's token assignments are
-    fetched as INT2 when they miss (used once, never cached); 0: off. Needs the store to serve int2."""
+    fetched as INT2 when they miss (used once, never cached); 0: off (the default). LOSSY and opt-in: with
+    it, the output depends on what the cache held, so two identical greedy requests can differ. Needs the
+    store to serve int2."""
 
     worker_id: str = ""
     """This worker's id (its client_id at the store, its leases' owner); empty: worker-<pid>-<random>."""
@@ -134,6 +136,51 @@ class WorkerConfig:
     """Directory to write expert-activation traces (moe-trace/1, docs/traces.md) into; empty: off."""
     trace_every: int = 0
     """With trace_dir: one trace file per this many finished requests; 0: one file per session."""
+
+    store_retry_s: float = 15.0
+    """How long in-flight requests wait for an unreachable store (a restart) before they fail with
+    UNAVAILABLE: their KV state is kept, fetches retry with backoff, and the store's manifest is checked
+    again when it is back (another pack: FAILED_PRECONDITION, NOT_SERVING, and the worker exits 3 so its
+    supervisor restarts it on the new pack). 0: fail after a few quick retries."""
+
+    max_request_bytes: int = 1 << 20
+    """Largest Generate request message accepted; gRPC refuses a larger one (RESOURCE_EXHAUSTED) before
+    it is parsed."""
+
+    max_prompt_bytes: int = 0
+    """Largest prompt text in UTF-8 bytes, checked before tokenizing (OUT_OF_RANGE above it); 0: 32 bytes
+    per token of the model's context (no ordinary text that fits the context is longer)."""
+
+    max_stop_strings: int = 16
+    """Stop strings one request may send at most."""
+
+    max_stop_string_bytes: int = 256
+    """Longest stop string, in UTF-8 bytes."""
+
+    tls_cert: str = ""
+    """PEM certificate chain for TLS on a TCP listener; empty: no TLS (a warning on TCP)."""
+
+    tls_key: str = ""
+    """PEM private key of tls_cert."""
+
+    tls_client_ca: str = ""
+    """PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS)."""
+
+    auth_token_file: str = ""
+    """File holding the bearer token every Generate/GetStats call must carry (`authorization: Bearer
+    <token>`; health checks need none); empty: no token (a warning on TCP)."""
+
+    store_tls_ca: str = ""
+    """PEM CA that signed the store's certificate: set it to reach a store that listens with TLS."""
+
+    store_tls_cert: str = ""
+    """PEM client certificate for a store that requires one (with store_tls_key)."""
+
+    store_tls_key: str = ""
+    """PEM private key of store_tls_cert."""
+
+    store_auth_token_file: str = ""
+    """File holding the store's bearer token; empty: send none."""
 
     def __post_init__(self) -> None:
         if not self.store:
@@ -162,10 +209,16 @@ class WorkerConfig:
         _check(self.lookahead in (1, 2), "lookahead", self.lookahead, "must be 1 or 2")
         _check(0.0 <= self.int2_tail < 1.0, "int2_tail", self.int2_tail, "must be in [0, 1) (0: off)")
         _check(self.store_wait_s >= 0, "store_wait_s", self.store_wait_s, "must be >= 0")
+        _check(self.store_retry_s >= 0, "store_retry_s", self.store_retry_s, "must be >= 0")
+        _check(self.max_request_bytes >= 4096, "max_request_bytes", self.max_request_bytes, "must be >= 4096")
+        _check(self.max_prompt_bytes >= 0, "max_prompt_bytes", self.max_prompt_bytes, "must be >= 0 (0: auto)")
+        _check(self.max_stop_strings >= 0, "max_stop_strings", self.max_stop_strings, "must be >= 0")
+        _check(self.max_stop_string_bytes >= 1, "max_stop_string_bytes", self.max_stop_string_bytes, "must be >= 1")
         _check(self.grace_s >= 0, "grace_s", self.grace_s, "must be >= 0")
         _check(self.log_level.lower() in ("debug", "info", "warning", "error"), "log_level", self.log_level,
                "choose from debug, info, warning, error")
         _check_address("listen", self.listen)
+        _check_address("store", self.store)
 
 
 def parse_budget(value: int | str) -> int | float:
@@ -199,8 +252,9 @@ def resolve_budget(value: int | str, expert_bytes_total: int) -> int:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(WorkerConfig)}
 _INT_FIELDS = {"metrics_port", "max_batch_size", "max_queue", "default_max_new_tokens", "threads", "full_layers",
-               "prefetch_width", "lookahead", "trace_every"}
-_FLOAT_FIELDS = {"store_wait_s", "grace_s", "lfu_decay", "int2_tail"}
+               "prefetch_width", "lookahead", "trace_every", "max_request_bytes", "max_prompt_bytes",
+               "max_stop_strings", "max_stop_string_bytes"}
+_FLOAT_FIELDS = {"store_wait_s", "grace_s", "lfu_decay", "int2_tail", "store_retry_s"}
 _BOOL_FIELDS = {"throttle", "prefetch_sync"}
 _OPTIONAL_STR_FIELDS = {"expert_format", "compute_form"}
 
@@ -266,4 +320,6 @@ def _check_address(key: str, address: str) -> None:
         return
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"{key} = {address!r}: expected host:port (e.g. 127.0.0.1:50061) or unix:/path/to.sock")
+        hint = f" (a socket path needs the scheme: unix:{address})" if "/" in address else ""
+        raise ConfigError(f"{key} = {address!r}: expected host:port (e.g. 127.0.0.1:50061) or "
+                          f"unix:/path/to.sock{hint}")
