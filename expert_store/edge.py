@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)  # no token, no wrapping
 TOKEN_HEADER = "authorization"
 CLIENT_SECRET_HEADER = "x-fate-client-secret"  # the store's leases belong to (client_id, this secret)
+CORRUPT_EXPERT_TRAILER = "x-fate-corrupt-expert"  # DATA_LOSS: "layer:expert:format" of the blob that failed
 
 StatusFor = Callable[[BaseException], tuple[grpc.StatusCode, str]]
 
@@ -109,6 +110,14 @@ def token_metadata(token: str) -> tuple[tuple[str, str], ...]:
     return ((TOKEN_HEADER, f"Bearer {token}"),) if token else ()
 
 
+def corrupt_expert_trailer(e: BaseException) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata naming the expert of a ChecksumError, so a client can fail only what used it."""
+    layer, expert, fmt = (getattr(e, a, None) for a in ("layer", "expert", "fmt"))
+    if layer is None or expert is None:
+        return ()
+    return ((CORRUPT_EXPERT_TRAILER, f"{layer}:{expert}:{fmt or ''}"),)
+
+
 # -- the interceptor --------------------------------------------------------------------------
 
 
@@ -156,7 +165,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             self.log.error("%s: internal error", method, exc_info=e)
         else:
             self.log.info("%s: %s: %s", method, code.name, message)
-        await context.abort(code, " ".join(message.split()))
+        await context.abort(code, " ".join(message.split()), trailing_metadata=corrupt_expert_trailer(e))
 
     def _unary(self, inner, parse, method: str):
         async def behavior(raw: bytes, context: grpc.aio.ServicerContext):

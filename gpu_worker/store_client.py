@@ -36,7 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moe.v1 import store_pb2 as pb
 from moe.v1 import store_pb2_grpc as pb_grpc
-from expert_store.edge import CLIENT_SECRET_HEADER, ClientSecurity
+from expert_store.edge import CLIENT_SECRET_HEADER, CORRUPT_EXPERT_TRAILER, ClientSecurity
 from expert_store.shm import SHM_DIR, attach_segment, host_id
 
 from .store_protocol import (
@@ -506,7 +506,12 @@ class StoreClient:
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return StoreUnavailableError(f"expert store at {self.address} did not answer {what} in time", code)
         if code == grpc.StatusCode.DATA_LOSS:
-            return ChecksumError(f"expert store at {self.address}: {what}: {e.details()}")
+            trailer = dict(e.trailing_metadata() or ()).get(CORRUPT_EXPERT_TRAILER, "") if hasattr(
+                e, "trailing_metadata") else ""
+            layer, _, rest = trailer.partition(":")
+            expert, _, fmt = rest.partition(":")
+            key = (int(layer), int(expert), fmt) if layer.isdigit() and expert.isdigit() else (None, None, None)
+            return ChecksumError(f"expert store at {self.address}: {what}: {e.details()}", *key)
         return StoreError(f"expert store at {self.address}: {what} failed: {code.name}: {e.details()}", code)
 
 
