@@ -111,7 +111,17 @@ def tls_files(tmp_path_factory) -> dict[str, Path]:
                                                         x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
                            critical=False)
             .sign(ca_key, hashes.SHA256()))
-    files = {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key", "token": d / "token"}
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = (x509.CertificateBuilder().subject_name(name("fate-moe test client")).issuer_name(ca.subject)
+              .public_key(client_key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+              .sign(ca_key, hashes.SHA256()))
+    files = {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key", "token": d / "token",
+             "client_cert": d / "client.pem", "client_key": d / "client.key"}
+    files["client_cert"].write_bytes(client.public_bytes(serialization.Encoding.PEM))
+    files["client_key"].write_bytes(client_key.private_bytes(serialization.Encoding.PEM,
+                                                             serialization.PrivateFormat.PKCS8,
+                                                             serialization.NoEncryption()))
     files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     files["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     files["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
