@@ -90,6 +90,7 @@ log = logging.getLogger("gpu_worker.server")
 SERVICE_NAME = "moe.v1.Worker"
 EXIT_ENGINE_DIED, EXIT_PACK_CHANGED = 1, 3
 _PROMPT_BYTES_PER_TOKEN = 32  # max_prompt_bytes = 0: this many bytes per token of context
+_PACK_CHECK_S = 5.0  # how often an idle worker compares the store's pack id with its own
 
 
 class WorkerUnavailableError(FateError):
@@ -411,9 +412,17 @@ class _Health:
 async def _watch(rt: WorkerRuntime, hl: _Health, stop: asyncio.Event, exit_code: list[int]) -> None:
     """Every half second: a dead compute thread or a changed pack stops the process (non-zero exit, so
     its supervisor restarts it); while the store is marked unreachable (a fetch failed for good), poll it
-    and say SERVING again once it answers."""
+    and say SERVING again once it answers. Every few seconds the store's pack id is compared with ours,
+    so a store restarted with another pack is noticed even while no request fetches."""
     loop = asyncio.get_running_loop()
+    next_pack_check = time.monotonic() + _PACK_CHECK_S
     while not stop.is_set():
+        if rt.store_connected and time.monotonic() >= next_pack_check:
+            next_pack_check = time.monotonic() + _PACK_CHECK_S
+            try:
+                await loop.run_in_executor(None, rt.store.check_pack_id, rt.store.rpc_timeout_s)
+            except (PackChangedError, grpc.RpcError):
+                pass  # a changed pack sets rt.store.pack_changed; an unreachable store is the fetches' business
         if not rt.engine.alive and not stop.is_set():
             log.error("the compute thread died (%s): NOT_SERVING, exiting %d so the supervisor restarts the worker",
                       rt.engine.crashed, EXIT_ENGINE_DIED)

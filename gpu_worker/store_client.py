@@ -249,6 +249,14 @@ class StoreClient:
             raise PackChangedError(f"the expert store at {self.address} now serves another pack (id "
                                    f"{reply.pack_id[:12]}, this worker loaded {m.pack_id[:12]}): restart the worker")
 
+    def check_pack_id(self, timeout_s: float) -> None:
+        """Cheap periodic check (GetStats' pack id); on a difference, the full manifest check."""
+        if self._manifest is not None and not self.pack_changed:
+            stats = self._stub.GetStats(pb.GetStoreStatsRequest(), timeout=timeout_s)
+            if stats.pack_id == self._manifest.pack_id:
+                return
+        self.revalidate(timeout_s)
+
     def revalidate(self, timeout_s: float) -> None:
         """Ask the store for its manifest and check it is still our pack (PackChangedError otherwise)."""
         if self.pack_changed:
