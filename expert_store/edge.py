@@ -253,16 +253,18 @@ def bind(server: grpc.aio.Server, listen: str, security: ServerSecurity, what: s
                             f"another socket path")
         check_unix_socket(path, f"{what} = {listen!r}")
     creds = security.credentials()
+    host, _, asked = listen.rpartition(":")
     try:
         port = server.add_secure_port(listen, creds) if creds is not None else server.add_insecure_port(listen)
-    except RuntimeError as e:
-        raise FateError(f"{what} = {listen!r}: cannot listen there ({e}): in use, or no permission?") from None
+    except RuntimeError:
+        port = 0
+    if port == 0 and path is not None:
+        raise FateError(f"{what} = {listen!r}: cannot create the socket {path} (no permission?): choose another path")
     if path is not None:
         try:
             return Listener(listen, path, os.lstat(path).st_ino)
         except FileNotFoundError:
             return Listener(listen)
-    host, _, asked = listen.rpartition(":")
     if port == 0:
         raise FateError(f"{what} = {listen!r}: cannot listen on port {asked} of {host} (another process has it, "
                         f"or no permission): choose another port")

@@ -482,6 +482,7 @@ async def serve(cfg: WorkerConfig) -> int:
     )
     pb_grpc.add_WorkerServicer_to_server(WorkerServicer(rt), server)
     health_pb2_grpc.add_HealthServicer_to_server(hl.servicer, server)
+    listener = None
     try:
         listener = bind(server, cfg.listen, security, "listen")
         if cfg.metrics_port:
@@ -492,6 +493,8 @@ async def serve(cfg: WorkerConfig) -> int:
                                   f"{cfg.metrics_port} ({e.strerror}): choose another port, or 0 for no metrics") from None
     except BaseException:
         await server.stop(None)
+        if listener is not None:
+            listener.remove_socket()
         rt.store.close()
         raise
     rt.engine.start()

@@ -572,3 +572,37 @@ def test_serve_process_lifecycle(tiny_mixtral_pack: Path, tmp_path: Path):
     assert "ready: listening on unix:" in out and "stopped" in out
     assert shm.segments_of(proc.pid) == [], "the store left its shared-memory segment behind"
     assert not sock.exists()
+
+
+async def test_a_byte_flipped_on_disk_while_serving_is_caught_on_its_way_into_ram(tiny_mixtral_pack: Path,
+                                                                                 tmp_path: Path, caplog):
+    """Verified at start-up, then damaged: the next promotion from disk checks it again (counter + log),
+    that expert alone is refused (shm: left to gRPC, which answers DATA_LOSS naming it), the rest served."""
+    import shutil
+
+    pack_dir = tmp_path / "pack"
+    shutil.copytree(tiny_mixtral_pack, pack_dir)
+    slot = int4_slot_bytes(pack_dir)
+    async with running_store(pack_dir, tmp_path, ram_bytes=16 * slot, formats=("int4",)) as (store, stub, _):
+        assert not store.core.ram.resident(BlobKey(6, 2, "int4"))  # layer 0 fills the 16 slots
+        with Pack.open(pack_dir) as pack:
+            ref = pack.blob_ref(6, 2, "int4")
+        with open(pack_dir / "experts.bin", "r+b") as f:
+            f.seek(ref.offset + 7)
+            b = f.read(1)
+            f.seek(ref.offset + 7)
+            f.write(bytes([b[0] ^ 0x01]))
+        reply = await stub.FetchExpertsShm(pb.FetchExpertsShmRequest(experts=[key(6, 1), key(6, 2)], client_id="w"))
+        assert [d.index for d in reply.descriptors] == [0] and list(reply.unavailable_indices) == [1]
+        assert not store.core.ram.resident(BlobKey(6, 2, "int4"))
+        call = stub.FetchExperts(pb.FetchExpertsRequest(experts=[key(6, 2)]), timeout=RPC_TIMEOUT_S)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            async for _ in call:
+                pass
+        assert e.value.code() == grpc.StatusCode.DATA_LOSS and "layer 6 expert 2 int4" in e.value.details()
+        assert dict(e.value.trailing_metadata())["x-fate-corrupt-expert"] == "6:2:int4"
+        stats = await stub.GetStats(pb.GetStoreStatsRequest())
+        assert stats.checksum_failures == 2
+        assert caplog.text.count("corrupt blob in") == 2
+        blobs, _ = await fetch(stub, [key(6, 1), key(6, 3)])  # the others are served
+        assert len(blobs) == 2
