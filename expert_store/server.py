@@ -1,3 +1,37 @@
+"""The store server: `ExpertStore` (proto/moe/v1/store.proto) on grpc.aio and uvloop.
+
+    python -m expert_store serve PACK --listen unix:/run/fate-moe/store.sock --ram-bytes 4GiB
+
+Layout: `StoreCore` (core.py) is the domain (pack, tiers, I/O scheduling, counters)
+and never sees protobuf; `ExpertStoreServicer` here converts at the edge (formats,
+tiers, compression to and from the protocol's enums); one `EdgeInterceptor`
+(edge.py) maps every exception to its status (`status_for`), checks the bearer
+token and answers undecodable requests INVALID_ARGUMENT; `run_until_signalled`
+wires the gRPC server, health service, signals and sd_notify.
+
+Bounded work: a request message is at most `max_request_bytes` (gRPC refuses more
+before parsing), names at most `max_keys_per_fetch` experts (INVALID_ARGUMENT
+before any work), and a long key list is converted in a thread. Leases belong to
+(client_id, a digest of the client's secret, sent as `x-fate-client-secret`
+metadata), so another client cannot release them; a client holds at most
+`max_leases_per_client`. Client-visible messages never carry the store's paths.
+
+Start-up: bind (a unix socket another live process serves is refused; a stale one
+is removed) and answer health NOT_SERVING at once, then verify every served blob
+and the dense file, create and fill the RAM tier, and only then say SERVING (for
+"" and "moe.v1.ExpertStore"), log "ready: listening on ...", and sd_notify
+READY=1. Store RPCs before that get UNAVAILABLE. Under systemd with WatchdogSec=
+the event loop pings WATCHDOG=1, so a wedged loop gets the store restarted.
+
+Shutdown (SIGTERM/SIGINT): health NOT_SERVING, sd_notify STOPPING=1, in-flight
+RPCs get `grace_s` to finish, then the shared-memory segment is closed and
+unlinked (in a `finally`, so also after errors). After a crash (SIGKILL, a
+segfault): Python's resource_tracker process, which outlives the store, unlinks
+the segment; if it is killed too (SIGKILL to the whole cgroup) the segment
+stays in /dev/shm until the next store start removes it
+(`shm.remove_stale_segments`), or until reboot.
+"""
+
 from __future__ import annotations
 
 import asyncio
@@ -367,6 +401,16 @@ async def finish_start(running: RunningStore) -> None:
     sdnotify.ready(f"serving {core.pack.path.name} on {running.address}")
 
 
+async def _ping_watchdog(watchdog: sdnotify.Watchdog) -> None:
+    """WATCHDOG=1 from the event loop (WatchdogSec= in the unit): a loop wedged by one request gets the
+    store killed and restarted, rather than answering nothing for ever."""
+    if not watchdog.enabled:
+        return
+    while True:
+        watchdog.ping()
+        await asyncio.sleep(watchdog.interval_s / 6)
+
+
 async def run_until_signalled(config: StoreConfig) -> int:
     """The store's whole life: start, serve until SIGTERM/SIGINT, drain, clean up. Exit status."""
     loop = asyncio.get_running_loop()
@@ -374,6 +418,7 @@ async def run_until_signalled(config: StoreConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     stopper = asyncio.create_task(stop.wait())
+    pinger = asyncio.create_task(_ping_watchdog(sdnotify.Watchdog()))
     try:
         running = await start_store(config, wait_ready=False)
         try:
@@ -390,6 +435,7 @@ async def run_until_signalled(config: StoreConfig) -> int:
             await running.stop(0)  # after an error: still free the segment (a no-op after a clean stop)
     finally:
         stopper.cancel()
+        pinger.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     logger.info("stopped")

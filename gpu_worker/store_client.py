@@ -12,8 +12,22 @@ Both fetchers have one method the cache uses, `fetch(keys, priority) -> list[Fet
 
 Integrity: every blob is checked against its crc32 (the manifest's, and the store's own
 checksum where the reply carries one) after it reaches our memory; a mismatch raises
-ChecksumError and the bytes are never returned. Every RPC has a deadline; UNAVAILABLE
-during a fetch is retried a bounded number of times, then raises StoreUnavailableError.
+ChecksumError (naming the expert, from the store's trailing metadata when it found the
+damage) and the bytes are never returned. The protocol pieces (manifest, reassembly,
+checksums, errors) live in store_protocol.py.
+
+Store restarts: every RPC has a deadline. Without a retry window, UNAVAILABLE is retried
+`max_retries` times quickly, then raises StoreUnavailableError. With `retry_window_s`
+(the worker's store_retry_s), a call keeps trying until the window, counted from its
+first failure, ends: exponential backoff up to 1 s, then it waits for the store's
+health to say SERVING and checks the manifest again (pack id and the manifest's
+sha256); a store that came back with another pack raises PackChangedError (and sets
+`pack_changed`) instead of serving mismatching blobs. The caller's state (the
+worker's KV caches) is untouched meanwhile: the call simply returns later.
+
+Security: the channel comes from `expert_store.edge.ClientSecurity` (TLS, a client
+certificate, a bearer token); every call carries a random per-client secret, so the
+store's leases are ours alone.
 """
 
 from __future__ import annotations
