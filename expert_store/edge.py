@@ -7,7 +7,8 @@
     deserializer would answer UNKNOWN), because the interceptor parses them itself;
   - an exception from a handler becomes the status the process's `status_for`
     gives it (bad input INVALID_ARGUMENT, a full budget RESOURCE_EXHAUSTED, a
-    dependency down UNAVAILABLE, only bugs INTERNAL, with the traceback logged).
+    dependency down UNAVAILABLE, only bugs INTERNAL, with the traceback logged),
+    its message with every file and socket path replaced by <path>.
 The health service is left alone (no token, no wrapping): supervisors and load
 balancers probe it, and it reveals nothing but SERVING / NOT_SERVING.
 
@@ -23,6 +24,7 @@ import asyncio
 import hmac
 import logging
 import os
+import re
 import socket
 import stat
 from collections.abc import Callable, Sequence
@@ -43,6 +45,12 @@ CLIENT_SECRET_HEADER = "x-fate-client-secret"  # the store's leases belong to (c
 CORRUPT_EXPERT_TRAILER = "x-fate-corrupt-expert"  # DATA_LOSS: "layer:expert:format" of the blob that failed
 
 StatusFor = Callable[[BaseException], tuple[grpc.StatusCode, str]]
+_PATH = re.compile(r"(?:unix:)?(?<![\w.])/(?:[\w.@+-]+/)*[\w.@+-]+")  # /a, /a/b.c, unix:/run/x.sock
+
+
+def scrub_paths(message: str) -> str:
+    """The message with file and socket paths replaced by <path>: clients never see the server's files."""
+    return _PATH.sub("<path>", message)
 
 
 class SecurityError(FateError):
@@ -165,7 +173,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             self.log.error("%s: internal error", method, exc_info=e)
         else:
             self.log.info("%s: %s: %s", method, code.name, message)
-        await context.abort(code, " ".join(message.split()), trailing_metadata=corrupt_expert_trailer(e))
+        await context.abort(code, scrub_paths(" ".join(message.split())), trailing_metadata=corrupt_expert_trailer(e))
 
     def _unary(self, inner, parse, method: str):
         async def behavior(raw: bytes, context: grpc.aio.ServicerContext):

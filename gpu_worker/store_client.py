@@ -40,9 +40,8 @@ import threading
 import time
 import uuid
 import zlib
-from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
-from typing import Iterable, Literal, Protocol, Sequence
+from typing import Iterable, Literal, Sequence
 
 import grpc
 import torch
@@ -55,13 +54,12 @@ from expert_store.shm import SHM_DIR, attach_segment, host_id
 
 from .store_protocol import (
     COMPRESSION_TO_PB, FORMAT_TO_PB, PRIORITY_TO_PB, TIER_NAMES, BlobKey, ChecksumError, ChunkDecoder,
-    ExpertChunkAssembler, PackChangedError, StoreError, StoreManifest, StoreUnavailableError, assemble_dense,
-    place_chunk, verify_checksum,
+    ExpertChunkAssembler, ExpertFetcher, FetchCounters, FetchedBlob, PackChangedError, Priority, StoreError,
+    StoreManifest, StoreUnavailableError, assemble_dense, place_chunk, verify_checksum,
 )
 
 log = logging.getLogger(__name__)
 
-Priority = Literal["demand", "prefetch"]
 Transport = Literal["auto", "shm", "grpc"]
 
 _MAX_MESSAGE_BYTES = 256 << 20
@@ -73,52 +71,6 @@ _CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
-
-
-# -- what a fetch returns ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FetchedBlob:
-    """One expert blob in our memory, checksum-verified."""
-
-    key: BlobKey
-    data: bytes | memoryview  # the blob's bytes (a memoryview over the pack's mmap for PackFetcher)
-    tier: str  # where the store found it: "ram", "nvme"; "local" for PackFetcher
-    transport: str  # how it came: "shm", "grpc", "local"
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.data)
-
-
-class ExpertFetcher(Protocol):
-    def fetch(self, keys: Sequence[BlobKey], priority: Priority = "demand") -> list[FetchedBlob]:
-        """The blobs of `keys`, in the order asked. Raises rather than return a bad blob."""
-
-
-@dataclass
-class FetchCounters:
-    """Totals since start; read `snapshot()` for a consistent copy."""
-
-    experts_shm: int = 0
-    experts_grpc: int = 0
-    experts_local: int = 0
-    bytes_fetched_shm: int = 0
-    bytes_fetched_grpc: int = 0  # decoded bytes (after zstd)
-    bytes_wire_grpc: int = 0  # bytes as they crossed the socket
-    bytes_fetched_local: int = 0
-    fetch_ns_shm: int = 0  # FetchExpertsShm + copy + verify + ReleaseLeases
-    fetch_ns_grpc: int = 0
-    fetch_ns_local: int = 0
-    tier_ram: int = 0  # experts the store served from its RAM tier
-    tier_nvme: int = 0
-    shm_unavailable: int = 0  # experts the store could not lease (fetched over gRPC instead)
-    retries: int = 0  # RPCs retried after UNAVAILABLE
-    release_failures: int = 0  # ReleaseLeases calls that failed (the leases expire by TTL)
-
-    def snapshot(self) -> "FetchCounters":
-        return FetchCounters(**vars(self))
 
 
 # -- the store over gRPC -----------------------------------------------------------------------
@@ -617,3 +569,9 @@ class PackFetcher:
             self.counters.bytes_fetched_local += sum(b.nbytes for b in out)
             self.counters.fetch_ns_local += dt
         return out
+
+
+__all__ = [
+    "ExpertFetcher", "FetchCounters", "FetchedBlob", "PackChangedError", "PackFetcher", "StoreClient", "StoreError",
+    "StoreManifest", "StoreUnavailableError",
+]

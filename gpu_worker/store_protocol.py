@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import zlib
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Protocol, Sequence
 
 import grpc
 import torch
@@ -19,6 +19,7 @@ from expert_store.errors import ChecksumError, FateError
 from expert_store.model_args import ModelArgs
 
 BlobKey = tuple[int, int, str]  # (decoder layer, expert, stored format)
+Priority = Literal["demand", "prefetch"]
 
 FORMAT_TO_PB = {
     "bf16": pb.EXPERT_FORMAT_BF16,
@@ -255,3 +256,49 @@ def _tensor_from_bytes(header: pb.TensorHeader, buf: bytearray) -> torch.Tensor:
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(buf, dtype=dtype).reshape(shape)  # owns `buf` (no copy)
+
+
+# -- what a fetch returns ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FetchedBlob:
+    """One expert blob in our memory, checksum-verified."""
+
+    key: BlobKey
+    data: bytes | memoryview  # the blob's bytes (a memoryview over the pack's mmap for PackFetcher)
+    tier: str  # where the store found it: "ram", "nvme"; "local" for PackFetcher
+    transport: str  # how it came: "shm", "grpc", "local"
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+
+class ExpertFetcher(Protocol):
+    def fetch(self, keys: Sequence[BlobKey], priority: Priority = "demand") -> list[FetchedBlob]:
+        """The blobs of `keys`, in the order asked. Raises rather than return a bad blob."""
+
+
+@dataclass
+class FetchCounters:
+    """Totals since start; read `snapshot()` for a consistent copy."""
+
+    experts_shm: int = 0
+    experts_grpc: int = 0
+    experts_local: int = 0
+    bytes_fetched_shm: int = 0
+    bytes_fetched_grpc: int = 0  # decoded bytes (after zstd)
+    bytes_wire_grpc: int = 0  # bytes as they crossed the socket
+    bytes_fetched_local: int = 0
+    fetch_ns_shm: int = 0  # FetchExpertsShm + copy + verify + ReleaseLeases
+    fetch_ns_grpc: int = 0
+    fetch_ns_local: int = 0
+    tier_ram: int = 0  # experts the store served from its RAM tier
+    tier_nvme: int = 0
+    shm_unavailable: int = 0  # experts the store could not lease (fetched over gRPC instead)
+    retries: int = 0  # RPCs retried after UNAVAILABLE
+    release_failures: int = 0  # ReleaseLeases calls that failed (the leases expire by TTL)
+
+    def snapshot(self) -> "FetchCounters":
+        return FetchCounters(**vars(self))
