@@ -25,6 +25,8 @@ from moe.v1 import worker_pb2 as pb
 
 from .inproc import InProcessWorker
 
+pytestmark = pytest.mark.slow  # a model in process and a few hundred short requests
+
 CALL_TIMEOUT_S = 60
 ACCEPTED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE}
 
