@@ -4,7 +4,8 @@
   - a bearer token (metadata `authorization: Bearer <token>`), compared in constant time,
     when the server has one: a missing or wrong token is UNAUTHENTICATED;
   - request bytes that are no valid message are INVALID_ARGUMENT (grpc's own
-    deserializer would answer UNKNOWN), because the interceptor parses them itself;
+    deserializer would answer UNKNOWN), because the interceptor parses them itself
+    (a large request in a thread, so parsing it never stalls the event loop);
   - an exception from a handler becomes the status the process's `status_for`
     gives it (bad input INVALID_ARGUMENT, a full budget RESOURCE_EXHAUSTED, a
     dependency down UNAVAILABLE, only bugs INTERNAL, with the traceback logged),
@@ -40,6 +41,7 @@ from .errors import FateError
 logger = logging.getLogger(__name__)
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)  # no token, no wrapping
+_PARSE_OFF_LOOP_BYTES = 64 << 10  # larger requests are parsed in a thread: the loop keeps serving
 TOKEN_HEADER = "authorization"
 CLIENT_SECRET_HEADER = "x-fate-client-secret"  # the store's leases belong to (client_id, this secret)
 CORRUPT_EXPERT_TRAILER = "x-fate-corrupt-expert"  # DATA_LOSS: "layer:expert:format" of the blob that failed
@@ -162,7 +164,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         if parse is None:
             return raw
         try:
-            return parse(raw)
+            return await asyncio.to_thread(parse, raw) if len(raw) > _PARSE_OFF_LOOP_BYTES else parse(raw)
         except Exception as e:  # noqa: BLE001 - google.protobuf DecodeError and friends
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"{method.rpartition('/')[2]}: the request bytes are not a valid message ({e})")
