@@ -234,3 +234,22 @@ def test_a_store_restarted_with_another_pack_is_failed_precondition(sock_dir, ti
         for p in (worker, store):
             if p is not None:
                 p.stop()
+
+
+def test_an_idle_worker_notices_another_pack(sock_dir, tiny_mixtral_pack, other_pack):
+    """No request running: the worker's periodic pack-id check finds the new pack and exits 3."""
+    store_addr, worker_addr = f"unix:{sock_dir}/store.sock", f"unix:{sock_dir}/worker.sock"
+    store = Proc("store", store_cmd(tiny_mixtral_pack, store_addr, "--ram-bytes", "0"), sock_dir / "store.log")
+    worker = None
+    try:
+        store.wait_serving(store_addr)
+        worker = Proc("worker", worker_cmd(store_addr, worker_addr, "--budget-bytes", "25%"), sock_dir / "worker.log")
+        worker.wait_serving(worker_addr)
+        store.stop()
+        store = Proc("store", store_cmd(other_pack, store_addr, "--ram-bytes", "0"), sock_dir / "store.log")
+        assert worker.proc.wait(90) == 3, worker.output()[-3000:]
+        assert "now serves another pack" in worker.output()
+    finally:
+        for p in (worker, store):
+            if p is not None:
+                p.stop()
