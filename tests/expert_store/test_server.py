@@ -514,6 +514,28 @@ def test_sd_notify_reaches_path_and_abstract_sockets(tmp_path: Path, monkeypatch
     assert not sdnotify.status("x")  # logged, never raised
 
 
+def test_watchdog_pings_at_most_every_third_of_its_interval(tmp_path: Path, monkeypatch):
+    from expert_store import sdnotify
+
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    assert not sdnotify.Watchdog().enabled  # no WatchdogSec=: no pings
+    monkeypatch.setenv("WATCHDOG_USEC", "30000000")
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))  # meant for another process
+    assert not sdnotify.Watchdog().enabled
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(tmp_path / "n.sock"))
+        sock.settimeout(0.5)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "n.sock"))
+        dog = sdnotify.Watchdog()
+        assert dog.enabled and dog.interval_s == 30.0
+        for _ in range(100):  # a busy loop calls it every turn: one datagram per 10 s
+            dog.ping()
+        assert sock.recv(64) == b"WATCHDOG=1"
+        with pytest.raises(TimeoutError):
+            sock.recv(64)
+
+
 # -- the process -----------------------------------------------------------------------------------------------
 
 
