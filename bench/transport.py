@@ -32,6 +32,7 @@ from typing import Any, Awaitable, Callable
 import grpc
 
 from client.processes import Service, ServiceError, module_command
+from expert_store.edge import CLIENT_SECRET_HEADER, AioMetadataInterceptor
 from expert_store.pack import write_pack
 from expert_store.packfile import Pack
 from expert_store.settings import FORMAT_NAMES
@@ -89,7 +90,9 @@ async def bench_format(sock: Path, pack: Pack, fmt: str, batch: int, path: str,
         times = await rounds(one_round, args.min_rounds, args.seconds)
         return total / statistics.median(times) / 1e9, statistics.median(times) / len(batches) * 1e3
 
-    channel = grpc.aio.insecure_channel(f"unix:{sock}", options=CHANNEL_OPTIONS)
+    secret = [(CLIENT_SECRET_HEADER, os.urandom(16).hex())]  # the store's leases are owned by (client id, secret)
+    channel = grpc.aio.insecure_channel(f"unix:{sock}", options=CHANNEL_OPTIONS,
+                                        interceptors=[AioMetadataInterceptor(secret)])
     stub = store_pb2_grpc.ExpertStoreStub(channel)
     segments: dict[str, Any] = {}
     try:

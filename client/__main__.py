@@ -5,8 +5,9 @@
     python -m client stats [--layers]           # the worker's counters
 
 (installed as `fate-client`). The worker's address comes from --address, else
-$FATE_WORKER_ADDRESS, else 127.0.0.1:50061. A failed call prints `error: CODE: message` and
-exits 1. Each subcommand is one `_add_*` function listed in COMMANDS.
+$FATE_WORKER_ADDRESS, else unix:/run/fate-moe/worker.sock (a bearer token: $FATE_WORKER_TOKEN_FILE;
+TLS: $FATE_WORKER_TLS_CA). A failed call prints `error: CODE: message` and exits 1. Each subcommand is
+one `_add_*` function listed in COMMANDS.
 """
 
 from __future__ import annotations

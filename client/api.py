@@ -13,6 +13,11 @@ Protobuf stays at this edge (client.convert): callers get the frozen dataclasses
 client.results. A gRPC error is raised as `WorkerError`, whose `code` is the status code's
 name ("INVALID_ARGUMENT", "UNAVAILABLE", ...). The sync and async clients share everything
 but the calls themselves: a new option goes into `_Channel`, a new call into both classes.
+
+Security: `token=` (or the file named by FATE_WORKER_TOKEN_FILE) is sent as
+`authorization: Bearer <token>` on every call; `tls_ca=` (or FATE_WORKER_TLS_CA)
+turns TLS on and trusts that CA (`tls=True` alone trusts the system's roots), and
+`tls_cert=` / `tls_key=` present a client certificate.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Sequence
 
 import grpc
@@ -29,6 +36,7 @@ from moe.v1 import worker_pb2 as pb
 from moe.v1 import worker_pb2_grpc as pb_grpc
 
 from .convert import build_request, result_from_pb, stats_from_pb, token_from_pb
+from .errors import WorkerError
 from .results import (
     Completion,
     ExpertStats,
@@ -48,28 +56,13 @@ __all__ = [
     "Usage", "WorkerClient", "WorkerError", "WorkerStats", "build_request", "default_address",
 ]  # fmt: skip
 
-DEFAULT_ADDRESS = "127.0.0.1:50061"
+DEFAULT_ADDRESS = "unix:/run/fate-moe/worker.sock"
 ADDRESS_ENV = "FATE_WORKER_ADDRESS"
 
 
 def default_address() -> str:
-    """$FATE_WORKER_ADDRESS when set, else 127.0.0.1:50061 (the worker's default --listen)."""
+    """$FATE_WORKER_ADDRESS when set, else unix:/run/fate-moe/worker.sock (the worker's default --listen)."""
     return os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
-
-
-class WorkerError(Exception):
-    """A call to the worker failed; `code` is the gRPC status name, `details` the worker's message."""
-
-    def __init__(self, code: str, details: str):
-        super().__init__(f"{code}: {details}")
-        self.code = code
-        self.details = details
-
-    @classmethod
-    def from_rpc(cls, e: grpc.RpcError) -> "WorkerError":
-        code = e.code() if hasattr(e, "code") else None
-        details = e.details() if hasattr(e, "details") else str(e)
-        return cls(code.name if code is not None else "UNKNOWN", details or "")
 
 
 def _not_ready(address: str, timeout_s: float, last: str) -> WorkerError:
@@ -158,21 +151,59 @@ class AsyncGeneration(_Stream):
 # -- clients ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Security:
+    """TLS credentials (or None) and the call metadata carrying the token."""
+
+    credentials: grpc.ChannelCredentials | None
+    metadata: tuple[tuple[str, str], ...]
+
+
+def _read(path: str | os.PathLike, what: str) -> bytes:
+    try:
+        return Path(path).expanduser().read_bytes()
+    except OSError as e:
+        raise WorkerError("INVALID_ARGUMENT", f"{what} {str(path)!r}: cannot read it ({e.strerror})") from None
+
+
+def _security(token: str | None, tls: bool, tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> _Security:
+    if token is None and os.environ.get("FATE_WORKER_TOKEN_FILE"):
+        token = _read(os.environ["FATE_WORKER_TOKEN_FILE"], "FATE_WORKER_TOKEN_FILE").decode().strip()
+    tls_ca = tls_ca or os.environ.get("FATE_WORKER_TLS_CA") or None
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    if not (tls or tls_ca or tls_cert):
+        return _Security(None, metadata)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=_read(tls_ca, "tls_ca") if tls_ca else None,
+        private_key=_read(tls_key, "tls_key") if tls_key else None,
+        certificate_chain=_read(tls_cert, "tls_cert") if tls_cert else None,
+    )
+    return _Security(creds, metadata)
+
+
 class _Channel:
     """The channel, stubs and options of a client (sync or async by the channel factory)."""
 
-    def __init__(self, address: str | None, timeout_s: float | None, aio: bool):
+    def __init__(self, address: str | None, timeout_s: float | None, aio: bool, *, token: str | None = None,
+                 tls: bool = False, tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None):
         self.address = address or default_address()
         self.timeout_s = timeout_s  # deadline of each call; None: none
-        self._channel = (grpc.aio.insecure_channel if aio else grpc.insecure_channel)(self.address)
+        sec = _security(token, tls, tls_ca, tls_cert, tls_key)
+        self._metadata = sec.metadata
+        mod = grpc.aio if aio else grpc
+        self._channel = (mod.secure_channel(self.address, sec.credentials) if sec.credentials is not None
+                         else mod.insecure_channel(self.address))
         self._stub = pb_grpc.WorkerStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def _generate_call(self, prompt: str | None, token_ids: Sequence[int] | None, sampling: dict) -> Any:
-        return self._stub.Generate(build_request(prompt, token_ids, **sampling), timeout=self.timeout_s)
+        return self._stub.Generate(build_request(prompt, token_ids, **sampling), timeout=self.timeout_s,
+                                   metadata=self._metadata)
 
     def _stats_call(self, include_layers: bool) -> Any:
-        return self._stub.GetStats(pb.GetWorkerStatsRequest(include_layers=include_layers), timeout=self.timeout_s)
+        return self._stub.GetStats(pb.GetWorkerStatsRequest(include_layers=include_layers), timeout=self.timeout_s,
+                                   metadata=self._metadata)
 
     def _health_call(self, timeout_s: float) -> Any:
         return self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
@@ -184,10 +215,11 @@ def _status_name(reply: health_pb2.HealthCheckResponse) -> str:
 
 class WorkerClient(_Channel):
     """Synchronous client (thread-safe: one channel, calls may run from several threads).
-    address None: $FATE_WORKER_ADDRESS, else 127.0.0.1:50061."""
+    address None: $FATE_WORKER_ADDRESS, else unix:/run/fate-moe/worker.sock. Security options: see the
+    module's docstring."""
 
-    def __init__(self, address: str | None = None, timeout_s: float | None = None):
-        super().__init__(address, timeout_s, aio=False)
+    def __init__(self, address: str | None = None, timeout_s: float | None = None, **security: Any):
+        super().__init__(address, timeout_s, aio=False, **security)
 
     def generate(self, prompt: str | None = None, *, token_ids: Sequence[int] | None = None, **sampling) -> Generation:
         """Start a generation (keyword arguments as client.convert.build_request's)."""
@@ -237,8 +269,8 @@ class WorkerClient(_Channel):
 class AsyncWorkerClient(_Channel):
     """The same API on grpc.aio; create it inside a running event loop."""
 
-    def __init__(self, address: str | None = None, timeout_s: float | None = None):
-        super().__init__(address, timeout_s, aio=True)
+    def __init__(self, address: str | None = None, timeout_s: float | None = None, **security: Any):
+        super().__init__(address, timeout_s, aio=True, **security)
 
     def generate(self, prompt: str | None = None, *, token_ids: Sequence[int] | None = None,
                  **sampling) -> AsyncGeneration:

@@ -7,6 +7,7 @@ from typing import Sequence
 
 from moe.v1 import worker_pb2 as pb
 
+from .errors import WorkerError
 from .results import (
     ExpertStats,
     GenerationResult,
@@ -44,7 +45,13 @@ def build_request(
     details: bool = False,
     request_id: str = "",
 ) -> pb.GenerateRequest:
-    """Exactly one of prompt / token_ids. Zero values mean the worker's defaults (greedy, its max)."""
+    """Exactly one of prompt / token_ids. Zero values mean the worker's defaults (greedy, its max).
+    Values the message cannot carry raise WorkerError("INVALID_ARGUMENT", ...) before anything is sent."""
+    for name, value, top in (("max_new_tokens", max_new_tokens, 2**32 - 1), ("top_k", top_k, 2**31 - 1)):
+        if not 0 <= value <= top:
+            raise WorkerError("INVALID_ARGUMENT", f"{name} must be in 0..{top} (0: the worker's default), got {value}")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise WorkerError("INVALID_ARGUMENT", f"seed must be in 0..2^64-1, got {seed}")
     if (prompt is None) == (token_ids is None):
         raise ValueError("give exactly one of prompt (text) or token_ids")
     req = pb.GenerateRequest(

@@ -12,7 +12,7 @@ class ClientSettings:
     """Connection settings of `python -m client` (and the defaults of WorkerClient)."""
 
     address: str = field(default_factory=default_address)
-    """Worker address: host:port or unix:/path. Default: $FATE_WORKER_ADDRESS, else 127.0.0.1:50061."""
+    """Worker address: host:port or unix:/path. Default: $FATE_WORKER_ADDRESS, else unix:/run/fate-moe/worker.sock."""
 
     timeout_s: float | None = None
     """Deadline of each call in seconds; None: no deadline."""

@@ -33,7 +33,7 @@ from .settings import (
 
 __all__ = ["DEFAULT_LISTEN", "FORMAT_NAMES", "ConfigError", "StoreConfig", "build_config", "load_toml", "parse_size"]
 
-DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_LISTEN = "unix:/run/fate-moe/store.sock"
 SECTION = "store"
 
 
@@ -105,6 +105,30 @@ class StoreConfig:
     log_level: Annotated[str, Choices(LOG_LEVELS)] = "info"
     """Logging level: debug, info, warning, error."""
 
+    max_keys_per_fetch: int = 4096
+    """Experts one FetchExperts / FetchExpertsShm / Prefetch request may name at most; more is
+    INVALID_ARGUMENT before any work (a worker asks for one layer's experts at a time)."""
+
+    max_request_bytes: Size = 1 << 20
+    """Largest request message the store accepts (replies may be up to max_message_bytes); a larger
+    one is refused by gRPC with RESOURCE_EXHAUSTED before it is parsed."""
+
+    max_leases_per_client: int = 65536
+    """Shared-memory leases one client may hold at once; asking for more is RESOURCE_EXHAUSTED."""
+
+    tls_cert: Path | None = None
+    """PEM certificate chain for TLS on a TCP listener; None: no TLS (a warning on TCP)."""
+
+    tls_key: Path | None = None
+    """PEM private key of tls_cert."""
+
+    tls_client_ca: Path | None = None
+    """PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS)."""
+
+    auth_token_file: Path | None = None
+    """File holding the bearer token every call but health checks must carry
+    (`authorization: Bearer <token>`); None: no token (a warning on TCP)."""
+
     def __post_init__(self) -> None:
         check_settings(self)
         check(self.ram_bytes >= 0, "ram_bytes", self.ram_bytes, "must be >= 0")
@@ -120,6 +144,9 @@ class StoreConfig:
         check(1 <= self.io_threads <= 64, "io_threads", self.io_threads, "must be 1..64")
         check(self.prefetch_queue >= 0, "prefetch_queue", self.prefetch_queue, "must be >= 0")
         check(self.grace_s >= 0, "grace_s", self.grace_s, "must be >= 0")
+        check(self.max_keys_per_fetch >= 1, "max_keys_per_fetch", self.max_keys_per_fetch, "must be >= 1")
+        check(self.max_request_bytes >= 4096, "max_request_bytes", self.max_request_bytes, "must be >= 4096")
+        check(self.max_leases_per_client >= 1, "max_leases_per_client", self.max_leases_per_client, "must be >= 1")
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

@@ -17,214 +17,44 @@ import asyncio
 import collections
 import functools
 import hashlib
-import itertools
-import json
 import logging
-import os
-import struct
 import threading
 import time
-import zlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
-
-import zstandard
-
-from moe.v1 import store_pb2
 
 from . import sdnotify, shm
 from .config import StoreConfig
+from .dense import DenseFile, DenseTensor
 from .errors import ChecksumError, FateError, PackError
+from .io_scheduler import PRIORITY_BACKGROUND, PRIORITY_DEMAND, PRIORITY_PREFETCH, IoScheduler
 from .packfile import Pack
-from .tiers import (
-    BlobKey, NvmeTier, RamTier, Slot, fill_order, load_popularity, no_views_in_tracebacks, preferred_format,
-    slot_bytes_for,
-)
+from .fill_order import fill_order, load_popularity, preferred_format
+from .tiers import BlobKey, LeaseLimitError, NvmeTier, RamTier, Slot, Tier, no_views_in_tracebacks, slot_bytes_for
+from .wire import Compression, WireCompression, zstd_pays
 
 logger = logging.getLogger(__name__)
 
-PRIORITY_DEMAND, PRIORITY_PREFETCH, PRIORITY_BACKGROUND = 0, 1, 2  # the I/O queue's order
 _LEASE_SWEEP_S = 1.0
-_DENSE_SCAN_PIECE = 16 << 20
 
-T = TypeVar("T")
+__all__ = [
+    "PRIORITY_BACKGROUND", "PRIORITY_DEMAND", "PRIORITY_PREFETCH", "Compression", "DenseTensor", "ExpertPiece",
+    "InvalidRequest", "IoScheduler", "LeaseLimitError", "ShmGrant", "StoreCore", "StoreUnavailable", "Tier",
+    "TooManyKeys", "WireCompression", "zstd_pays",
+]
 
 
 class InvalidRequest(FateError):
     """A request the store cannot serve as asked (unknown expert or format, empty batch...)."""
 
 
+class TooManyKeys(InvalidRequest):
+    """More experts in one request than `max_keys_per_fetch`: split it."""
+
+
 class StoreUnavailable(FateError):
     """The store is starting up or shutting down: retry later."""
-
-
-# -- compression on the wire --------------------------------------------------------------------
-
-
-def zstd_pays(raw_nbytes: int, compressed_nbytes: int, min_saving: float = 0.1) -> bool:
-    """Send compressed only if that saves at least `min_saving` of the bytes (default: < 0.9x raw)."""
-    return compressed_nbytes < (1.0 - min_saving) * raw_nbytes
-
-
-class WireCompression:
-    """zstd for chunks, used only where it pays; remembers per blob whether it did.
-
-    A blob none of whose chunks paid is never compressed again (quantized experts mostly don't
-    compress: their codes are near-uniform), so incompressible data costs one try, not one per fetch.
-    Thread-safe: one compressor per thread.
-    """
-
-    def __init__(self, level: int, min_saving: float):
-        self.level = level
-        self.min_saving = min_saving
-        self._paid: dict[Any, bool] = {}
-        self._local = threading.local()
-
-    @property
-    def enabled(self) -> bool:
-        return self.level > 0
-
-    def should_try(self, blob: Any) -> bool:
-        return self.enabled and self._paid.get(blob, True)
-
-    def record(self, blob: Any, paid: bool) -> None:
-        self._paid[blob] = paid
-
-    def encode(self, raw: bytes) -> tuple[bytes, int]:
-        """(data, compression) for one chunk: zstd if it pays, else the raw bytes."""
-        compressor = getattr(self._local, "compressor", None)
-        if compressor is None:
-            compressor = self._local.compressor = zstandard.ZstdCompressor(level=self.level)
-        packed = compressor.compress(raw)
-        if zstd_pays(len(raw), len(packed), self.min_saving):
-            return packed, store_pb2.COMPRESSION_ZSTD
-        return raw, store_pb2.COMPRESSION_NONE
-
-
-# -- blocking work off the event loop -----------------------------------------------------------
-
-
-class IoScheduler:
-    """Runs blocking functions in `threads` threads, lowest priority number first, FIFO within one."""
-
-    def __init__(self, threads: int):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="store-io")
-        self._queue: asyncio.PriorityQueue = asyncio.PriorityQueue()
-        self._seq = itertools.count()
-        self._workers = [asyncio.create_task(self._work(), name=f"store-io-{i}") for i in range(threads)]
-
-    async def run(self, priority: int, fn: Callable[..., T], *args: Any) -> T:
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((priority, next(self._seq), fut, fn, args))
-        return await fut
-
-    async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            _, _, fut, fn, args = await self._queue.get()
-            if fut.done():  # its caller went away (cancelled) while it waited
-                continue
-            try:
-                result = await loop.run_in_executor(self._executor, fn, *args)
-            except Exception as e:  # delivered to the caller
-                if not fut.done():
-                    fut.set_exception(e)
-            else:
-                if not fut.done():
-                    fut.set_result(result)
-
-    async def close(self) -> None:
-        """Stop taking work and wait for the jobs running in threads (they may touch the segment)."""
-        for w in self._workers:
-            w.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        await asyncio.get_running_loop().run_in_executor(None, functools.partial(self._executor.shutdown, wait=True))
-
-
-# -- dense tensors ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DenseTensor:
-    name: str
-    dtype: str  # safetensors dtype name
-    shape: tuple[int, ...]
-    start: int  # absolute offset in the file
-    nbytes: int
-    checksum: str  # "crc32:<hex>"
-
-
-class DenseFile:
-    """dense.safetensors read raw: the header gives each tensor's byte range; crc32 per tensor at start-up."""
-
-    def __init__(self, path: Path, expected_crc32: int):
-        self.path = path
-        self.expected_crc32 = expected_crc32
-        self.tensors: dict[str, DenseTensor] = {}  # file order once scanned
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
-
-    def scan(self) -> None:
-        """Parse the header, check the file's crc32 against the manifest, compute per-tensor crc32s (blocking)."""
-        head = os.pread(self._fd, 8, 0)
-        if len(head) != 8:
-            raise PackError(f"{self.path}: too short for a safetensors file; re-pack the checkpoint")
-        (header_len,) = struct.unpack("<Q", head)
-        try:
-            header = json.loads(os.pread(self._fd, header_len, 8))
-        except ValueError as e:
-            raise PackError(f"{self.path}: unreadable safetensors header ({e}); re-pack the checkpoint") from None
-        base = 8 + header_len
-        spans = sorted(
-            ((base + int(v["data_offsets"][0]), base + int(v["data_offsets"][1]), k, v)
-             for k, v in header.items() if k != "__metadata__"),
-        )
-        file_crc, crcs = 0, [0] * len(spans)
-        first, pos = 0, 0
-        buf = memoryview(bytearray(_DENSE_SCAN_PIECE))
-        while True:
-            n = os.preadv(self._fd, [buf], pos)
-            if n <= 0:
-                break
-            piece, end = buf[:n], pos + n
-            file_crc = zlib.crc32(piece, file_crc)
-            while first < len(spans) and spans[first][1] <= pos:
-                first += 1
-            j = first
-            while j < len(spans) and spans[j][0] < end:
-                a, b = max(spans[j][0], pos), min(spans[j][1], end)
-                if a < b:
-                    crcs[j] = zlib.crc32(piece[a - pos : b - pos], crcs[j])
-                j += 1
-            pos = end
-        if file_crc != self.expected_crc32:
-            raise ChecksumError(
-                f"{self.path}: checksum mismatch (crc32 {file_crc:#010x}, manifest {self.expected_crc32:#010x}); "
-                f"the pack is corrupt, re-pack it"
-            )
-        self.tensors = {
-            name: DenseTensor(name, str(info["dtype"]), tuple(int(d) for d in info["shape"]), a, b - a,
-                              f"crc32:{crc:08x}")
-            for (a, b, name, info), crc in zip(spans, crcs)
-        }
-
-    def read(self, start: int, nbytes: int) -> bytes:
-        data = os.pread(self._fd, nbytes, start)
-        if len(data) != nbytes:
-            raise PackError(f"{self.path}: short read at {start} (truncated?); re-pack the checkpoint")
-        return data
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
 
 # -- domain results (converted to protobuf at the edge) -----------------------------------------
@@ -239,10 +69,10 @@ class ExpertPiece:
     total_bytes: int
     offset: int
     data: bytes
-    compression: int  # store_pb2.Compression value
+    compression: Compression
     raw_nbytes: int
     last: bool
-    tier: int  # store_pb2.StoreTier value
+    tier: Tier
     checksum: str  # on the last chunk only
 
 
@@ -255,7 +85,7 @@ class ShmGrant:
     lease_id: int
     generation: int
     ttl_ms: int
-    tier: int
+    tier: Tier
     checksum: str
 
 
@@ -282,7 +112,7 @@ class _Planned:
     nbytes: int
     slot: Slot | None  # pinned RAM slot (until its last chunk is out), or None: read from NVMe
     try_zstd: bool
-    tier: int = store_pb2.STORE_TIER_NVME
+    tier: Tier = Tier.NVME
     read_ns: int = 0
     wire_bytes: int = 0
     compressed_chunks: int = 0
@@ -352,6 +182,7 @@ class StoreCore:
             return
         max_slots = self.nvme.blob_count
         self.ram = await asyncio.to_thread(RamTier.create, cfg.ram_bytes, self.ram.slot_bytes, max_slots)
+        self.ram.max_leases_per_client = cfg.max_leases_per_client
         if cfg.ram_bytes and not self.ram.enabled:
             logger.warning("--ram-bytes %d is less than one slot (%d bytes): RAM tier off, NVMe only",
                            cfg.ram_bytes, self.ram.slot_bytes)
@@ -395,9 +226,14 @@ class StoreCore:
         try:
             return self._load_blob(key, dest)
         except ChecksumError as e:
-            self.counters.checksum_failures += 1
-            logger.error("%s (left out of the RAM tier; fetching it answers DATA_LOSS)", e)
+            self.corrupt(e, "left out of the RAM tier")
             return 0
+
+    def corrupt(self, e: BaseException, consequence: str) -> None:
+        """Count and log a blob that failed verification as it came off the disk."""
+        self.counters.checksum_failures += 1
+        logger.error("corrupt blob in %s: %s; %s (checksum_failures %d)", self.nvme.path, e, consequence,
+                     self.counters.checksum_failures)
 
     def _require_ready(self) -> None:
         if not self.ready:
@@ -431,13 +267,13 @@ class StoreCore:
                 self.ram.pin(slot)
             n = self.blob_nbytes[key.fmt]
             p = _Planned(i, key, n, slot, accept_zstd and self.wire.should_try(key))
-            p.tier = store_pb2.STORE_TIER_RAM if slot is not None else store_pb2.STORE_TIER_NVME
+            p.tier = Tier.RAM if slot is not None else Tier.NVME
             p.ranges = [(a, min(chunk, n - a)) for a in range(0, n, chunk)]
             plan.append(p)
         plan.sort(key=lambda p: p.slot is None)  # stable: RAM hits first, each group in request order
         window = max(2, self.config.io_threads)
         jobs = ((p, a, n) for p in plan for a, n in p.ranges)
-        pending: collections.deque[tuple[_Planned, int, int, asyncio.Future[tuple[bytes, int, int]]]] = (
+        pending: collections.deque[tuple[_Planned, int, int, asyncio.Future[tuple[bytes, Compression, int]]]] = (
             collections.deque())
         try:
             while True:
@@ -452,12 +288,12 @@ class StoreCore:
                 p, a, n, fut = pending.popleft()
                 try:
                     data, compression, ns = await fut
-                except ChecksumError:
-                    self.counters.checksum_failures += 1
+                except ChecksumError as e:
+                    self.corrupt(e, "the FetchExperts call answers DATA_LOSS")
                     raise
                 p.read_ns += ns
                 p.wire_bytes += len(data)
-                p.compressed_chunks += compression == store_pb2.COMPRESSION_ZSTD
+                p.compressed_chunks += compression == Compression.ZSTD
                 last = a + n == p.nbytes
                 if last:
                     self._finish_grpc(p)
@@ -474,7 +310,7 @@ class StoreCore:
                     self.ram.unpin(p.slot)
                     p.slot = None
 
-    def _chunk_job(self, p: _Planned, start: int, nbytes: int, priority: int) -> asyncio.Future[tuple[bytes, int, int]]:
+    def _chunk_job(self, p: _Planned, start: int, nbytes: int, priority: int) -> asyncio.Future[tuple[bytes, Compression, int]]:
         if p.slot is not None and not p.try_zstd:  # a memcpy of resident bytes: no thread needed
             fut = asyncio.get_running_loop().create_future()
             fut.set_result(self._read_chunk(p.key, p.slot, start, nbytes, False))
@@ -482,7 +318,7 @@ class StoreCore:
         return asyncio.ensure_future(self.io.run(priority, self._read_chunk, p.key, p.slot, start, nbytes, p.try_zstd))
 
     def _read_chunk(self, key: BlobKey, slot: Slot | None, start: int, nbytes: int,
-                    try_zstd: bool) -> tuple[bytes, int, int]:
+                    try_zstd: bool) -> tuple[bytes, Compression, int]:
         """(data, compression, read ns) of one chunk (an I/O thread, or the loop for RAM copies)."""
         t0 = time.perf_counter_ns()
         if slot is not None:
@@ -496,17 +332,17 @@ class StoreCore:
         if try_zstd:
             data, compression = self.wire.encode(raw)
             return data, compression, ns
-        return raw, store_pb2.COMPRESSION_NONE, ns
+        return raw, Compression.NONE, ns
 
     def _finish_grpc(self, p: _Planned) -> None:
-        tier = self.ram if p.tier == store_pb2.STORE_TIER_RAM else self.nvme
+        tier = self.ram if p.tier == Tier.RAM else self.nvme
         tier.stats.add(p.nbytes, p.read_ns)
         self.counters.experts_served_grpc += 1
         self.counters.bytes_served_grpc += p.nbytes
         self.counters.bytes_sent_wire += p.wire_bytes
         if p.try_zstd:
             self.wire.record(p.key, p.compressed_chunks > 0)
-        if p.tier == store_pb2.STORE_TIER_NVME and self.ram.enabled and self.config.promote_on_grpc_miss:
+        if p.tier == Tier.NVME and self.ram.enabled and self.config.promote_on_grpc_miss:
             self._enqueue_promotion(p.key, background=True)
 
     async def fetch_shm(self, keys: Sequence[BlobKey], priority: int, client_id: str,
@@ -530,7 +366,7 @@ class StoreCore:
                     missing.append((i, key))
                 else:
                     self.ram.stats.add(slot.nbytes, 0)
-                    grants.append(self._grant(i, key, slot, ttl, client_id, store_pb2.STORE_TIER_RAM))
+                    grants.append(self._grant(i, key, slot, ttl, client_id, Tier.RAM))
             acquiring = [asyncio.ensure_future(self._acquire(key, priority)) for _, key in missing]
             try:
                 await asyncio.gather(*acquiring, return_exceptions=True)
@@ -542,6 +378,9 @@ class StoreCore:
             unavailable: list[int] = []
             failure: BaseException | None = None
             for (i, key), t in zip(missing, acquiring):
+                if isinstance(t.exception(), ChecksumError):  # that expert alone: its gRPC fetch says DATA_LOSS
+                    unavailable.append(i)
+                    continue
                 if t.exception() is not None:
                     failure = failure or t.exception()
                     continue
@@ -553,7 +392,7 @@ class StoreCore:
                     self.nvme.stats.add(0, 0)  # its bytes and read time were counted by the promotion
                 else:
                     self.ram.stats.add(slot.nbytes, 0)
-                tier = store_pb2.STORE_TIER_NVME if promoted else store_pb2.STORE_TIER_RAM
+                tier = Tier.NVME if promoted else Tier.RAM
                 grants.append(self._grant(i, key, slot, ttl, client_id, tier))
                 self.ram.unpin(slot)  # the lease holds it now
             if failure is not None:
@@ -595,7 +434,7 @@ class StoreCore:
         if self._promotions.get(key) is task:
             del self._promotions[key]
         if not task.cancelled() and isinstance(task.exception(), ChecksumError):
-            self.counters.checksum_failures += 1
+            self.corrupt(task.exception(), "not promoted into RAM")
 
     async def _promote(self, key: BlobKey, slot: Slot, priority: int) -> None:
         """Copy a blob from NVMe into its reserved slot (not cancelled by a requester going away)."""
@@ -696,10 +535,10 @@ class StoreCore:
         for a in range(0, max(t.nbytes, 1), chunk):
             n = min(chunk, t.nbytes - a)
             raw = await self.io.run(PRIORITY_DEMAND, self.dense.read, t.start + a, n) if n else b""
-            data, compression = raw, store_pb2.COMPRESSION_NONE
+            data, compression = raw, Compression.NONE
             if try_zstd and n:
                 data, compression = await self.io.run(PRIORITY_DEMAND, self.wire.encode, raw)
-                paid |= compression == store_pb2.COMPRESSION_ZSTD
+                paid |= compression == Compression.ZSTD
             self.counters.dense_bytes_served += n
             yield a, data, compression, n
         if try_zstd:

@@ -3,13 +3,25 @@
     python -m expert_store serve PACK --listen unix:/run/fate-moe/store.sock --ram-bytes 4GiB
 
 Layout: `StoreCore` (core.py) is the domain (pack, tiers, I/O scheduling, counters)
-and never sees protobuf; `ExpertStoreServicer` here converts at the edge;
-`run_until_signalled` wires the gRPC server, health service, signals and sd_notify.
+and never sees protobuf; `ExpertStoreServicer` here converts at the edge (formats,
+tiers, compression to and from the protocol's enums); one `EdgeInterceptor`
+(edge.py) maps every exception to its status (`status_for`), checks the bearer
+token and answers undecodable requests INVALID_ARGUMENT; `run_until_signalled`
+wires the gRPC server, health service, signals and sd_notify.
 
-Start-up: bind and answer health NOT_SERVING at once, then verify every served
-blob and the dense file, create and fill the RAM tier, and only then say
-SERVING (for "" and "moe.v1.ExpertStore"), log "ready: listening on ...", and
-sd_notify READY=1. Store RPCs before that get UNAVAILABLE.
+Bounded work: a request message is at most `max_request_bytes` (gRPC refuses more
+before parsing), names at most `max_keys_per_fetch` experts (INVALID_ARGUMENT
+before any work), and a long key list is converted in a thread. Leases belong to
+(client_id, a digest of the client's secret, sent as `x-fate-client-secret`
+metadata), so another client cannot release them; a client holds at most
+`max_leases_per_client`. Client-visible messages never carry the store's paths.
+
+Start-up: bind (a unix socket another live process serves is refused; a stale one
+is removed) and answer health NOT_SERVING at once, then verify every served blob
+and the dense file, create and fill the RAM tier, and only then say SERVING (for
+"" and "moe.v1.ExpertStore"), log "ready: listening on ...", and sd_notify
+READY=1. Store RPCs before that get UNAVAILABLE. Under systemd with WatchdogSec=
+the event loop pings WATCHDOG=1, so a wedged loop gets the store restarted.
 
 Shutdown (SIGTERM/SIGINT): health NOT_SERVING, sd_notify STOPPING=1, in-flight
 RPCs get `grace_s` to finish, then the shared-memory segment is closed and
@@ -23,8 +35,7 @@ stays in /dev/shm until the next store start removes it
 from __future__ import annotations
 
 import asyncio
-import functools
-import inspect
+import hashlib
 import json
 import logging
 import signal
@@ -43,17 +54,18 @@ from moe.v1 import store_pb2, store_pb2_grpc
 from . import sdnotify, shm
 from .config import StoreConfig
 from .core import (
-    PRIORITY_DEMAND, PRIORITY_PREFETCH, InvalidRequest, StoreCore, StoreUnavailable,
+    PRIORITY_DEMAND, PRIORITY_PREFETCH, Compression, InvalidRequest, LeaseLimitError, StoreCore, StoreUnavailable,
+    Tier, TooManyKeys,
 )
+from .edge import CLIENT_SECRET_HEADER, EdgeInterceptor, Listener, ServerSecurity, bind
 from .errors import ChecksumError, FateError
 from .packfile import Pack
-from .tiers import (
-    BlobKey,
-)
+from .tiers import BlobKey
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "moe.v1.ExpertStore"
+_OFF_LOOP_KEYS = 256  # requests naming more experts are converted and checked in a thread
 
 FORMAT_TO_PB = {
     "bf16": store_pb2.EXPERT_FORMAT_BF16,
@@ -62,12 +74,16 @@ FORMAT_TO_PB = {
     "int2": store_pb2.EXPERT_FORMAT_INT2,
 }
 PB_TO_FORMAT = {v: k for k, v in FORMAT_TO_PB.items()}
+TIER_TO_PB = {Tier.RAM: store_pb2.STORE_TIER_RAM, Tier.NVME: store_pb2.STORE_TIER_NVME}
+COMPRESSION_TO_PB = {Compression.NONE: store_pb2.COMPRESSION_NONE, Compression.ZSTD: store_pb2.COMPRESSION_ZSTD}
 
 
 def status_code_for(exc: BaseException) -> grpc.StatusCode:
     """gRPC status of an exception: input errors are the caller's, only bugs are INTERNAL."""
     if isinstance(exc, InvalidRequest):
         return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, LeaseLimitError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, ChecksumError):
         return grpc.StatusCode.DATA_LOSS
     if isinstance(exc, StoreUnavailable):
@@ -77,6 +93,21 @@ def status_code_for(exc: BaseException) -> grpc.StatusCode:
     if isinstance(exc, OSError):  # the disk under the pack failed
         return grpc.StatusCode.UNAVAILABLE
     return grpc.StatusCode.INTERNAL
+
+
+def status_for(core: StoreCore) -> Callable[[BaseException], tuple[grpc.StatusCode, str]]:
+    """(code, message) for the interceptor; the store's file paths never reach a client."""
+    pack_dir = str(core.pack.path)
+
+    def status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+        code = status_code_for(exc)
+        if code == grpc.StatusCode.INTERNAL:
+            return code, f"internal error in the store (a bug; its log has the traceback): {type(exc).__name__}"
+        message = str(exc).replace(pack_dir, "<pack>")
+        if isinstance(exc, OSError):
+            message = f"the store cannot read its pack ({exc.strerror or type(exc).__name__})"
+        return code, message
+    return status
 
 
 def _key_from_pb(k: store_pb2.ExpertKey, where: str) -> BlobKey:
@@ -92,42 +123,16 @@ def _key_to_pb(key: BlobKey) -> store_pb2.ExpertKey:
     return store_pb2.ExpertKey(layer=key.layer, expert=key.expert, format=FORMAT_TO_PB[key.fmt])
 
 
-def _rpc(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Maps exceptions to status codes (status_code_for) for unary and streaming handlers alike."""
-    method = fn.__name__
-
-    async def abort(context: grpc.aio.ServicerContext, e: Exception) -> None:
-        code = status_code_for(e)
-        if code is grpc.StatusCode.INTERNAL:
-            logger.exception("%s: internal error", method)
-            message = f"internal error in {method} (a bug; the store log has the traceback): {type(e).__name__}: {e}"
-        else:
-            logger.info("%s: %s: %s", method, code.name, e)
-            message = " ".join(str(e).split())
-        await context.abort(code, message)
-
-    if inspect.isasyncgenfunction(fn):
-        @functools.wraps(fn)
-        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            try:
-                async with aclosing(fn(self, request, context)) as items:
-                    async for item in items:
-                        yield item
-            except grpc.aio.AbortError:
-                raise
-            except Exception as e:
-                await abort(context, e)
-        return stream
-
-    @functools.wraps(fn)
-    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await fn(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:
-            await abort(context, e)
-    return unary
+def lease_owner(client_id: str, context: grpc.aio.ServicerContext) -> str:
+    """Who holds a lease: the client's id AND a digest of its secret (metadata), so knowing another
+    client's id is not enough to release its leases."""
+    if not client_id:
+        raise InvalidRequest("client_id is required: leases belong to a client")
+    secret = dict(context.invocation_metadata() or ()).get(CLIENT_SECRET_HEADER, "")
+    if len(secret) < 16:
+        raise InvalidRequest(f"leases need a per-client secret of at least 16 characters in the "
+                             f"{CLIENT_SECRET_HEADER!r} metadata (the worker sends a random one)")
+    return f"{client_id}/{hashlib.sha256(secret.encode()).hexdigest()[:32]}"
 
 
 class ExpertStoreServicer(store_pb2_grpc.ExpertStoreServicer):
@@ -137,12 +142,20 @@ class ExpertStoreServicer(store_pb2_grpc.ExpertStoreServicer):
         self.core = core
         self._manifest: store_pb2.GetManifestResponse | None = None
 
-    def _keys(self, experts: Sequence[store_pb2.ExpertKey]) -> list[BlobKey]:
+    async def _keys(self, experts: Sequence[store_pb2.ExpertKey]) -> list[BlobKey]:
+        """Checked keys; a long list is converted in a thread (the loop keeps serving)."""
         if not experts:
             raise InvalidRequest("no experts in the request")
-        return [self.core.check_key(_key_from_pb(k, f"experts[{i}]"), f"experts[{i}]") for i, k in enumerate(experts)]
+        cap = self.core.config.max_keys_per_fetch
+        if len(experts) > cap:
+            raise TooManyKeys(f"{len(experts)} experts in one request; at most {cap} (max_keys_per_fetch): "
+                              f"split the request")
 
-    @_rpc
+        def convert() -> list[BlobKey]:
+            return [self.core.check_key(_key_from_pb(k, f"experts[{i}]"), f"experts[{i}]")
+                    for i, k in enumerate(experts)]
+        return await asyncio.to_thread(convert) if len(experts) > _OFF_LOOP_KEYS else convert()
+
     async def GetManifest(self, request: store_pb2.GetManifestRequest,
                           context: grpc.aio.ServicerContext) -> store_pb2.GetManifestResponse:
         self.core._require_ready()
@@ -150,7 +163,6 @@ class ExpertStoreServicer(store_pb2_grpc.ExpertStoreServicer):
             self._manifest = manifest_to_pb(self.core)
         return self._manifest
 
-    @_rpc
     async def StreamDense(self, request: store_pb2.StreamDenseRequest,
                           context: grpc.aio.ServicerContext) -> AsyncIterator[store_pb2.DenseChunk]:
         accept_zstd = request.compression == store_pb2.COMPRESSION_ZSTD
@@ -159,7 +171,7 @@ class ExpertStoreServicer(store_pb2_grpc.ExpertStoreServicer):
             async for offset, data, compression, raw in self.core.dense_chunks(t, request.chunk_bytes, accept_zstd):
                 msg = store_pb2.DenseChunk(
                     name=t.name,
-                    chunk=store_pb2.DataChunk(offset_bytes=offset, data=data, compression=compression,
+                    chunk=store_pb2.DataChunk(offset_bytes=offset, data=data, compression=COMPRESSION_TO_PB[compression],
                                               uncompressed_bytes=raw),
                     last=offset + raw >= t.nbytes,
                 )
@@ -169,7 +181,6 @@ class ExpertStoreServicer(store_pb2_grpc.ExpertStoreServicer):
                     first = False
                 yield msg
 
-    @_rpc
     async def StreamFiles(self, request: store_pb2.StreamFilesRequest,
                           context: grpc.aio.ServicerContext) -> AsyncIterator[store_pb2.FileChunk]:
         self.core._require_ready()
@@ -184,36 +195,36 @@ class ExpertStoreServicer(store_pb2_grpc.ExpertStoreServicer):
                     chunk=store_pb2.DataChunk(offset_bytes=a, data=piece, uncompressed_bytes=len(piece)),
                 )
 
-    @_rpc
     async def FetchExperts(self, request: store_pb2.FetchExpertsRequest,
                            context: grpc.aio.ServicerContext) -> AsyncIterator[store_pb2.ExpertChunk]:
         self.core._require_ready()
-        keys = self._keys(request.experts)
+        keys = await self._keys(request.experts)
         priority = PRIORITY_PREFETCH if request.priority == store_pb2.FETCH_PRIORITY_PREFETCH else PRIORITY_DEMAND
         accept_zstd = request.compression == store_pb2.COMPRESSION_ZSTD
         async with aclosing(self.core.fetch(keys, priority, accept_zstd, request.chunk_bytes)) as pieces:
             async for p in pieces:
                 yield store_pb2.ExpertChunk(
-                    index=p.index, key=_key_to_pb(p.key), total_bytes=p.total_bytes, last=p.last, tier=p.tier,
-                    checksum=p.checksum,
-                    chunk=store_pb2.DataChunk(offset_bytes=p.offset, data=p.data, compression=p.compression,
+                    index=p.index, key=_key_to_pb(p.key), total_bytes=p.total_bytes, last=p.last,
+                    tier=TIER_TO_PB[p.tier], checksum=p.checksum,
+                    chunk=store_pb2.DataChunk(offset_bytes=p.offset, data=p.data,
+                                              compression=COMPRESSION_TO_PB[p.compression],
                                               uncompressed_bytes=p.raw_nbytes),
                 )
 
-    @_rpc
     async def FetchExpertsShm(self, request: store_pb2.FetchExpertsShmRequest,
                               context: grpc.aio.ServicerContext) -> store_pb2.FetchExpertsShmResponse:
         self.core._require_ready()
-        keys = self._keys(request.experts)
+        keys = await self._keys(request.experts)
         priority = PRIORITY_PREFETCH if request.priority == store_pb2.FETCH_PRIORITY_PREFETCH else PRIORITY_DEMAND
-        grants, unavailable = await self.core.fetch_shm(keys, priority, request.client_id, request.lease_ttl_ms)
+        owner = lease_owner(request.client_id, context)
+        grants, unavailable = await self.core.fetch_shm(keys, priority, owner, request.lease_ttl_ms)
         ram = self.core.ram
         return store_pb2.FetchExpertsShmResponse(
             descriptors=[
                 store_pb2.ShmDescriptor(
                     index=g.index, key=_key_to_pb(g.key), segment_name=ram.segment_name,
                     segment_bytes=ram.capacity_bytes, offset_bytes=g.offset, length_bytes=g.nbytes,
-                    lease_id=g.lease_id, generation=g.generation, lease_ttl_ms=g.ttl_ms, tier=g.tier,
+                    lease_id=g.lease_id, generation=g.generation, lease_ttl_ms=g.ttl_ms, tier=TIER_TO_PB[g.tier],
                     checksum=g.checksum,
                 )
                 for g in grants
@@ -221,21 +232,19 @@ class ExpertStoreServicer(store_pb2_grpc.ExpertStoreServicer):
             unavailable_indices=unavailable,
         )
 
-    @_rpc
     async def ReleaseLeases(self, request: store_pb2.ReleaseLeasesRequest,
                             context: grpc.aio.ServicerContext) -> store_pb2.ReleaseLeasesResponse:
-        released, unknown = self.core.release(request.client_id, list(request.lease_ids), request.all)
+        owner = lease_owner(request.client_id, context)
+        released, unknown = self.core.release(owner, list(request.lease_ids), request.all)
         return store_pb2.ReleaseLeasesResponse(released_count=released, unknown_count=unknown)
 
-    @_rpc
     async def Prefetch(self, request: store_pb2.PrefetchRequest,
                        context: grpc.aio.ServicerContext) -> store_pb2.PrefetchResponse:
         self.core._require_ready()
-        accepted, resident, dropped = self.core.prefetch(self._keys(request.experts))
+        accepted, resident, dropped = self.core.prefetch(await self._keys(request.experts))
         return store_pb2.PrefetchResponse(accepted_count=accepted, already_resident_count=resident,
                                           dropped_count=dropped)
 
-    @_rpc
     async def GetStats(self, request: store_pb2.GetStoreStatsRequest,
                        context: grpc.aio.ServicerContext) -> store_pb2.StoreStats:
         return stats_to_pb(self.core)
@@ -307,7 +316,7 @@ def stats_to_pb(core: StoreCore) -> store_pb2.StoreStats:
 def grpc_options(config: StoreConfig) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_request_bytes),
         ("grpc.so_reuseport", 0),  # a second store on the same port must fail, not share it silently
     ]
 
@@ -320,6 +329,7 @@ class RunningStore:
     core: StoreCore
     health: HealthServicer
     address: str  # what clients dial: "127.0.0.1:PORT" or "unix:/path"
+    listener: Listener | None = None
     _closed: bool = False
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -332,6 +342,8 @@ class RunningStore:
             await self.health.enter_graceful_shutdown()
             await self.server.stop(grace)  # refuses new calls at once; in-flight ones get `grace` seconds
         finally:
+            if self.listener is not None:
+                self.listener.remove_socket()
             await self.core.close()
             self.core.pack.close()
 
@@ -344,13 +356,16 @@ async def start_store(config: StoreConfig, wait_ready: bool = True) -> RunningSt
     removed = shm.remove_stale_segments()
     if removed:
         logger.warning("removed shared-memory segments of dead stores: %s", ", ".join(removed))
+    security = ServerSecurity.from_files(config.tls_cert, config.tls_key, config.tls_client_ca,
+                                         config.auth_token_file)
     pack = Pack.open(config.pack)
     try:
         core = StoreCore(pack, config)
     except BaseException:
         pack.close()
         raise
-    server = grpc.aio.server(options=grpc_options(config))
+    server = grpc.aio.server(options=grpc_options(config),
+                             interceptors=[EdgeInterceptor(status_for(core), security.token, logger)])
     health = HealthServicer()
     running = RunningStore(server, core, health, config.listen)
     try:
@@ -358,7 +373,8 @@ async def start_store(config: StoreConfig, wait_ready: bool = True) -> RunningSt
             await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         store_pb2_grpc.add_ExpertStoreServicer_to_server(ExpertStoreServicer(core), server)
-        running.address = _bind(server, config.listen)
+        running.listener = bind(server, config.listen, security, "listen")
+        running.address = running.listener.address
         await server.start()
         logger.info("starting: %s on %s (NOT_SERVING until the pack is verified and the RAM tier filled)",
                     pack.path, running.address)
@@ -385,19 +401,14 @@ async def finish_start(running: RunningStore) -> None:
     sdnotify.ready(f"serving {core.pack.path.name} on {running.address}")
 
 
-def _bind(server: grpc.aio.Server, listen: str) -> str:
-    try:
-        port = server.add_insecure_port(listen)
-    except RuntimeError as e:
-        raise FateError(f"cannot listen on {listen}: {e} (in use, or no permission?)") from None
-    if port == 0 and not listen.startswith("unix:"):
-        raise FateError(f"cannot listen on {listen} (address in use, or no permission?)")
-    if listen.startswith("unix:"):
-        return listen
-    host = listen.rpartition(":")[0]
-    if host not in ("127.0.0.1", "localhost", "[::1]"):
-        logger.warning("listening on %s: not loopback, and the store has no TLS or authentication", host)
-    return f"{host}:{port}"
+async def _ping_watchdog(watchdog: sdnotify.Watchdog) -> None:
+    """WATCHDOG=1 from the event loop (WatchdogSec= in the unit): a loop wedged by one request gets the
+    store killed and restarted, rather than answering nothing for ever."""
+    if not watchdog.enabled:
+        return
+    while True:
+        watchdog.ping()
+        await asyncio.sleep(watchdog.interval_s / 6)
 
 
 async def run_until_signalled(config: StoreConfig) -> int:
@@ -407,6 +418,7 @@ async def run_until_signalled(config: StoreConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     stopper = asyncio.create_task(stop.wait())
+    pinger = asyncio.create_task(_ping_watchdog(sdnotify.Watchdog()))
     try:
         running = await start_store(config, wait_ready=False)
         try:
@@ -423,6 +435,7 @@ async def run_until_signalled(config: StoreConfig) -> int:
             await running.stop(0)  # after an error: still free the segment (a no-op after a clean stop)
     finally:
         stopper.cancel()
+        pinger.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     logger.info("stopped")

@@ -338,7 +338,8 @@ def check_address(key: str, address: str, example: str = "127.0.0.1:50051") -> N
         return
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"{key} = {address!r}: expected host:port (e.g. {example}) or unix:/path/to.sock")
+        hint = f" (a socket path needs the scheme: unix:{address})" if "/" in address else ""
+        raise ConfigError(f"{key} = {address!r}: expected host:port (e.g. {example}) or unix:/path/to.sock{hint}")
 
 
 # -- TOML -------------------------------------------------------------------------------------

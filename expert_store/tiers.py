@@ -5,9 +5,11 @@ is released while a cold read waits for the disk (a page fault on a mapping
 would hold it and stall the event loop), a promotion reads straight into its
 RAM slot (one copy), and no page of the file stays mapped in this process, so
 `drop_page_cache` (posix_fadvise DONTNEED) really empties the page cache and
-the next reads are real disk reads (honest cold tests). Each blob's crc32 is
-checked once per process before its bytes are first handed out (at start-up by
-`verify_all`, else on first use): a mismatch raises ChecksumError, never bytes.
+the next reads are real disk reads (honest cold tests). A blob's crc32 is checked
+every time its bytes come off the disk to be handed out (a promotion into a RAM
+slot, a gRPC read from NVMe), not once per process: a byte that flips on disk while
+the store runs is caught the next time the blob is read. A mismatch raises
+ChecksumError (naming the expert, not the file), never bytes.
 
 RamTier is ONE POSIX shared-memory segment divided into equal slots (slot size:
 the largest 4 KiB-aligned blob among the served formats), each holding one
@@ -16,7 +18,8 @@ new contents. Slots are filled at start-up in a hotness order (`fill_order`),
 then promoted into on demand, evicting the least recently used slot that no
 one holds. Holding is counted in `pins`: every lease (a co-located worker
 copying the bytes) and every in-flight gRPC read of the slot pins it, and a
-pinned slot is never overwritten. Leases expire after their TTL.
+pinned slot is never overwritten. Leases expire after their TTL; lease ids are
+random 63-bit numbers, an owner holds at most `max_leases_per_client` at once.
 
 Thread safety: RamTier's bookkeeping runs on the event loop thread only; the
 byte copies into a slot (`fill_view`, `write`) run in I/O threads while the
@@ -29,10 +32,9 @@ the store's user to attach it.
 from __future__ import annotations
 
 import heapq
-import itertools
-import json
 import logging
 import os
+import secrets
 import time
 import traceback
 import zlib
@@ -41,10 +43,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from multiprocessing.shared_memory import SharedMemory
-from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
 
-from .model_args import ModelArgs
 
 from . import shm
 from .errors import ChecksumError, FateError
@@ -54,8 +54,18 @@ from .packfile import BlobRef, Pack
 logger = logging.getLogger(__name__)
 
 ExpertId = tuple[int, int]  # (decoder layer, expert)
-PREFERRED_FORMAT = "int4"
 _VERIFY_PIECE = 16 << 20  # bytes per pread while verifying
+
+
+class Tier(Enum):
+    """Where the store found a blob (the edge maps it to the protocol's enum)."""
+
+    RAM = "ram"
+    NVME = "nvme"
+
+
+class LeaseLimitError(FateError):
+    """A client asked for more leases than `max_leases_per_client` allows: release some first."""
 
 
 class BlobKey(NamedTuple):
@@ -78,10 +88,6 @@ class TierStats:
         self.hits += hits
         self.bytes_read += nbytes
         self.read_ns += ns
-
-
-class PopularityError(FateError):
-    """A popularity profile that cannot be read or names experts the model does not have."""
 
 
 @contextmanager
@@ -140,7 +146,7 @@ class NvmeTier:
         unless the blob was verified before."""
         ref = self.ref(key)
         self._pread_into(dest[: ref.nbytes], ref.offset)
-        if verify and key not in self._verified:
+        if verify:
             self._check(key, zlib.crc32(dest[: ref.nbytes]))
 
     def read_range(self, key: BlobKey, start: int, nbytes: int) -> bytes:
@@ -156,9 +162,7 @@ class NvmeTier:
         return data
 
     def verify_blob(self, key: BlobKey, piece: memoryview | None = None) -> None:
-        """crc32 of the blob against the manifest; ChecksumError on a mismatch. No-op once verified."""
-        if key in self._verified:
-            return
+        """crc32 of the blob as it is on disk now against the manifest; ChecksumError on a mismatch."""
         ref = self.ref(key)
         piece = piece if piece is not None else memoryview(bytearray(min(_VERIFY_PIECE, max(ref.nbytes, 1))))
         crc, pos, end = 0, ref.offset, ref.offset + ref.nbytes
@@ -173,8 +177,8 @@ class NvmeTier:
         ref = self.ref(key)
         if crc != ref.crc32:
             raise ChecksumError(
-                f"{self.path}: layer {key.layer} expert {key.expert} {key.fmt}: checksum mismatch (crc32 "
-                f"{crc:#010x}, manifest {ref.crc32:#010x}); the pack is corrupt, re-pack it",
+                f"layer {key.layer} expert {key.expert} {key.fmt}: the stored bytes fail their checksum (crc32 "
+                f"{crc:#010x}, manifest {ref.crc32:#010x}); the store's pack is damaged (its log names the file)",
                 key.layer, key.expert, key.fmt,
             )
         self._verified.add(key)
@@ -287,7 +291,7 @@ class RamTier:
         self._leases: dict[int, Lease] = {}
         self._by_client: dict[str, set[int]] = {}
         self._expiry: list[tuple[float, int]] = []  # heap of (expires_at, lease_id)
-        self._lease_ids = itertools.count(1)
+        self.max_leases_per_client = 0  # 0: no cap
 
     @classmethod
     def create(cls, ram_bytes: int, slot_bytes: int, max_slots: int,
@@ -448,7 +452,14 @@ class RamTier:
         """Pin a READY slot for `client_id` until released or `ttl_ms` passed."""
         if slot.state is not SlotState.READY:
             raise RuntimeError(f"slot {slot.index}: lease in state {slot.state}")  # a bug
-        lease = Lease(next(self._lease_ids), client_id, slot, slot.generation, self._clock() + ttl_ms / 1000, ttl_ms)
+        held = self._by_client.get(client_id, ())
+        if self.max_leases_per_client and len(held) >= self.max_leases_per_client:
+            raise LeaseLimitError(f"this client holds {len(held)} leases (max_leases_per_client "
+                                  f"{self.max_leases_per_client}): release leases before asking for more")
+        lease_id = secrets.randbits(63) or 1
+        while lease_id in self._leases:
+            lease_id = secrets.randbits(63) or 1
+        lease = Lease(lease_id, client_id, slot, slot.generation, self._clock() + ttl_ms / 1000, ttl_ms)
         slot.pins += 1
         self._leases[lease.lease_id] = lease
         self._by_client.setdefault(client_id, set()).add(lease.lease_id)
@@ -514,81 +525,7 @@ class RamTier:
                 pass
 
 
-# -- start-up order -----------------------------------------------------------------------------
-
-
-def load_popularity(path: str | Path, args: ModelArgs) -> list[ExpertId]:
-    """Experts hottest first, from a JSON profile in one of two forms:
-
-    - counts: {"layer:expert": count, ...}, e.g. {"0:3": 120, "1:7": 95}, sorted by count, highest
-      first (ties: shallower layer, then lower expert id first);
-    - an ordered list: [[layer, expert], ...], hottest first (duplicates after the first are ignored).
-
-    Layers are decoder layer indices. An entry that is not an MoE layer's expert is an error.
-    """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise PopularityError(f"{path}: cannot read the popularity profile ({e.strerror})") from None
-    except ValueError as e:
-        raise PopularityError(f"{path}: not JSON ({e})") from None
-    ids: list[ExpertId] = []
-    try:
-        if isinstance(data, dict):
-            counted = []
-            for name, count in data.items():
-                layer, expert = (int(p) for p in str(name).split(":"))
-                if isinstance(count, bool) or not isinstance(count, (int, float)):
-                    raise ValueError(f"count {count!r} of {name!r} is not a number")
-                counted.append((-count, layer, expert))
-            ids = [(l, e) for _, l, e in sorted(counted)]
-        elif isinstance(data, list):
-            for item in data:
-                if not isinstance(item, list) or len(item) != 2 or not all(isinstance(v, int) for v in item):
-                    raise ValueError(f"entry {item!r} is not [layer, expert]")
-                ids.append((item[0], item[1]))
-        else:
-            raise ValueError("expected an object {\"layer:expert\": count} or a list [[layer, expert], ...]")
-    except ValueError as e:
-        raise PopularityError(f"{path}: {e}") from None
-    moe = set(args.moe_layers)
-    for layer, expert in ids:
-        if layer not in moe or not 0 <= expert < args.num_experts:
-            raise PopularityError(
-                f"{path}: layer {layer} expert {expert} is not in this model (MoE layers {list(args.moe_layers)}, "
-                f"experts 0..{args.num_experts - 1}): a profile of another model?"
-            )
-    return list(dict.fromkeys(ids))
-
-
-def shallow_first(args: ModelArgs) -> list[ExpertId]:
-    """Every expert, shallowest MoE layer first (a token meets those first, and they are reused most)."""
-    return [(layer, e) for layer in args.moe_layers for e in range(args.num_experts)]
-
-
-def preferred_format(formats: Iterable[str], blob_nbytes: dict[str, int], wanted: str | None = None) -> str:
-    """`wanted` if given, else int4 when served, else the smallest served format."""
-    formats = tuple(formats)
-    if wanted is not None:
-        if wanted not in formats:
-            raise FateError(f"preferred format {wanted!r} is not served (serving: {', '.join(formats)})")
-        return wanted
-    if PREFERRED_FORMAT in formats:
-        return PREFERRED_FORMAT
-    return min(formats, key=lambda f: (blob_nbytes[f], f))
-
-
-def fill_order(args: ModelArgs, formats: Iterable[str], blob_nbytes: dict[str, int], preferred: str,
-               popularity: list[ExpertId] | None = None) -> list[BlobKey]:
-    """Start-up fill order: the preferred format, hottest expert first (profile order, then shallow
-    layers first for the experts the profile does not name); then the other formats, smallest first."""
-    hot = list(dict.fromkeys((popularity or []) + shallow_first(args)))
-    others = sorted((f for f in formats if f != preferred), key=lambda f: (blob_nbytes[f], f))
-    return [BlobKey(l, e, f) for f in (preferred, *others) for l, e in hot]
-
-
 __all__ = [
-    "BlobKey", "ExpertId", "Lease", "NvmeTier", "PopularityError", "RamTier", "Slot", "SlotState", "TierStats",
-    "fill_order", "load_popularity", "preferred_format", "shallow_first", "slot_bytes_for", "no_views_in_tracebacks",
+    "BlobKey", "ExpertId", "Lease", "LeaseLimitError", "NvmeTier", "RamTier", "Slot", "SlotState", "Tier", "TierStats",
+    "slot_bytes_for", "no_views_in_tracebacks",
 ]

@@ -24,8 +24,10 @@ from expert_store.settings import (
     ConfigError,
     CountOrAuto,
     ListenAddress,
+    Size,
     build,
     check,
+    check_address,
     check_settings,
     read_toml,
 )
@@ -36,7 +38,7 @@ from .policy.predictors import PREDICTOR_NAMES
 __all__ = ["COMPUTE_FORMS", "Budget", "ConfigError", "WorkerConfig", "build_config", "load_toml", "resolve_budget",
            "resolve_staging"]
 
-DEFAULT_LISTEN = "127.0.0.1:50061"
+DEFAULT_LISTEN = "unix:/run/fate-moe/worker.sock"
 SECTION = "worker"
 COMPUTE_FORMS = ("fp32", "bf16", "int4_fused", "dequant_per_use")
 """How cached experts are held and computed (gpu_worker.expert_compute implements each)."""
@@ -127,9 +129,11 @@ class WorkerConfig:
     """Analysis only: run each prefetch to completion on the compute thread as soon as it is proposed (no
     prefetch thread). The hit rate is then that of an infinitely fast link; decoding is slower."""
 
-    int2_tail: float = 0.3
+    int2_tail: float = 0.0
     """Prefill: the least popular experts carrying up to this share of the prompt's token assignments are
-    fetched as INT2 when they miss (used once, never cached); 0: off. Needs the store to serve int2."""
+    fetched as INT2 when they miss (used once, never cached); 0: off (the default). LOSSY and opt-in: with
+    it, the output depends on what the cache held, so two identical greedy requests can differ. Needs the
+    store to serve int2."""
 
     worker_id: str = ""
     """This worker's id (its client_id at the store, its leases' owner); empty: worker-<pid>-<random>."""
@@ -148,6 +152,51 @@ class WorkerConfig:
 
     trace_every: int = 0
     """With trace_dir: one trace file per this many finished requests; 0: one file per session."""
+
+    store_retry_s: float = 15.0
+    """How long in-flight requests wait for an unreachable store (a restart) before they fail with
+    UNAVAILABLE: their KV state is kept, fetches retry with backoff, and the store's manifest is checked
+    again when it is back (another pack: FAILED_PRECONDITION, NOT_SERVING, and the worker exits 3 so its
+    supervisor restarts it on the new pack). 0: fail after a few quick retries."""
+
+    max_request_bytes: Size = 1 << 20
+    """Largest Generate request message accepted; gRPC refuses a larger one (RESOURCE_EXHAUSTED) before
+    it is parsed."""
+
+    max_prompt_bytes: int = 0
+    """Largest prompt text in UTF-8 bytes, checked before tokenizing (OUT_OF_RANGE above it); 0: 32 bytes
+    per token of the model's context (no ordinary text that fits the context is longer)."""
+
+    max_stop_strings: int = 16
+    """Stop strings one request may send at most."""
+
+    max_stop_string_bytes: int = 256
+    """Longest stop string, in UTF-8 bytes."""
+
+    tls_cert: str = ""
+    """PEM certificate chain for TLS on a TCP listener; empty: no TLS (a warning on TCP)."""
+
+    tls_key: str = ""
+    """PEM private key of tls_cert."""
+
+    tls_client_ca: str = ""
+    """PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS)."""
+
+    auth_token_file: str = ""
+    """File holding the bearer token every Generate/GetStats call must carry (`authorization: Bearer
+    <token>`; health checks need none); empty: no token (a warning on TCP)."""
+
+    store_tls_ca: str = ""
+    """PEM CA that signed the store's certificate: set it to reach a store that listens with TLS."""
+
+    store_tls_cert: str = ""
+    """PEM client certificate for a store that requires one (with store_tls_key)."""
+
+    store_tls_key: str = ""
+    """PEM private key of store_tls_cert."""
+
+    store_auth_token_file: str = ""
+    """File holding the store's bearer token; empty: send none."""
 
     def __post_init__(self) -> None:
         if not self.store:
@@ -169,6 +218,12 @@ class WorkerConfig:
         check(self.store_wait_s >= 0, "store_wait_s", self.store_wait_s, "must be >= 0")
         check(self.grace_s >= 0, "grace_s", self.grace_s, "must be >= 0")
         check(self.trace_every >= 0, "trace_every", self.trace_every, "must be >= 0")
+        check(self.store_retry_s >= 0, "store_retry_s", self.store_retry_s, "must be >= 0")
+        check(self.max_request_bytes >= 4096, "max_request_bytes", self.max_request_bytes, "must be >= 4096")
+        check(self.max_prompt_bytes >= 0, "max_prompt_bytes", self.max_prompt_bytes, "must be >= 0 (0: auto)")
+        check(self.max_stop_strings >= 0, "max_stop_strings", self.max_stop_strings, "must be >= 0")
+        check(self.max_stop_string_bytes >= 1, "max_stop_string_bytes", self.max_stop_string_bytes, "must be >= 1")
+        check_address("store", self.store, "127.0.0.1:50051")
 
 
 def resolve_staging(value: int | str, predictor: str, total_slots: int, num_experts: int) -> int:

@@ -71,6 +71,8 @@ class Engine:
         on_final: Callable[[FinalEvent], None] | None = None,
         on_step_error: Callable[[BaseException], None] | None = None,
         on_step: Callable[[StepTiming], None] | None = None,
+        on_heartbeat: Callable[[], None] | None = None,
+        heartbeat_s: float = 1.0,
         num_threads: int | None = None,
     ):
         """tracker: the expert cache's step outcomes (default: the model's provider when it has
@@ -78,7 +80,8 @@ class Engine:
         observer); recorder: the trace recorder (rows, requests, routing); attribution: charges each
         step to its requests (a fresh StepAttribution by default); on_final: each FinalEvent
         (metrics); on_step_error: a failed forward's exception (e.g. mark the store unreachable);
-        on_step: each step's wall time and shape (StepTiming)."""
+        on_step: each step's wall time and shape (StepTiming); on_heartbeat: called from the compute
+        thread each loop turn, and at least every heartbeat_s when idle (a watchdog ping)."""
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError(f"max_batch_size must be >= 1 and max_queue >= 0, got {max_batch_size}, {max_queue}")
         self.model = model
@@ -94,6 +97,9 @@ class Engine:
         self.on_final = on_final
         self.on_step_error = on_step_error
         self.on_step = on_step
+        self.on_heartbeat = on_heartbeat
+        self.heartbeat_s = heartbeat_s
+        self.crashed: BaseException | None = None  # set when the compute loop itself died
         self.num_threads = num_threads  # torch threads, set on the compute thread itself (OpenMP's is per thread)
         # listeners in call order for begin_step / start_request (end_* run in reverse)
         self._listeners: tuple[StepListener, ...] = tuple(x for x in (recorder, controller) if x is not None)
@@ -188,7 +194,7 @@ class Engine:
             stops |= set(self.model.args.eos_token_ids)
         r = ActiveRequest(req=req, sink=sink, handle=handle, seed=seed, t_accepted=_now(), stops=frozenset(stops))
         with self._cond:
-            if not self._accepting or self._stop:
+            if not self._accepting or self._stop or not self.alive:
                 raise EngineStoppedError("the worker is shutting down: retry on another worker")
             waiting = len(self._pending) - (self.max_batch_size - len(self._active))  # beyond the free slots
             if waiting >= self.max_queue:
@@ -219,9 +225,11 @@ class Engine:
             torch.set_num_threads(self.num_threads)
         try:
             while True:
+                self._beat()
                 with self._cond:
                     while not self._stop and not self._pending and not self._active:
-                        self._cond.wait()
+                        self._cond.wait(self.heartbeat_s)
+                        self._beat()
                     if self._stop:
                         break
                     self._admit()
@@ -232,9 +240,24 @@ class Engine:
                     self._cond.notify_all()  # drain() waiters
         except BaseException as e:  # a bug in the loop itself: fail everyone rather than hang them
             log.exception("engine: the compute loop crashed")
+            self.crashed = e
+            with self._cond:
+                self._accepting = False
             self._fail_all(e)
             raise
         self._fail_all(EngineStoppedError("the worker shut down before the request finished"))
+
+    @property
+    def alive(self) -> bool:
+        """The compute thread runs (False before start, after shutdown, and after a crash)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def _beat(self) -> None:
+        if self.on_heartbeat is not None:
+            try:
+                self.on_heartbeat()
+            except Exception:  # noqa: BLE001 - a failed ping must not stop generation
+                log.debug("engine: heartbeat callback failed", exc_info=True)
 
     def _admit(self) -> None:
         """Move queued requests into the batch (caller holds the lock)."""
@@ -313,7 +336,8 @@ class Engine:
                 log.exception("engine: a forward of %d sequences failed", len(batch))
             if self.on_step_error is not None:
                 self.on_step_error(e)
-            self._fail(batch, e)
+            culprits = self._routed_to_failed_expert(batch, tokens, e)
+            self._fail(culprits or batch, e)  # the others (KV untouched: a failed forward never advances) rerun
             return
         t1 = _now()
         self._counts["steps"] += 1
@@ -326,10 +350,30 @@ class Engine:
                 self._counts["prompt"] += len(r.req.prompt_ids)
             elif not r.t_decode_start:
                 r.t_decode_start = t0
-            token = sample(logits[j], r.req.params, r.generator)
-            self._on_token(r, token, logits[j])
+            try:  # one request's sampling or streaming failure is that request's alone
+                token = sample(logits[j], r.req.params, r.generator)
+                self._on_token(r, token, logits[j])
+            except Exception as e:  # noqa: BLE001 - the rest of the batch goes on
+                if not isinstance(e, FateError):
+                    log.exception("engine: request %s failed after its forward", r.req.request_id)
+                self._fail([r], e)
         if self.on_step is not None:
             self.on_step(StepTiming(_now() - t_start, len(batch), sum(lengths), decode))
+
+    def _routed_to_failed_expert(self, batch: list[ActiveRequest], tokens: list[torch.Tensor],
+                                 e: BaseException) -> list[ActiveRequest]:
+        """The requests whose tokens routed to the expert a ChecksumError names ([] when unknown)."""
+        layer, expert = getattr(e, "layer", None), getattr(e, "expert", None)
+        ids = self.attribution.ids.get(layer) if layer is not None and expert is not None else None
+        if ids is None or len(batch) < 2:
+            return []
+        out, start = [], 0
+        for r, t in zip(batch, tokens):
+            n = t.numel()
+            if bool((ids[start : start + n] == expert).any()):
+                out.append(r)
+            start += n
+        return out
 
     def _on_token(self, r: ActiveRequest, token: int, logits: torch.Tensor) -> None:
         p = r.req.params

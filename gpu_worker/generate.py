@@ -12,6 +12,9 @@ from expert_store.errors import FateError
 from .model import MoEModel
 
 
+_MIN_TEMPERATURE = float(torch.finfo(torch.float32).tiny)  # ~1.18e-38
+
+
 class SamplingError(FateError, ValueError):
     """Sampling parameters out of range (the message says which and the allowed range)."""
 
@@ -47,7 +50,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        """Temperature 0 (or below fp32's smallest normal number, where scaling is no longer defined), or top_k 1."""
+        return self.temperature < _MIN_TEMPERATURE or self.top_k == 1
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator:
@@ -59,11 +63,20 @@ def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -
     return g
 
 
+def scaled_scores(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(logits - max) / temperature in fp32: the same distribution as logits / temperature, but it never
+    overflows. A temperature so small that logits / temperature would overflow (1e-38) gives -inf to every
+    token but the most likely ones, so it samples as greedy does: the limit of the distribution as the
+    temperature goes to 0, rather than the NaNs of inf - inf."""
+    x = logits.float()
+    return (x - x.max()) / temperature
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
     """One token from logits [V]: greedy, or temperature -> top-k -> top-p (Hugging Face's order)."""
     if params.greedy:
         return int(torch.argmax(logits))
-    scores = logits.float() / params.temperature
+    scores = scaled_scores(logits, params.temperature)
     if params.top_k > 0 and params.top_k < scores.numel():
         kth = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

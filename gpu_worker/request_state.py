@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 import torch
 
 from .events import ExpertStats, GenerationRequest, Sink
-from .generate import SamplingParams
+from .generate import SamplingParams, scaled_scores
 from .model import SequenceKV
 from .tokenizer import IncrementalDecoder
 
@@ -69,7 +69,7 @@ def logprob(logits: torch.Tensor, params: SamplingParams, token: int) -> float:
     """log P(token) under the distribution `sample` draws from (greedy: the model's softmax)."""
     if params.greedy:
         return float(torch.log_softmax(logits.float(), -1)[token])
-    scores = logits.float() / params.temperature
+    scores = scaled_scores(logits, params.temperature)
     if 0 < params.top_k < scores.numel():
         kth = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

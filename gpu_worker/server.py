@@ -7,10 +7,24 @@ build the model with the cache as its expert provider. Then grpc.aio on uvloop
 serves `moe.v1.Worker` and the standard health service (SERVING while the model is
 loaded and the store reachable), sd_notify READY=1.
 
-Errors become status codes in one place (`status_for`): bad input is
-INVALID_ARGUMENT, a prompt + max_new_tokens beyond the context OUT_OF_RANGE, a full
-queue RESOURCE_EXHAUSTED, an unreachable store or a worker shutting down
-UNAVAILABLE, a corrupt blob DATA_LOSS; INTERNAL only for bugs.
+Errors become status codes in one place (`status_for`, applied by the edge
+interceptor, expert_store/edge.py, which also checks the bearer token and turns
+undecodable request bytes into INVALID_ARGUMENT): bad input is INVALID_ARGUMENT, a
+prompt + max_new_tokens beyond the context (or a prompt over max_prompt_bytes)
+OUT_OF_RANGE, a full queue RESOURCE_EXHAUSTED, an unreachable store or a worker
+shutting down UNAVAILABLE, a corrupt blob DATA_LOSS, a store that came back with
+another pack FAILED_PRECONDITION; INTERNAL only for bugs.
+
+Bounded work before admission: the request message is capped by gRPC
+(max_request_bytes), the prompt's bytes and the stop strings are checked before
+tokenizing, and the conversion (tokenizing included) runs in a thread, so the
+event loop keeps streaming other requests' tokens.
+
+Staying alive: a store restart within store_retry_s is waited out by the fetches
+themselves (requests keep their KV state). If the compute thread dies, or the store
+comes back serving another pack, health goes NOT_SERVING and the process exits
+non-zero (1, or 3 for a changed pack) so its supervisor restarts it; under systemd
+the compute loop pings the watchdog (WatchdogSec=) on every turn.
 
 SIGTERM/SIGINT: health NOT_SERVING, sd_notify STOPPING=1, new requests get
 UNAVAILABLE, in-flight ones get `grace_s` to finish and otherwise end with
@@ -20,8 +34,6 @@ UNAVAILABLE; then the store leases are released and the process exits 0.
 from __future__ import annotations
 
 import asyncio
-import functools
-import inspect
 import logging
 import signal
 import tempfile
@@ -37,6 +49,7 @@ from moe.v1 import worker_pb2 as pb
 from moe.v1 import worker_pb2_grpc as pb_grpc
 from expert_store import sdnotify
 from expert_store.config import ConfigError
+from expert_store.edge import ClientSecurity, EdgeInterceptor, ServerSecurity, bind
 from expert_store.errors import ChecksumError, FateError
 
 from .cache import (
@@ -64,7 +77,8 @@ from .metrics import WorkerMetrics
 from .model import MoEModel, TokenRangeError, WeightsError
 from .prefetch import PrefetchController
 from .runtime import FORMAT_PREFERENCE, pick_device
-from .store_client import StoreClient, StoreError, StoreManifest, StoreUnavailableError
+from .store_client import StoreClient
+from .store_protocol import PackChangedError, StoreError, StoreManifest, StoreUnavailableError
 from .tokenizer import TextTokenizer, TokenizerError
 from .traces import TraceRecorder
 from .wiring import WorkerSpec, build_worker
@@ -72,6 +86,9 @@ from .wiring import WorkerSpec, build_worker
 log = logging.getLogger("gpu_worker.server")
 
 SERVICE_NAME = "moe.v1.Worker"
+EXIT_ENGINE_DIED, EXIT_PACK_CHANGED = 1, 3
+_PROMPT_BYTES_PER_TOKEN = 32  # max_prompt_bytes = 0: this many bytes per token of context
+_PACK_CHECK_S = 5.0  # how often an idle worker compares the store's pack id with its own
 
 
 class WorkerUnavailableError(FateError):
@@ -89,6 +106,8 @@ def status_for(e: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(e)
     if isinstance(e, (QueueFullError, CacheBudgetError)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+    if isinstance(e, PackChangedError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(e)
     if isinstance(e, (StoreUnavailableError, EngineStoppedError, WorkerUnavailableError)):
         return grpc.StatusCode.UNAVAILABLE, str(e)
     if isinstance(e, ChecksumError):
@@ -98,43 +117,6 @@ def status_for(e: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(e, FateError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(e)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__}): {e}"
-
-
-def _map_errors(method):
-    """Turn exceptions of a servicer method (unary or server-streaming) into status codes."""
-
-    async def abort(context: grpc.aio.ServicerContext, e: Exception):
-        code, message = status_for(e)
-        if code == grpc.StatusCode.INTERNAL:
-            log.exception("%s failed", method.__name__)
-        else:
-            log.debug("%s: %s: %s", method.__name__, code.name, message)
-        await context.abort(code, message)
-
-    if inspect.isasyncgenfunction(method):
-
-        @functools.wraps(method)
-        async def stream(self, request, context):
-            try:
-                async for item in method(self, request, context):
-                    yield item
-            except (asyncio.CancelledError, grpc.aio.AbortError):
-                raise
-            except Exception as e:  # noqa: BLE001 - mapped to a status code
-                await abort(context, e)
-
-        return stream
-
-    @functools.wraps(method)
-    async def unary(self, request, context):
-        try:
-            return await method(self, request, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as e:  # noqa: BLE001 - mapped to a status code
-            await abort(context, e)
-
-    return unary
 
 
 # -- the loaded worker --------------------------------------------------------------------------
@@ -181,9 +163,12 @@ def load_runtime(cfg: WorkerConfig) -> WorkerRuntime:
     """Connect to the store and build everything (blocking). Raises FateError subclasses on bad setup."""
     torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
-    store = StoreClient(cfg.store, client_id=cfg.worker_id or None, transport=cfg.transport)  # type: ignore[arg-type]
+    security = ClientSecurity.from_files(tls=bool(cfg.store_tls_ca), ca=cfg.store_tls_ca, cert=cfg.store_tls_cert,
+                                         key=cfg.store_tls_key, token_file=cfg.store_auth_token_file)
+    store = StoreClient(cfg.store, client_id=cfg.worker_id or None, transport=cfg.transport,  # type: ignore[arg-type]
+                        retry_window_s=cfg.store_retry_s, security=security)
     try:
-        log.info("waiting for the expert store at %s", cfg.store)
+        log.info("waiting for the expert store at %s (up to %.0f s, store_wait_s)", cfg.store, cfg.store_wait_s)
         store.wait_ready(cfg.store_wait_s)
         m = store.manifest()
         fmt = _pick_format(cfg, m)
@@ -237,25 +222,38 @@ _FINISH_TO_PB = {
 
 def request_from_pb(r: pb.GenerateRequest, rt: WorkerRuntime) -> GenerationRequest:
     """Check and convert a GenerateRequest (raises RequestError / SamplingError / ContextLengthError)."""
+    cfg, context = rt.config, rt.model.args.max_position_embeddings
     which = r.WhichOneof("input")
     if which is None:
         raise RequestError("no input: set prompt (text) or token_ids")
+    check_stop_strings(r.stop_strings, cfg)
+    if len(r.stop_token_ids) > cfg.max_stop_strings:
+        raise RequestError(f"{len(r.stop_token_ids)} stop token ids; at most {cfg.max_stop_strings}")
     if which == "prompt":
         if not r.prompt:
             raise RequestError("the prompt is empty")
         if rt.tokenizer is None:
             raise RequestError("this model has no tokenizer: send token_ids instead of a prompt")
+        limit = cfg.max_prompt_bytes or _PROMPT_BYTES_PER_TOKEN * context
+        if len(r.prompt) > limit or len(r.prompt.encode("utf-8", "surrogatepass")) > limit:  # before tokenizing
+            raise ContextLengthError(f"the prompt has {len(r.prompt.encode('utf-8', 'surrogatepass'))} bytes; at most "
+                                     f"{limit} (max_prompt_bytes; the model's context is {context} tokens)")
         ids = rt.tokenizer.encode(r.prompt)
     else:
+        if len(r.token_ids.ids) > context:
+            raise ContextLengthError(f"{len(r.token_ids.ids)} prompt token ids; the model's context is {context}")
         ids = list(r.token_ids.ids)
     if not ids:
         raise RequestError("the prompt is empty")
     if r.top_p < 0.0 or r.top_p > 1.0 or r.top_p != r.top_p:
         raise SamplingError(f"top_p must be in [0, 1] (0 or 1: no nucleus cut), got {r.top_p}")
     max_new = r.max_new_tokens
-    if max_new == 0:  # the worker's default, cut to what the context leaves
-        room = rt.model.args.max_position_embeddings - len(ids)
-        max_new = max(1, min(rt.config.default_max_new_tokens, room))
+    if max_new == 0:  # the worker's default: like an explicit value, it must fit the context with the prompt
+        max_new = cfg.default_max_new_tokens
+        if len(ids) + max_new > context:
+            raise ContextLengthError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new}, the worker's default) exceeds the model's "
+                f"context of {context} tokens: shorten the prompt or send max_new_tokens <= {max(context - len(ids), 0)}")
     params = SamplingParams(
         max_new_tokens=max_new,
         temperature=r.temperature,
@@ -268,6 +266,15 @@ def request_from_pb(r: pb.GenerateRequest, rt: WorkerRuntime) -> GenerationReque
     req = GenerationRequest(tuple(ids), params, tuple(r.stop_strings), r.details, r.request_id)
     rt.engine.validate(req)
     return req
+
+
+def check_stop_strings(stops, cfg: WorkerConfig) -> None:
+    if len(stops) > cfg.max_stop_strings:
+        raise RequestError(f"{len(stops)} stop strings; at most {cfg.max_stop_strings} (max_stop_strings)")
+    for s in stops:
+        if len(s) > cfg.max_stop_string_bytes or len(s.encode("utf-8", "surrogatepass")) > cfg.max_stop_string_bytes:
+            raise RequestError(f"a stop string is longer than {cfg.max_stop_string_bytes} bytes "
+                               f"(max_stop_string_bytes)")
 
 
 def event_to_pb(ev: TokenEvent | FinalEvent) -> pb.GenerateResponse:
@@ -353,16 +360,17 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def __init__(self, rt: WorkerRuntime):
         self.rt = rt
 
-    @_map_errors
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        req = request_from_pb(request, self.rt)
+        if self.rt.store.pack_changed:
+            raise PackChangedError(f"the expert store at {self.rt.config.store} serves another pack than this "
+                                   f"worker loaded: the worker is restarting")
+        req = await asyncio.to_thread(request_from_pb, request, self.rt)  # tokenizing off the event loop
         if not self.rt.store_connected:
             raise WorkerUnavailableError(f"the expert store at {self.rt.config.store} is unreachable: retry later")
         stream = AsyncRequestStream(self.rt.engine, req)
         async for ev in stream:  # leaving early (client gone: this task is cancelled) cancels the request
             yield event_to_pb(ev)
 
-    @_map_errors
     async def GetStats(self, request: pb.GetWorkerStatsRequest, context: grpc.aio.ServicerContext):
         return stats_to_pb(self.rt, request.include_layers)
 
@@ -380,15 +388,41 @@ class _Health:
             await self.servicer.set(name, status)
 
 
-async def _watch_store(rt: WorkerRuntime, hl: _Health, stop: asyncio.Event) -> None:
-    """While the store is marked unreachable (a fetch failed with UNAVAILABLE), poll it; SERVING again
-    once it answers."""
+async def _watch(rt: WorkerRuntime, hl: _Health, stop: asyncio.Event, exit_code: list[int]) -> None:
+    """Every half second: a dead compute thread or a changed pack stops the process (non-zero exit, so
+    its supervisor restarts it); while the store is marked unreachable (a fetch failed for good), poll it
+    and say SERVING again once it answers. Every few seconds the store's pack id is compared with ours,
+    so a store restarted with another pack is noticed even while no request fetches."""
     loop = asyncio.get_running_loop()
+    next_pack_check = time.monotonic() + _PACK_CHECK_S
     while not stop.is_set():
+        if rt.store_connected and time.monotonic() >= next_pack_check:
+            next_pack_check = time.monotonic() + _PACK_CHECK_S
+            try:
+                await loop.run_in_executor(None, rt.store.check_pack_id, rt.store.rpc_timeout_s)
+            except (PackChangedError, grpc.RpcError):
+                pass  # a changed pack sets rt.store.pack_changed; an unreachable store is the fetches' business
+        if not rt.engine.alive and not stop.is_set():
+            log.error("the compute thread died (%s): NOT_SERVING, exiting %d so the supervisor restarts the worker",
+                      rt.engine.crashed, EXIT_ENGINE_DIED)
+            exit_code[0] = EXIT_ENGINE_DIED
+            await hl.set(False)
+            stop.set()
+            return
+        if rt.store.pack_changed:
+            log.error("the expert store at %s serves another pack: NOT_SERVING, exiting %d so the supervisor "
+                      "restarts the worker on the new pack", rt.config.store, EXIT_PACK_CHANGED)
+            exit_code[0] = EXIT_PACK_CHANGED
+            await hl.set(False)
+            stop.set()
+            return
         if not rt.store_connected:
             try:
                 await loop.run_in_executor(None, rt.store.wait_ready, 1.0)
-            except FateError:
+                await loop.run_in_executor(None, rt.store.revalidate, rt.store.rpc_timeout_s)
+            except PackChangedError:
+                continue
+            except (FateError, grpc.RpcError):
                 pass
             else:
                 rt.store_connected = True
@@ -403,6 +437,8 @@ async def _watch_store(rt: WorkerRuntime, hl: _Health, stop: asyncio.Event) -> N
 
 async def serve(cfg: WorkerConfig) -> int:
     loop = asyncio.get_running_loop()
+    security = ServerSecurity.from_files(cfg.tls_cert or None, cfg.tls_key or None, cfg.tls_client_ca or None,
+                                         cfg.auth_token_file or None)
     rt = await loop.run_in_executor(None, load_runtime, cfg)
     metrics = WorkerMetrics(rt.engine.stats, rt.cache.stats, rt.store.counters.snapshot, lambda: rt.store_connected,
                             rt.controller.stats if rt.controller is not None else (lambda: None))
@@ -410,37 +446,48 @@ async def serve(cfg: WorkerConfig) -> int:
     hl = _Health()
 
     def on_step_error(e: BaseException) -> None:  # compute thread
-        # any store failure: NOT_SERVING until its health check answers (at once when it was a one-off)
-        if isinstance(e, StoreError) and rt.store_connected:
+        # the store stayed unreachable past store_retry_s: NOT_SERVING until its health check answers
+        if isinstance(e, StoreError) and not isinstance(e, PackChangedError) and rt.store_connected:
             log.warning("expert store failure (%s): NOT_SERVING until the store answers", e)
             rt.store_connected = False
             loop.call_soon_threadsafe(lambda: asyncio.ensure_future(hl.set(False)))
 
     rt.engine.on_step_error = on_step_error
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    watchdog = sdnotify.Watchdog()
+    rt.engine.on_heartbeat = watchdog.ping
+    server = grpc.aio.server(
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", cfg.max_request_bytes)],
+        interceptors=[EdgeInterceptor(status_for, security.token, log)],
+    )
     pb_grpc.add_WorkerServicer_to_server(WorkerServicer(rt), server)
     health_pb2_grpc.add_HealthServicer_to_server(hl.servicer, server)
+    listener = None
     try:
-        port = server.add_insecure_port(cfg.listen)
-    except RuntimeError as e:
+        listener = bind(server, cfg.listen, security, "listen")
+        if cfg.metrics_port:
+            try:
+                metrics.serve(cfg.metrics_port, cfg.metrics_host)
+            except OSError as e:
+                raise ConfigError(f"metrics_port = {cfg.metrics_port}: cannot listen on {cfg.metrics_host}:"
+                                  f"{cfg.metrics_port} ({e.strerror}): choose another port, or 0 for no metrics") from None
+    except BaseException:
+        await server.stop(None)
+        if listener is not None:
+            listener.remove_socket()
         rt.store.close()
-        raise ConfigError(f"listen = {cfg.listen!r}: cannot bind ({e})") from None
-    if port == 0 and not cfg.listen.startswith("unix:"):
-        rt.store.close()
-        raise ConfigError(f"listen = {cfg.listen!r}: cannot bind (in use, or not an address of this host)")
-    address = cfg.listen if cfg.listen.startswith("unix:") else f"{cfg.listen.rpartition(':')[0]}:{port}"
+        raise
     rt.engine.start()
     await server.start()
-    if cfg.metrics_port:
-        metrics.serve(cfg.metrics_port, cfg.metrics_host)
     await hl.set(True)
-    sdnotify.ready(f"serving on {address}")
-    log.info("worker %s serving on %s", rt.store.client_id, address)
+    sdnotify.ready(f"serving on {listener.address}")
+    log.info("worker %s serving on %s%s", rt.store.client_id, listener.address,
+             f" (watchdog ping every {watchdog.interval_s / 3:.1f} s)" if watchdog.enabled else "")
 
     stop = asyncio.Event()
+    exit_code = [0]
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    watcher = asyncio.create_task(_watch_store(rt, hl, stop))
+    watcher = asyncio.create_task(_watch(rt, hl, stop, exit_code))
     await stop.wait()
 
     log.info("stopping: draining %d active and %d queued requests (grace %.1f s)",
@@ -448,7 +495,7 @@ async def serve(cfg: WorkerConfig) -> int:
     sdnotify.stopping("draining")
     await hl.set(False)
     rt.engine.stop_accepting()
-    drained = await loop.run_in_executor(None, rt.engine.drain, cfg.grace_s)
+    drained = await loop.run_in_executor(None, rt.engine.drain, cfg.grace_s if rt.engine.alive else 0.0)
     if not drained:
         log.warning("grace period over: unfinished requests end with UNAVAILABLE")
     await loop.run_in_executor(None, rt.engine.shutdown)
@@ -457,11 +504,12 @@ async def serve(cfg: WorkerConfig) -> int:
     if rt.controller is not None:
         await loop.run_in_executor(None, rt.controller.close)
     await server.stop(grace=2.0)  # lets the handlers send their final messages or errors
+    listener.remove_socket()
     watcher.cancel()
     rt.store.close()  # releases our leases at the store
     metrics.close()
-    log.info("stopped")
-    return 0
+    log.info("stopped" + (f" (exit status {exit_code[0]})" if exit_code[0] else ""))
+    return exit_code[0]
 
 
 def run(cfg: WorkerConfig) -> int:

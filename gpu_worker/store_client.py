@@ -12,22 +12,36 @@ Both fetchers have one method the cache uses, `fetch(keys, priority) -> list[Fet
 
 Integrity: every blob is checked against its crc32 (the manifest's, and the store's own
 checksum where the reply carries one) after it reaches our memory; a mismatch raises
-ChecksumError and the bytes are never returned. Every RPC has a deadline; UNAVAILABLE
-during a fetch is retried a bounded number of times, then raises StoreUnavailableError.
+ChecksumError (naming the expert, from the store's trailing metadata when it found the
+damage) and the bytes are never returned. The protocol pieces (manifest, reassembly,
+checksums, errors) live in store_protocol.py.
+
+Store restarts: every RPC has a deadline. Without a retry window, UNAVAILABLE is retried
+`max_retries` times quickly, then raises StoreUnavailableError. With `retry_window_s`
+(the worker's store_retry_s), a call keeps trying until the window, counted from its
+first failure, ends: exponential backoff up to 1 s, then it waits for the store's
+health to say SERVING and checks the manifest again (pack id and the manifest's
+sha256); a store that came back with another pack raises PackChangedError (and sets
+`pack_changed`) instead of serving mismatching blobs. The caller's state (the
+worker's KV caches) is untouched meanwhile: the call simply returns later.
+
+Security: the channel comes from `expert_store.edge.ClientSecurity` (TLS, a client
+certificate, a bearer token); every call carries a random per-client secret, so the
+store's leases are ours alone.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import os
+import secrets
 import threading
 import time
 import uuid
 import zlib
-from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
-from typing import Iterable, Literal, Protocol, Sequence
+from typing import Iterable, Literal, Sequence
 
 import grpc
 import torch
@@ -35,34 +49,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moe.v1 import store_pb2 as pb
 from moe.v1 import store_pb2_grpc as pb_grpc
-from expert_store.errors import ChecksumError, FateError
+from expert_store.edge import CLIENT_SECRET_HEADER, CORRUPT_EXPERT_TRAILER, ClientSecurity
 from expert_store.shm import SHM_DIR, attach_segment, host_id
 
-from expert_store.model_args import ModelArgs
+from .store_protocol import (
+    COMPRESSION_TO_PB, FORMAT_TO_PB, PRIORITY_TO_PB, TIER_NAMES, BlobKey, ChecksumError, ChunkDecoder,
+    ExpertChunkAssembler, ExpertFetcher, FetchCounters, FetchedBlob, PackChangedError, Priority, StoreError,
+    StoreManifest, StoreUnavailableError, assemble_dense, place_chunk, verify_checksum,
+)
 
 log = logging.getLogger(__name__)
 
-BlobKey = tuple[int, int, str]  # (decoder layer, expert, stored format)
-Priority = Literal["demand", "prefetch"]
 Transport = Literal["auto", "shm", "grpc"]
-
-_FORMAT_TO_PB = {
-    "bf16": pb.EXPERT_FORMAT_BF16,
-    "int8": pb.EXPERT_FORMAT_INT8,
-    "int4": pb.EXPERT_FORMAT_INT4,
-    "int2": pb.EXPERT_FORMAT_INT2,
-}
-_PB_TO_FORMAT = {v: k for k, v in _FORMAT_TO_PB.items()}
-_TIER_NAMES = {pb.STORE_TIER_RAM: "ram", pb.STORE_TIER_NVME: "nvme", pb.STORE_TIER_UNSPECIFIED: "unknown"}
-_PRIORITY_TO_PB = {"demand": pb.FETCH_PRIORITY_DEMAND, "prefetch": pb.FETCH_PRIORITY_PREFETCH}
-_COMPRESSION_TO_PB = {"none": pb.COMPRESSION_NONE, "zstd": pb.COMPRESSION_ZSTD}
-
-# safetensors dtype names (TensorHeader.dtype) -> torch dtypes
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
 
 _MAX_MESSAGE_BYTES = 256 << 20
 _CHANNEL_OPTIONS = [
@@ -73,264 +71,6 @@ _CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
-
-
-class StoreError(FateError):
-    """The store refused a request or broke the protocol (the message has the gRPC status)."""
-
-    def __init__(self, message: str, code: grpc.StatusCode | None = None):
-        super().__init__(message)
-        self.code = code
-
-
-class StoreUnavailableError(StoreError):
-    """The store cannot be reached (down, restarting, or not answering within the deadline)."""
-
-
-# -- what a fetch returns ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FetchedBlob:
-    """One expert blob in our memory, checksum-verified."""
-
-    key: BlobKey
-    data: bytes | memoryview  # the blob's bytes (a memoryview over the pack's mmap for PackFetcher)
-    tier: str  # where the store found it: "ram", "nvme"; "local" for PackFetcher
-    transport: str  # how it came: "shm", "grpc", "local"
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.data)
-
-
-class ExpertFetcher(Protocol):
-    def fetch(self, keys: Sequence[BlobKey], priority: Priority = "demand") -> list[FetchedBlob]:
-        """The blobs of `keys`, in the order asked. Raises rather than return a bad blob."""
-
-
-@dataclass
-class FetchCounters:
-    """Totals since start; read `snapshot()` for a consistent copy."""
-
-    experts_shm: int = 0
-    experts_grpc: int = 0
-    experts_local: int = 0
-    bytes_fetched_shm: int = 0
-    bytes_fetched_grpc: int = 0  # decoded bytes (after zstd)
-    bytes_wire_grpc: int = 0  # bytes as they crossed the socket
-    bytes_fetched_local: int = 0
-    fetch_ns_shm: int = 0  # FetchExpertsShm + copy + verify + ReleaseLeases
-    fetch_ns_grpc: int = 0
-    fetch_ns_local: int = 0
-    tier_ram: int = 0  # experts the store served from its RAM tier
-    tier_nvme: int = 0
-    shm_unavailable: int = 0  # experts the store could not lease (fetched over gRPC instead)
-    retries: int = 0  # RPCs retried after UNAVAILABLE
-    release_failures: int = 0  # ReleaseLeases calls that failed (the leases expire by TTL)
-
-    def snapshot(self) -> "FetchCounters":
-        return FetchCounters(**vars(self))
-
-
-def verify_checksum(data: bytes | bytearray | memoryview, checksum: str, what: str) -> int:
-    """Check `data` against a "crc32:<hex>" checksum; return the crc32. Unknown algorithms fail too."""
-    algo, _, digest = checksum.partition(":")
-    if algo != "crc32" or not digest:
-        raise ChecksumError(f"{what}: cannot verify checksum {checksum!r} (expected 'crc32:<hex>'); refusing the bytes")
-    got = zlib.crc32(data)
-    try:
-        want = int(digest, 16)
-    except ValueError:
-        raise ChecksumError(f"{what}: malformed checksum {checksum!r}; refusing the bytes") from None
-    if got != want:
-        raise ChecksumError(f"{what}: checksum mismatch (got crc32 {got:08x}, expected {want:08x}); "
-                            f"the bytes were damaged in the store or in transit")
-    return got
-
-
-# -- the manifest as the store describes it ----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StoreFormatInfo:
-    expert_bytes: int  # one expert blob in this format
-    group_size: int  # quantization group; 0 for bf16
-
-
-@dataclass(frozen=True)
-class StoreManifest:
-    pack_id: str  # digest of the pack's manifest: a different id means a different model
-    pack_format_version: int
-    family: str
-    args: ModelArgs
-    formats: dict[str, StoreFormatInfo]
-    num_moe_layers: int
-    num_experts: int
-    top_k: int
-    dense_bytes: int
-    tokenizer_files: tuple[str, ...]
-    pack_manifest: dict  # manifest.json of the pack (per-expert byte ranges and crc32s)
-    shm_enabled: bool  # the store serves FetchExpertsShm
-    shm_host_id: str  # equal to expert_store.shm.host_id() when co-located
-    ram_tier_bytes: int
-    max_chunk_bytes: int
-
-    def expert_bytes(self, fmt: str) -> int:
-        if fmt not in self.formats:
-            raise StoreError(f"the store has no {fmt!r} experts (it has: {', '.join(self.formats)})")
-        return self.formats[fmt].expert_bytes
-
-    def expert_crc32s(self) -> dict[BlobKey, int]:
-        """(layer, expert, fmt) -> crc32 from the pack's manifest."""
-        return {
-            (int(entry["layer"]), int(entry["expert"]), str(fmt)): int(blob["crc32"])
-            for entry in self.pack_manifest.get("experts", ())
-            for fmt, blob in entry["blobs"].items()
-        }
-
-    @classmethod
-    def from_pb(cls, m: pb.GetManifestResponse) -> "StoreManifest":
-        try:
-            args = ModelArgs.from_dict(json.loads(m.model_args_json))
-            pack_manifest = json.loads(m.manifest_json) if m.manifest_json else {}
-        except (ValueError, TypeError, KeyError) as e:
-            raise StoreError(f"the store sent a malformed manifest ({type(e).__name__}: {e})") from None
-        formats = {
-            _PB_TO_FORMAT[f.format]: StoreFormatInfo(int(f.expert_bytes), int(f.group_size))
-            for f in m.formats if f.format in _PB_TO_FORMAT
-        }
-        return cls(
-            pack_id=m.pack_id, pack_format_version=m.pack_format_version, family=m.family, args=args,
-            formats=formats, num_moe_layers=m.num_moe_layers, num_experts=m.num_experts, top_k=m.top_k,
-            dense_bytes=m.dense_bytes, tokenizer_files=tuple(m.tokenizer_files), pack_manifest=pack_manifest,
-            shm_enabled=m.shm_enabled, shm_host_id=m.shm_host_id, ram_tier_bytes=m.ram_tier_bytes,
-            max_chunk_bytes=m.max_chunk_bytes,
-        )
-
-
-# -- chunk reassembly (pure functions, unit-tested without a server) --------------------------
-
-
-class _Decoder:
-    """Decodes a DataChunk's payload; zstd only when the chunk says so."""
-
-    def __init__(self) -> None:
-        self._zstd = None
-
-    def decode(self, chunk: pb.DataChunk, what: str) -> bytes:
-        if chunk.compression == pb.COMPRESSION_NONE:
-            return chunk.data
-        if chunk.compression == pb.COMPRESSION_ZSTD:
-            if self._zstd is None:
-                import zstandard
-
-                self._zstd = zstandard.ZstdDecompressor()
-            try:
-                data = self._zstd.decompress(chunk.data, max_output_size=chunk.uncompressed_bytes)
-            except Exception as e:  # zstandard.ZstdError: damaged on the wire
-                raise ChecksumError(f"{what}: undecodable zstd chunk at offset {chunk.offset_bytes} ({e})") from None
-            if len(data) != chunk.uncompressed_bytes:
-                raise ChecksumError(f"{what}: zstd chunk at {chunk.offset_bytes} decoded to {len(data)} bytes, "
-                                    f"expected {chunk.uncompressed_bytes}")
-            return data
-        raise StoreError(f"{what}: unknown chunk compression {chunk.compression}")
-
-
-def _place(buf: bytearray, offset: int, data: bytes, what: str) -> None:
-    end = offset + len(data)
-    if end > len(buf):
-        raise StoreError(f"{what}: chunk [{offset}, {end}) runs past the blob's {len(buf)} bytes")
-    buf[offset:end] = data
-
-
-class ExpertChunkAssembler:
-    """Reassembles a FetchExperts stream into verified blobs, by request index.
-
-    `expected_crc32[i]` (from the manifest, when known) and the stream's own checksum on
-    the last chunk must both match the bytes; otherwise ChecksumError.
-    """
-
-    def __init__(self, keys: Sequence[BlobKey], expected_crc32: Sequence[int | None]):
-        self.keys = keys
-        self.expected = expected_crc32
-        self.done: dict[int, tuple[bytes, str]] = {}  # index -> (blob, tier name)
-        self.wire_bytes = 0
-        self._open: dict[int, tuple[bytearray, int]] = {}  # index -> (buffer, bytes received)
-        self._decoder = _Decoder()
-
-    def add(self, msg: pb.ExpertChunk) -> None:
-        i = msg.index
-        if not 0 <= i < len(self.keys):
-            raise StoreError(f"FetchExperts: chunk for index {i}, the request had {len(self.keys)} experts")
-        layer, expert, fmt = self.keys[i]
-        what = f"expert (layer {layer}, expert {expert}, {fmt})"
-        if (msg.key.layer, msg.key.expert) != (layer, expert):
-            raise StoreError(f"{what}: the store answered index {i} with (layer {msg.key.layer}, "
-                             f"expert {msg.key.expert})")
-        if i in self.done:
-            raise StoreError(f"{what}: more chunks after its last one")
-        buf, received = self._open.get(i) or (bytearray(msg.total_bytes), 0)
-        data = self._decoder.decode(msg.chunk, what)
-        _place(buf, msg.chunk.offset_bytes, data, what)
-        self.wire_bytes += len(msg.chunk.data)
-        received += len(data)
-        if not msg.last:
-            self._open[i] = (buf, received)
-            return
-        self._open.pop(i, None)
-        if received != len(buf):
-            raise StoreError(f"{what}: got {received} bytes in chunks, the store announced {len(buf)}")
-        blob = bytes(buf)
-        got = verify_checksum(blob, msg.checksum, what) if msg.checksum else zlib.crc32(blob)
-        want = self.expected[i]
-        if want is not None and got != want:
-            raise ChecksumError(f"{what}: checksum mismatch with the pack manifest (got crc32 {got:08x}, "
-                                f"manifest {want:08x}); refusing the bytes", layer, expert, fmt)
-        if want is None and not msg.checksum:
-            raise ChecksumError(f"{what}: no checksum from the store and none in the manifest; refusing the bytes")
-        self.done[i] = (blob, _TIER_NAMES.get(msg.tier, "unknown"))
-
-
-def assemble_dense(chunks: Iterable[pb.DenseChunk]) -> dict[str, torch.Tensor]:
-    """Tensors from a StreamDense stream, each checked against its header's checksum."""
-    out: dict[str, torch.Tensor] = {}
-    decoder = _Decoder()
-    cur: tuple[pb.TensorHeader, bytearray] | None = None
-    for msg in chunks:
-        if msg.HasField("header"):
-            if cur is not None:
-                raise StoreError(f"dense tensor {cur[0].name!r}: a new tensor began before its last chunk")
-            cur = (msg.header, bytearray(msg.header.total_bytes))
-        if cur is None or msg.name != cur[0].name:
-            raise StoreError(f"dense tensor {msg.name!r}: chunk without a header")
-        header, buf = cur
-        what = f"dense tensor {header.name!r}"
-        if msg.HasField("chunk"):
-            _place(buf, msg.chunk.offset_bytes, decoder.decode(msg.chunk, what), what)
-        if msg.last:
-            verify_checksum(buf, header.checksum, what)
-            out[header.name] = _tensor_from_bytes(header, buf)
-            cur = None
-    if cur is not None:
-        raise StoreError(f"dense tensor {cur[0].name!r}: the stream ended before its last chunk")
-    return out
-
-
-def _tensor_from_bytes(header: pb.TensorHeader, buf: bytearray) -> torch.Tensor:
-    dtype = SAFETENSORS_DTYPES.get(header.dtype)
-    if dtype is None:
-        raise StoreError(f"dense tensor {header.name!r}: unsupported dtype {header.dtype!r}")
-    shape = tuple(int(s) for s in header.shape)
-    numel = 1
-    for s in shape:
-        numel *= s
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if numel * itemsize != len(buf):
-        raise StoreError(f"dense tensor {header.name!r}: {len(buf)} bytes for shape {shape} {header.dtype}")
-    if numel == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).reshape(shape)  # owns `buf` (no copy)
 
 
 # -- the store over gRPC -----------------------------------------------------------------------
@@ -352,10 +92,12 @@ class StoreClient:
         retry_backoff_s: float = 0.05,
         compression: Literal["none", "zstd"] = "none",
         lease_ttl_ms: int = 0,
+        retry_window_s: float = 0.0,
+        security: ClientSecurity | None = None,
     ):
         if transport not in ("auto", "shm", "grpc"):
             raise StoreError(f"transport must be 'auto', 'shm' or 'grpc', got {transport!r}")
-        if compression not in _COMPRESSION_TO_PB:
+        if compression not in COMPRESSION_TO_PB:
             raise StoreError(f"compression must be 'none' or 'zstd', got {compression!r}")
         self.address = address
         self.client_id = client_id or f"worker-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -368,12 +110,18 @@ class StoreClient:
         self.retry_backoff_s = retry_backoff_s
         self.compression = compression
         self.lease_ttl_ms = lease_ttl_ms
+        self.retry_window_s = retry_window_s
         self.counters = FetchCounters()
-        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
-        self._stub = pb_grpc.ExpertStoreStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self.pack_changed = False  # the store came back with another pack: this worker must restart
+        secret = secrets.token_urlsafe(24)  # our leases are ours alone: the store keys them by (client_id, secret)
+        self._stubs_channel, self._channel = (security or ClientSecurity()).channel(
+            address, _CHANNEL_OPTIONS, metadata=[(CLIENT_SECRET_HEADER, secret)])
+        self._stub = pb_grpc.ExpertStoreStub(self._stubs_channel)
+        self._health = health_pb2_grpc.HealthStub(self._stubs_channel)
         self._lock = threading.Lock()  # counters, segments, manifest
         self._manifest: StoreManifest | None = None
+        self._manifest_sha256 = ""
+        self._outage_since: float | None = None  # monotonic time of the failure that began an outage
         self._crc32: dict[BlobKey, int] = {}
         self._transport: str | None = None
         self._segments: dict[str, SharedMemory] = {}  # attached store segments by name (never unlinked)
@@ -386,7 +134,14 @@ class StoreClient:
         deadline = time.monotonic() + timeout_s
         last = "no answer"
         service = ""  # the whole server; a store that registers only its service name answers NOT_FOUND
+        t0 = time.monotonic()
+        next_note = t0 + 2.0  # say what we wait for within a few seconds, then every 10 s
         while True:
+            now = time.monotonic()
+            if now >= next_note and deadline - now > 0:
+                log.warning("still waiting for the expert store at %s (%s); checking again every second for up "
+                            "to %.0f s more", self.address, last, deadline - now)
+                next_note = now + 10.0
             left = deadline - time.monotonic()
             if left <= 0:
                 raise StoreUnavailableError(
@@ -435,18 +190,49 @@ class StoreClient:
                 return self._manifest
         reply = self._call("GetManifest", lambda t: self._stub.GetManifest(pb.GetManifestRequest(), timeout=t),
                            self.rpc_timeout_s)
+        self._check_pack(reply)
         m = StoreManifest.from_pb(reply)
         with self._lock:
-            if self._manifest is not None and m.pack_id != self._manifest.pack_id:
-                raise StoreError(f"the store at {self.address} now serves pack {m.pack_id}, not "
-                                 f"{self._manifest.pack_id}: restart the worker")
-            self._manifest = m
-            self._crc32 = m.expert_crc32s()
-        return m
+            if self._manifest is None:
+                self._manifest = m
+                self._manifest_sha256 = hashlib.sha256(reply.manifest_json).hexdigest()
+                self._crc32 = m.expert_crc32s()
+            return self._manifest
+
+    def _check_pack(self, reply: pb.GetManifestResponse) -> None:
+        """PackChangedError when the store serves another pack than the one we loaded (pack id and the
+        manifest's own checksum: either differing is another model or another packing)."""
+        m = self._manifest
+        if m is None:
+            return
+        digest = hashlib.sha256(reply.manifest_json).hexdigest()
+        if reply.pack_id != m.pack_id or digest != self._manifest_sha256:
+            if not self.pack_changed:
+                log.error("the expert store at %s now serves another pack (id %s, manifest sha256 %s; this worker "
+                          "loaded %s, %s): requests fail with FAILED_PRECONDITION until the worker restarts",
+                          self.address, reply.pack_id[:12], digest[:12], m.pack_id[:12], self._manifest_sha256[:12])
+            self.pack_changed = True
+            raise PackChangedError(f"the expert store at {self.address} now serves another pack (id "
+                                   f"{reply.pack_id[:12]}, this worker loaded {m.pack_id[:12]}): restart the worker")
+
+    def check_pack_id(self, timeout_s: float) -> None:
+        """Cheap periodic check (GetStats' pack id); on a difference, the full manifest check."""
+        if self._manifest is not None and not self.pack_changed:
+            stats = self._stub.GetStats(pb.GetStoreStatsRequest(), timeout=timeout_s)
+            if stats.pack_id == self._manifest.pack_id:
+                return
+        self.revalidate(timeout_s)
+
+    def revalidate(self, timeout_s: float) -> None:
+        """Ask the store for its manifest and check it is still our pack (PackChangedError otherwise)."""
+        if self.pack_changed:
+            raise PackChangedError(f"the expert store at {self.address} serves another pack: restart the worker")
+        reply = self._stub.GetManifest(pb.GetManifestRequest(), timeout=timeout_s)
+        self._check_pack(reply)
 
     def dense_tensors(self, names: Sequence[str] = ()) -> dict[str, torch.Tensor]:
         """Dense tensors (all when `names` is empty), checksum-verified, in their stored dtypes."""
-        req = pb.StreamDenseRequest(names=list(names), compression=_COMPRESSION_TO_PB[self.compression])
+        req = pb.StreamDenseRequest(names=list(names), compression=COMPRESSION_TO_PB[self.compression])
         return self._call("StreamDense", lambda t: assemble_dense(self._stub.StreamDense(req, timeout=t)),
                           self.stream_timeout_s)
 
@@ -456,11 +242,11 @@ class StoreClient:
         def run(timeout: float) -> dict[str, bytes]:
             out: dict[str, bytes] = {}
             bufs: dict[str, bytearray] = {}
-            decoder = _Decoder()
+            decoder = ChunkDecoder()
             for msg in self._stub.StreamFiles(pb.StreamFilesRequest(names=list(names)), timeout=timeout):
                 buf = bufs.setdefault(msg.name, bytearray(msg.total_bytes))
                 if msg.HasField("chunk"):
-                    _place(buf, msg.chunk.offset_bytes, decoder.decode(msg.chunk, f"file {msg.name!r}"),
+                    place_chunk(buf, msg.chunk.offset_bytes, decoder.decode(msg.chunk, f"file {msg.name!r}"),
                            f"file {msg.name!r}")
                 if msg.last:
                     out[msg.name] = bytes(bufs.pop(msg.name))
@@ -507,33 +293,42 @@ class StoreClient:
         if not keys:
             return []
         for k in keys:
-            if k[2] not in _FORMAT_TO_PB:
-                raise StoreError(f"unknown expert format {k[2]!r} (known: {', '.join(_FORMAT_TO_PB)})")
-        if self.transport == "shm":
-            results, rest = self._fetch_shm(keys, priority)
-        else:
-            results, rest = {}, list(range(len(keys)))
-        if rest:
-            results.update(self._fetch_grpc(keys, rest, priority))
+            if k[2] not in FORMAT_TO_PB:
+                raise StoreError(f"unknown expert format {k[2]!r} (known: {', '.join(FORMAT_TO_PB)})")
+        if self.pack_changed:
+            raise PackChangedError(f"the expert store at {self.address} serves another pack: restart the worker")
+        try:
+            if self.transport == "shm":
+                results, rest = self._fetch_shm(keys, priority)
+            else:
+                results, rest = {}, list(range(len(keys)))
+            if rest:
+                results.update(self._fetch_grpc(keys, rest, priority))
+        except ChecksumError:
+            try:  # a store restarted with another pack between two calls looks like corruption: tell them apart
+                self.revalidate(self.rpc_timeout_s)
+            except grpc.RpcError:
+                pass
+            raise
         return [results[i] for i in range(len(keys))]
 
     def _fetch_grpc(self, keys: Sequence[BlobKey], indices: list[int], priority: Priority) -> dict[int, FetchedBlob]:
         t0 = time.perf_counter_ns()
         sub = [keys[i] for i in indices]
         asm = ExpertChunkAssembler(sub, [self._crc32.get(k) for k in sub])
-        attempt = 0
+        retry = _Retry(self, "FetchExperts")
         while True:
             todo = [j for j in range(len(sub)) if j not in asm.done]
             req = pb.FetchExpertsRequest(
-                experts=[_key_pb(sub[j]) for j in todo], priority=_PRIORITY_TO_PB[priority],
-                compression=_COMPRESSION_TO_PB[self.compression], client_id=self.client_id)
+                experts=[_key_pb(sub[j]) for j in todo], priority=PRIORITY_TO_PB[priority],
+                compression=COMPRESSION_TO_PB[self.compression], client_id=self.client_id)
             part = ExpertChunkAssembler([sub[j] for j in todo], [asm.expected[j] for j in todo])
             call = self._stub.FetchExperts(req, timeout=self.fetch_timeout_s)
             try:
                 for msg in call:
                     part.add(msg)
             except grpc.RpcError as e:
-                attempt = self._retry_or_raise("FetchExperts", e, attempt)
+                retry.after(e)
                 continue
             except BaseException:
                 call.cancel()  # a bad chunk: stop the store sending the rest
@@ -560,7 +355,7 @@ class StoreClient:
     def _fetch_shm(self, keys: Sequence[BlobKey], priority: Priority) -> tuple[dict[int, FetchedBlob], list[int]]:
         """Leased copies out of the store's segment; returns (blobs by index, indices left for gRPC)."""
         t0 = time.perf_counter_ns()
-        req = pb.FetchExpertsShmRequest(experts=[_key_pb(k) for k in keys], priority=_PRIORITY_TO_PB[priority],
+        req = pb.FetchExpertsShmRequest(experts=[_key_pb(k) for k in keys], priority=PRIORITY_TO_PB[priority],
                                         client_id=self.client_id, lease_ttl_ms=self.lease_ttl_ms)
         reply = self._call("FetchExpertsShm", lambda t: self._stub.FetchExpertsShm(req, timeout=t),
                            self.fetch_timeout_s)
@@ -575,7 +370,7 @@ class StoreClient:
                 if blob is None:
                     rest.add(i)
                     continue
-                out[i] = FetchedBlob(keys[i], blob, _TIER_NAMES.get(d.tier, "unknown"), "shm")
+                out[i] = FetchedBlob(keys[i], blob, TIER_NAMES.get(d.tier, "unknown"), "shm")
         finally:  # copies done (or failed): the store may reuse the slots
             self._release([d.lease_id for d in reply.descriptors])
         rest |= set(range(len(keys))) - set(out) - rest
@@ -656,33 +451,91 @@ class StoreClient:
     # -- errors and retries --------------------------------------------------------------------
 
     def _call(self, what: str, fn, timeout_s: float):
-        attempt = 0
+        retry = _Retry(self, what)
         while True:
             try:
                 return fn(timeout_s)
             except grpc.RpcError as e:
-                attempt = self._retry_or_raise(what, e, attempt)
+                retry.after(e)
 
-    def _retry_or_raise(self, what: str, e: grpc.RpcError, attempt: int) -> int:
-        """Sleep and return the next attempt number for a transient UNAVAILABLE; raise otherwise."""
-        if e.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.max_retries:
-            with self._lock:
-                self.counters.retries += 1
-            time.sleep(self.retry_backoff_s * (2 ** attempt))
-            return attempt + 1
-        raise self._error(what, e) from None
+    def _outage(self, began: bool) -> None:
+        """One log line when an outage begins and one when the store is back (the calls of all threads)."""
+        with self._lock:
+            if began and self._outage_since is None:
+                self._outage_since = time.monotonic()
+                log.warning("expert store at %s unavailable: in-flight requests wait for it (keeping their state) "
+                            "for up to %.0f s (store_retry_s), retrying with backoff", self.address,
+                            self.retry_window_s)
+            elif not began and self._outage_since is not None:
+                log.info("expert store at %s is back after %.1f s, serving the same pack", self.address,
+                         time.monotonic() - self._outage_since)
+                self._outage_since = None
 
     def _error(self, what: str, e: grpc.RpcError) -> StoreError:
         code = e.code()
         if code == grpc.StatusCode.UNAVAILABLE:
+            tried = (f"for {self.retry_window_s:g} s" if self.retry_window_s > 0 else f"{self.max_retries} retries")
             return StoreUnavailableError(
-                f"expert store at {self.address} unavailable ({what}, {self.max_retries} retries): {e.details()}",
-                code)
+                f"expert store at {self.address} unavailable ({what}, retried {tried}): {e.details()}", code)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return StoreUnavailableError(f"expert store at {self.address} did not answer {what} in time", code)
         if code == grpc.StatusCode.DATA_LOSS:
-            return ChecksumError(f"expert store at {self.address}: {what}: {e.details()}")
+            trailer = dict(e.trailing_metadata() or ()).get(CORRUPT_EXPERT_TRAILER, "") if hasattr(
+                e, "trailing_metadata") else ""
+            layer, _, rest = trailer.partition(":")
+            expert, _, fmt = rest.partition(":")
+            key = (int(layer), int(expert), fmt) if layer.isdigit() and expert.isdigit() else (None, None, None)
+            return ChecksumError(f"expert store at {self.address}: {what}: {e.details()}", *key)
         return StoreError(f"expert store at {self.address}: {what} failed: {code.name}: {e.details()}", code)
+
+
+class _Retry:
+    """One call's retries after UNAVAILABLE: `max_retries` quick ones, or, with a retry window, until the
+    window (from the first failure) ends: backoff, wait for the store's health to say SERVING, check it
+    still serves our pack (PackChangedError if not), then try again."""
+
+    def __init__(self, client: StoreClient, what: str):
+        self.client, self.what = client, what
+        self.attempt = 0
+        self.deadline: float | None = None
+
+    def after(self, e: grpc.RpcError) -> None:
+        c = self.client
+        if e.code() != grpc.StatusCode.UNAVAILABLE:
+            raise c._error(self.what, e) from None
+        now = time.monotonic()
+        if c.retry_window_s <= 0:
+            if self.attempt >= c.max_retries:
+                raise c._error(self.what, e) from None
+            with c._lock:
+                c.counters.retries += 1
+            time.sleep(c.retry_backoff_s * (2 ** self.attempt))
+            self.attempt += 1
+            return
+        if self.deadline is None:
+            self.deadline = now + c.retry_window_s
+            c._outage(began=True)
+        if now >= self.deadline:
+            raise c._error(self.what, e) from None
+        with c._lock:
+            c.counters.retries += 1
+        time.sleep(min(c.retry_backoff_s * (2 ** self.attempt), 1.0, self.deadline - now))
+        self.attempt += 1
+        self._wait_for_store()
+
+    def _wait_for_store(self) -> None:
+        c = self.client
+        assert self.deadline is not None
+        while (left := self.deadline - time.monotonic()) > 0:
+            try:
+                reply = c._health.Check(health_pb2.HealthCheckRequest(), timeout=min(left, 1.0))
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    c.revalidate(min(max(self.deadline - time.monotonic(), 0.1), c.rpc_timeout_s))
+                    c._outage(began=False)
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(min(0.1, max(0.0, self.deadline - time.monotonic())))
 
 
 def _detach(seg: SharedMemory) -> None:
@@ -693,7 +546,7 @@ def _detach(seg: SharedMemory) -> None:
 
 
 def _key_pb(key: BlobKey) -> pb.ExpertKey:
-    return pb.ExpertKey(layer=key[0], expert=key[1], format=_FORMAT_TO_PB[key[2]])
+    return pb.ExpertKey(layer=key[0], expert=key[1], format=FORMAT_TO_PB[key[2]])
 
 
 # -- in process --------------------------------------------------------------------------------
@@ -716,3 +569,9 @@ class PackFetcher:
             self.counters.bytes_fetched_local += sum(b.nbytes for b in out)
             self.counters.fetch_ns_local += dt
         return out
+
+
+__all__ = [
+    "ExpertFetcher", "FetchCounters", "FetchedBlob", "PackChangedError", "PackFetcher", "StoreClient", "StoreError",
+    "StoreManifest", "StoreUnavailableError",
+]

@@ -58,4 +58,40 @@ def test_example_configs_load_and_agree():
     worker = load_worker_toml(DEPLOY / "worker.toml")
     assert store["listen"] == worker["store"]  # the worker talks to the store it is shipped with
     assert store["listen"].startswith("unix:/run/fate-moe/")  # inside the shared RuntimeDirectory
+    assert worker["listen"].startswith("unix:/run/fate-moe/")  # no TCP unless asked for (then with TLS)
     assert store["ram_bytes"] == 8 << 30
+    assert worker.get("int2_tail", 0.0) == 0.0  # the lossy INT2 tail is opt-in
+
+
+def _bytes(size: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+
+
+def test_units_are_hardened_and_sized_from_the_config():
+    store, worker = (_unit(n)["Service"] for n in UNITS)
+    for name, s in zip(UNITS, (store, worker)):
+        lines = (DEPLOY / name).read_text().splitlines()  # repeated keys add up in systemd, not in configparser
+        assert "SystemCallFilter=@system-service" in lines and "SystemCallFilter=~@privileged" in " ".join(lines)
+        assert s["ProtectProc"] == "invisible"
+        assert s["IPAddressDeny"] == "any" and s["DevicePolicy"] == "closed"
+        assert int(s["WatchdogSec"]) > 0
+    # the RAM tier is charged to the store's cgroup: its MemoryMax leaves room above ram_bytes
+    ram = load_store_toml(DEPLOY / "store.toml")["ram_bytes"]
+    assert _bytes(store["MemoryMax"]) >= ram + (1 << 30)
+    assert _bytes(worker["MemoryMax"]) > 0
+    # the worker waits out a store restart inside a step: the watchdog must outlast that
+    retry = load_worker_toml(DEPLOY / "worker.toml").get("store_retry_s", 15.0)
+    assert int(worker["WatchdogSec"]) > retry
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+@pytest.mark.parametrize("unit", UNITS)
+def test_units_exposure_scores(unit, capsys):
+    r = subprocess.run(["systemd-analyze", "security", "--offline=true", str(DEPLOY / unit)],
+                       capture_output=True, text=True, timeout=60)
+    line = next(x for x in r.stdout.splitlines() if "Overall exposure level" in x)
+    score = float(line.split(":")[1].split()[0])
+    with capsys.disabled():
+        print(f"\n{line.strip()}")
+    assert score <= 2.0, r.stdout[-3000:]

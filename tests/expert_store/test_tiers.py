@@ -14,10 +14,8 @@ import pytest
 from expert_store import shm
 from expert_store.errors import ChecksumError
 from expert_store.packfile import Pack
-from expert_store.tiers import (
-    BlobKey, NvmeTier, PopularityError, RamTier, SlotState, fill_order, load_popularity, preferred_format,
-    shallow_first, slot_bytes_for,
-)
+from expert_store.fill_order import PopularityError, fill_order, load_popularity, preferred_format, shallow_first
+from expert_store.tiers import BlobKey, NvmeTier, RamTier, SlotState, slot_bytes_for
 
 SLOT = 4096
 

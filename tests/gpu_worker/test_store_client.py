@@ -23,14 +23,9 @@ from moe.v1 import store_pb2 as pb
 from moe.v1 import store_pb2_grpc as pb_grpc
 from expert_store.errors import ChecksumError
 from expert_store.packfile import Pack
-from gpu_worker.store_client import (
-    ExpertChunkAssembler,
-    PackFetcher,
-    StoreClient,
-    StoreError,
-    StoreManifest,
-    StoreUnavailableError,
-    assemble_dense,
+from gpu_worker.store_client import PackFetcher, StoreClient
+from gpu_worker.store_protocol import (
+    ExpertChunkAssembler, PackChangedError, StoreError, StoreManifest, StoreUnavailableError, assemble_dense,
     verify_checksum,
 )
 
@@ -153,9 +148,10 @@ class _ScriptedStore(pb_grpc.ExpertStoreServicer):
 
     def __init__(self, pack: Pack, fail_first: int = 0, corrupt: bool = False):
         self.pack, self.fail_first, self.corrupt, self.fetches = pack, fail_first, corrupt, 0
+        self.extra: dict = {}  # added to the manifest: "another pack"
 
     def GetManifest(self, request, context):
-        m = self.pack.manifest
+        m = {**self.pack.manifest, **self.extra}
         return pb.GetManifestResponse(
             pack_id=hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()[:16],
             model_args_json=json.dumps(self.pack.args.to_dict()), family=self.pack.args.family,
@@ -177,7 +173,7 @@ class _ScriptedStore(pb_grpc.ExpertStoreServicer):
 def scripted(pack, tmp_path):
     servers = []
 
-    def start(**kw):
+    def start(window: float = 0.0, **kw):
         store = _ScriptedStore(pack, **kw)
         server = grpc.server(futures.ThreadPoolExecutor(4))
         pb_grpc.add_ExpertStoreServicer_to_server(store, server)
@@ -188,7 +184,8 @@ def scripted(pack, tmp_path):
         server.add_insecure_port(addr)
         server.start()
         servers.append(server)
-        return store, StoreClient(addr, transport="auto", retry_backoff_s=0.01)
+        return store, StoreClient(addr, transport="auto", retry_backoff_s=0.01,
+                                  retry_window_s=window)
 
     yield start
     for s in servers:
@@ -212,6 +209,29 @@ def test_persistent_unavailable_raises_after_bounded_retries(scripted):
     with pytest.raises(StoreUnavailableError, match="unavailable"):
         client.fetch([(3, 4, FMT)])
     assert store.fetches == client.max_retries + 1
+    client.close()
+
+
+def test_a_retry_window_waits_out_an_outage_and_checks_the_pack(pack, scripted):
+    store, client = scripted(fail_first=8, window=30.0)
+    client.manifest()
+    blobs = client.fetch([(3, 4, FMT)])  # 8 failures: far more than max_retries, well inside the window
+    assert bytes(blobs[0].data) == bytes(pack.expert_blob(3, 4, FMT))
+    assert client.counters.retries == 8 and not client.pack_changed
+    store.fetches, store.fail_first = 0, 1
+    store.extra = {"repacked": True}  # the store comes back with another manifest
+    with pytest.raises(PackChangedError, match="another pack"):
+        client.fetch([(3, 5, FMT)])
+    assert client.pack_changed
+    with pytest.raises(PackChangedError):  # and stays refused: the worker must restart
+        client.fetch([(3, 4, FMT)])
+    client.close()
+
+
+def test_a_retry_window_ends(scripted):
+    _, client = scripted(fail_first=10_000, window=1.0)
+    with pytest.raises(StoreUnavailableError, match="retried for 1 s"):
+        client.fetch([(3, 4, FMT)])
     client.close()
 
 
