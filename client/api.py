@@ -1,6 +1,6 @@
 """Python API of the worker: stream generations and read its statistics.
 
-    with WorkerClient("127.0.0.1:50061") as w:
+    with WorkerClient("unix:/run/fate-moe/worker.sock") as w:
         gen = w.generate("The command", max_new_tokens=32)
         for tok in gen:                      # TokenEvent, as the worker sends them
             print(tok.text, end="", flush=True)

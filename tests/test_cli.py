@@ -83,7 +83,7 @@ def test_client_help_shows_the_default_address(monkeypatch):
 
     monkeypatch.delenv("FATE_WORKER_ADDRESS", raising=False)
     text = _flags(_sub(client_parser(), "stats"))["--address"]
-    assert "127.0.0.1:50061" in text and "$FATE_WORKER_ADDRESS" in text
+    assert "unix:/run/fate-moe/worker.sock" in text and "$FATE_WORKER_ADDRESS" in text
 
 
 def test_the_program_name_is_the_one_the_user_ran(monkeypatch):
