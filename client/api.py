@@ -258,6 +258,26 @@ class WorkerStats(_Rates):
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """The served model as a front end needs it (GetModelInfo)."""
+
+    model_name: str
+    pack_id: str  # workers with equal ids serve the same model
+    family: str
+    max_context_tokens: int
+    vocab_size: int
+    has_tokenizer: bool
+    chat_template: str  # Jinja source of the default template; "" when the model has none
+    named_chat_templates: dict[str, str]
+    bos_token: str
+    eos_token: str
+    pad_token: str
+    unk_token: str
+    eos_token_ids: tuple[int, ...]
+    default_max_new_tokens: int
+
+
 # -- protobuf <-> domain (the only place that touches *_pb2) -------------------------------------
 
 
@@ -318,6 +338,12 @@ def _result_from_pb(f: pb.GenerateFinal) -> GenerationResult:
             tuple(_layer_from_pb(l) for l in e.layers), _layer_from_pb(e.decode) if e.HasField("decode") else None),
         trailing_text=f.trailing_text,
     )
+
+
+def _model_info_from_pb(m: pb.ModelInfo) -> ModelInfo:
+    return ModelInfo(m.model_name, m.pack_id, m.family, m.max_context_tokens, m.vocab_size, m.has_tokenizer,
+                     m.chat_template, dict(m.named_chat_templates), m.bos_token, m.eos_token, m.pad_token,
+                     m.unk_token, tuple(m.eos_token_ids), m.default_max_new_tokens)
 
 
 def _stats_from_pb(s: pb.WorkerStats) -> WorkerStats:
@@ -393,6 +419,21 @@ class WorkerClient:
         except grpc.RpcError as e:
             raise WorkerError.from_rpc(e) from None
         return _stats_from_pb(reply)
+
+    def model_info(self) -> ModelInfo:
+        try:
+            return _model_info_from_pb(self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s))
+        except grpc.RpcError as e:
+            raise WorkerError.from_rpc(e) from None
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text` (add_special_tokens=False: as for a rendered chat template)."""
+        try:
+            reply = self._stub.Tokenize(pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens),
+                                        timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise WorkerError.from_rpc(e) from None
+        return list(reply.ids)
 
     def health(self, timeout_s: float = 1.0) -> str:
         """The health service's status name ("SERVING", "NOT_SERVING", ...)."""
@@ -494,6 +535,21 @@ class AsyncWorkerClient:
         except grpc.RpcError as e:
             raise WorkerError.from_rpc(e) from None
         return _stats_from_pb(reply)
+
+    async def model_info(self) -> ModelInfo:
+        try:
+            reply = await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise WorkerError.from_rpc(e) from None
+        return _model_info_from_pb(reply)
+
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            reply = await self._stub.Tokenize(pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens),
+                                              timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise WorkerError.from_rpc(e) from None
+        return list(reply.ids)
 
     async def health(self, timeout_s: float = 1.0) -> str:
         try:
