@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 
 import uvicorn
 
@@ -11,6 +14,23 @@ from .app import create_app
 from .settings import GatewaySettings
 
 log = logging.getLogger("client.gateway")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without re-raising SIGTERM/SIGINT after the graceful shutdown, so a stopped
+    gateway exits 0 as the store and the worker do."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
 
 
 def uvicorn_config(settings: GatewaySettings) -> uvicorn.Config:
@@ -28,6 +48,6 @@ def uvicorn_config(settings: GatewaySettings) -> uvicorn.Config:
 
 def run(settings: GatewaySettings) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = uvicorn.Server(uvicorn_config(settings))
+    server = _Server(uvicorn_config(settings))
     server.run()
     return 0 if server.started else 1
