@@ -158,6 +158,21 @@ def test_health_and_models(cluster):
     assert [m.id for m in models.data] == [MODEL]
 
 
+def test_worker_model_info_and_tokenize(cluster, tiny_mixtral_dir):
+    from tokenizers import Tokenizer
+
+    _, addresses, _ = cluster
+    with WorkerClient(addresses["a"], timeout_s=TIMEOUT_S) as w:
+        info = w.model_info()
+        ids = w.tokenize("<s>### User:\nls", add_special_tokens=False)
+    assert (info.model_name, info.family, info.max_context_tokens, info.vocab_size) == (MODEL, "mixtral", 1024, 4096)
+    assert (info.bos_token, info.eos_token, info.eos_token_ids, info.has_tokenizer) == ("<s>", "</s>", (1,), True)
+    assert info.chat_template == ""  # tiny-mixtral ships none: the tests supply one
+    assert ids == Tokenizer.from_file(str(tiny_mixtral_dir / "tokenizer.json")).encode(
+        "<s>### User:\nls", add_special_tokens=False).ids
+    assert ids[0] == 0  # the BOS written in the text is the special token
+
+
 def test_sync_completion_equals_client_generate(cluster):
     _, addresses, urls = cluster
     r = sync_client(urls["gw1"]).completions.create(model=MODEL, prompt=PROMPT, max_tokens=20, temperature=0)
@@ -198,6 +213,14 @@ async def test_streamed_chat_equals_non_streamed_and_client_generate(cluster, re
     assert after.prompt_tokens_total - before.prompt_tokens_total == full.usage.prompt_tokens
     assert after.generated_tokens_total - before.generated_tokens_total == full.usage.completion_tokens
     assert usage is not None and usage.model_dump() == full.usage.model_dump()
+    sync_stream = sync_client(urls["gw1"]).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=24,
+                                                                   temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in sync_stream if c.choices) == text
+    # the gateway's metrics saw these requests
+    metrics = httpx.get(f"{urls['gw1']}/metrics", timeout=10).text
+    assert re.search(r'^fate_gateway_requests_total{endpoint="chat",status="200"} [1-9]', metrics, re.M)
+    assert re.search(r'^fate_gateway_time_to_first_token_seconds_count{endpoint="chat"} [1-9]', metrics, re.M)
+    assert re.search(r'^fate_gateway_completion_tokens_total [1-9]', metrics, re.M)
 
 
 def test_max_tokens_is_length_and_stop_strings_stop(cluster):
@@ -365,7 +388,7 @@ async def test_killing_a_worker_loses_no_request_that_had_not_started(cluster):
     services["b"].proc.wait(30)
     for i, res in enumerate(results[:16]):
         if isinstance(res, BaseException):
-            assert started[i], f"request {i} failed before streaming: {res!r}\n{services['gw2'].output()[-4000:]}"
+            assert started[i], f"request {i} failed before streaming: {res!r} {res.__cause__!r} {getattr(res.__cause__, '__cause__', None)!r}\n{services['gw2'].output()[-4000:]}"
         else:
             assert res is not None and res.completion_tokens == 32
     assert metric(urls["gw2"], "fate_gateway_retries_total") > retries  # b's queued requests moved to a
