@@ -14,13 +14,14 @@ mid-stream cancels the generation on the worker.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -38,6 +39,7 @@ from .templates import ChatTemplate, ChatTemplateError
 log = logging.getLogger("client.gateway")
 
 OWNER = "fate-moe"
+T = TypeVar("T")
 
 
 @dataclass
@@ -81,6 +83,13 @@ class Gateway:
                            "--chat-template FILE (a Jinja template, or `chat_template` in gateway.toml), "
                            "or use /v1/completions with a prompt", code="no_chat_template")
         return t
+
+
+def _gone(gw: Gateway, endpoint: str) -> Response:
+    """What is "sent" to a client that has gone: nothing reaches it; 499 as nginx counts it."""
+    gw.metrics.requests.labels(endpoint, "499").inc()
+    gw.metrics.cancelled.inc()
+    return Response(status_code=499)
 
 
 def error_response(e: ApiError) -> JSONResponse:
@@ -173,6 +182,36 @@ async def _prepare(gw: Gateway, request: Request, endpoint: str):
     return r, text, ids, sampling
 
 
+class _ClientGone(Exception):
+    """The HTTP client disconnected before its response started."""
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the request body has been read: nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result, or _ClientGone (with `work` cancelled: its gRPC stream with it) when the client
+    goes first: a queued or non-streamed request must not keep a worker busy for nobody."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        client_left = gone.done() and not task.done()
+    finally:
+        for t in (task, gone):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(task, gone, return_exceptions=True)
+    if client_left:
+        raise _ClientGone
+    if task.cancelled():  # cancelled from below (the gRPC layer), not by us
+        raise ApiError(503, "the worker call was cancelled", code="worker_cancelled")
+    return task.result()
+
+
 async def _generate(request: Request, endpoint: str) -> Response:
     gw: Gateway = request.app.state.gateway
     timer = _Timer(gw.metrics, endpoint)
@@ -180,15 +219,21 @@ async def _generate(request: Request, endpoint: str) -> Response:
         r, text, ids, sampling = await _prepare(gw, request, endpoint)
         stream = gw.pool.generate(text, ids, sampling.kwargs())
         tokens = stream.tokens.__aiter__()
-        try:  # errors before the first token are plain HTTP errors
-            first: TokenEvent | None = await tokens.__anext__()
-        except StopAsyncIteration:
-            first = None
+
+        async def first_token() -> TokenEvent | None:
+            try:  # errors before the first token are plain HTTP errors
+                return await tokens.__anext__()
+            except StopAsyncIteration:
+                return None
+
+        first = await _unless_disconnected(request, first_token())
         if first is not None:
             timer.token()
     except ApiError as e:
         gw.metrics.requests.labels(endpoint, str(e.status)).inc()
         return error_response(e)
+    except _ClientGone:
+        return _gone(gw, endpoint)
     rid = schema.new_id("chatcmpl" if endpoint == "chat" else "cmpl")
     meta = {"id": rid, "created": schema.now(), "model": gw.model_id,
             "system_fingerprint": f"fp_{gw.pool.model.pack_id[:12]}" if gw.pool.model else None}
@@ -200,13 +245,19 @@ async def _generate(request: Request, endpoint: str) -> Response:
         return _ClosingStreamingResponse(body, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     got = [first] if first is not None else []
-    try:
+
+    async def rest() -> None:
         async for tok in tokens:
             timer.token()
             got.append(tok)
+
+    try:
+        await _unless_disconnected(request, rest())
     except ApiError as e:
         gw.metrics.requests.labels(endpoint, str(e.status)).inc()
         return error_response(e)
+    except _ClientGone:
+        return _gone(gw, endpoint)
     res = stream.result
     timer.done()
     gw.metrics.requests.labels(endpoint, "200").inc()
@@ -228,20 +279,24 @@ async def _generate(request: Request, endpoint: str) -> Response:
 async def _relay_events(gw: Gateway, stream, first, tokens, timer: _Timer) -> AsyncIterator[TokenEvent | None]:
     """The tokens (first included), then None once the result is in; an error mid-stream is raised as
     ApiError. Leaving early (the client disconnected) cancels the worker's request."""
-    finished = False
+    ended = False  # the worker's stream is over (its result, or its error)
     try:
         if first is not None:
             yield first
-        async for tok in tokens:
-            timer.token()
-            yield tok
-        finished = True
+        try:
+            async for tok in tokens:
+                timer.token()
+                yield tok
+        except ApiError:
+            ended = True
+            raise
+        ended = True
         res = stream.result
         gw.metrics.prompt_tokens.inc(res.usage.prompt_tokens)
         gw.metrics.completion_tokens.inc(res.usage.completion_tokens)
         yield None
     finally:
-        if not finished:
+        if not ended:  # the client went away mid-stream
             with contextlib.suppress(Exception):
                 await tokens.aclose()  # cancels the gRPC stream
             gw.metrics.cancelled.inc()

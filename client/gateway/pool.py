@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Sequence
 
 from ..api import AsyncWorkerClient, GenerationResult, ModelInfo, TokenEvent, WorkerError
 from .metrics import GatewayMetrics
-from .schema import ApiError
+from .schema import ApiError, api_error_from_worker
 
 log = logging.getLogger("client.gateway")
 
@@ -39,17 +39,14 @@ class NoWorkerError(ApiError):
         super().__init__(503, message, code="no_worker_available")
 
 
-@dataclass
 class Stream:
-    """One generation as the gateway relays it: tokens, then `result`; `worker` served it."""
+    """One generation as the gateway relays it: iterate `tokens`, then read `result`; `worker` is the
+    address that served it (the second one after a retry)."""
 
-    tokens: AsyncIterator[TokenEvent]
-    result_box: list = field(default_factory=list)
-    worker: str = ""
-
-    @property
-    def result(self) -> GenerationResult:
-        return self.result_box[0]
+    def __init__(self, tokens: "Callable[[Stream], AsyncIterator[TokenEvent]]"):
+        self.result: GenerationResult | None = None
+        self.worker = ""
+        self.tokens = tokens(self)
 
 
 class WorkerPool:
@@ -159,8 +156,6 @@ class WorkerPool:
         try:
             return await w.client.tokenize(text, add_special_tokens=add_special_tokens)
         except WorkerError as e:
-            from .schema import api_error_from_worker
-
             raise api_error_from_worker(e) from None
         finally:
             self._end(w)
@@ -168,13 +163,9 @@ class WorkerPool:
     def generate(self, prompt: str | None, token_ids: list[int] | None, sampling: dict) -> Stream:
         """Start a generation; iterate `stream.tokens`, then read `stream.result`. Raises ApiError (at the
         first iteration) for worker errors; leaving the iteration early cancels the worker's request."""
-        stream = Stream(tokens=None)  # type: ignore[arg-type]
-        stream.tokens = self._relay(prompt, token_ids, sampling, stream)
-        return stream
+        return Stream(lambda stream: self._relay(prompt, token_ids, sampling, stream))
 
     async def _relay(self, prompt, token_ids, sampling, stream: Stream) -> AsyncIterator[TokenEvent]:
-        from .schema import api_error_from_worker
-
         tried: list[Worker] = []
         while True:
             w = self.pick(exclude=tried)
@@ -187,7 +178,7 @@ class WorkerPool:
                 async for tok in gen:
                     started = True
                     yield tok
-                stream.result_box.append(gen.result)
+                stream.result = gen.result
                 done = True
                 return
             except WorkerError as e:
