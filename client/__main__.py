@@ -3,6 +3,7 @@
     python -m client demo                       # the README's run command: store + worker + one generation
     python -m client generate "prompt" --stream # stream a generation from a running worker
     python -m client stats [--layers]           # the worker's counters
+    python -m client gateway --worker ADDR      # OpenAI-compatible HTTP API over workers
 
 (installed as `fate-client`). The worker's address comes from --address, else
 $FATE_WORKER_ADDRESS, else unix:/run/fate-moe/worker.sock (a bearer token: $FATE_WORKER_TOKEN_FILE;
@@ -92,6 +93,37 @@ def _cmd_stats(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gateway(a: argparse.Namespace) -> int:
+    from .gateway.server import run
+    from .gateway.settings import SettingsError, build_settings
+    from .gateway.templates import ChatTemplateError
+
+    overrides = dict(workers=tuple(a.worker or ()), listen=a.listen, api_key=a.api_key,
+                     chat_template=a.chat_template, model_name=a.model_name, log_level=a.log_level)
+    try:
+        settings = build_settings(a.config, overrides)
+        return run(settings)
+    except (SettingsError, ChatTemplateError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _add_gateway(sub: argparse._SubParsersAction) -> None:
+    gw = sub.add_parser("gateway", help="serve the OpenAI HTTP API in front of one or many workers",
+                        description="OpenAI-compatible HTTP gateway (docs/gateway.md). Flags override --config.")
+    gw.add_argument("--worker", action="append", default=None, metavar="ADDR",
+                    help="worker address, host:port or unix:/path (repeatable)")
+    gw.add_argument("--listen", default=None, help="HTTP address, host:port or unix:/path (default 127.0.0.1:8000)")
+    gw.add_argument("--api-key", default=None, help="bearer token required on /v1 routes (or $FATE_GATEWAY_API_KEY)")
+    gw.add_argument("--chat-template", type=Path, default=None, metavar="FILE",
+                    help="Jinja chat template overriding the model's")
+    gw.add_argument("--model-name", default=None, help="model id clients send (default: the worker's model name)")
+    gw.add_argument("--config", type=Path, default=None, help="gateway.toml ([gateway] table)")
+    gw.add_argument("--log-level", default=None, choices=("debug", "info", "warning", "error"),
+                    help="logging level (default: info)")
+    gw.set_defaults(func=_cmd_gateway)
+
+
 def _add_connection_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.add_argument("--timeout-s", type=float, default=None, help=TIMEOUT_HELP)
@@ -153,7 +185,7 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
     st.set_defaults(func=_cmd_stats)
 
 
-COMMANDS = [_add_demo, _add_generate, _add_stats]  # one more subcommand: its _add_* function here
+COMMANDS = [_add_demo, _add_generate, _add_stats, _add_gateway]  # one more subcommand: its _add_* function here
 
 
 def prog_name() -> str:

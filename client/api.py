@@ -35,13 +35,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from moe.v1 import worker_pb2 as pb
 from moe.v1 import worker_pb2_grpc as pb_grpc
 
-from .convert import build_request, result_from_pb, stats_from_pb, token_from_pb
+from .convert import build_request, model_info_from_pb, result_from_pb, stats_from_pb, token_from_pb
 from .errors import WorkerError
 from .results import (
     Completion,
     ExpertStats,
     GenerationResult,
     LayerStats,
+    ModelInfo,
     PhaseStats,
     RequestLayerStats,
     Timings,
@@ -52,7 +53,7 @@ from .results import (
 
 __all__ = [
     "ADDRESS_ENV", "DEFAULT_ADDRESS", "AsyncGeneration", "AsyncWorkerClient", "Completion", "ExpertStats",
-    "Generation", "GenerationResult", "LayerStats", "PhaseStats", "RequestLayerStats", "Timings", "TokenEvent",
+    "Generation", "GenerationResult", "LayerStats", "ModelInfo", "PhaseStats", "RequestLayerStats", "Timings", "TokenEvent",
     "Usage", "WorkerClient", "WorkerError", "WorkerStats", "build_request", "default_address",
 ]  # fmt: skip
 
@@ -205,6 +206,13 @@ class _Channel:
         return self._stub.GetStats(pb.GetWorkerStatsRequest(include_layers=include_layers), timeout=self.timeout_s,
                                    metadata=self._metadata)
 
+    def _model_info_call(self) -> Any:
+        return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s, metadata=self._metadata)
+
+    def _tokenize_call(self, text: str, add_special_tokens: bool) -> Any:
+        return self._stub.Tokenize(pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens),
+                                   timeout=self.timeout_s, metadata=self._metadata)
+
     def _health_call(self, timeout_s: float) -> Any:
         return self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
 
@@ -232,6 +240,19 @@ class WorkerClient(_Channel):
     def stats(self, include_layers: bool = False) -> WorkerStats:
         try:
             return stats_from_pb(self._stats_call(include_layers))
+        except grpc.RpcError as e:
+            raise WorkerError.from_rpc(e) from None
+
+    def model_info(self) -> ModelInfo:
+        try:
+            return model_info_from_pb(self._model_info_call())
+        except grpc.RpcError as e:
+            raise WorkerError.from_rpc(e) from None
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text` (add_special_tokens=False: as for a rendered chat template)."""
+        try:
+            return list(self._tokenize_call(text, add_special_tokens).ids)
         except grpc.RpcError as e:
             raise WorkerError.from_rpc(e) from None
 
@@ -283,6 +304,18 @@ class AsyncWorkerClient(_Channel):
     async def stats(self, include_layers: bool = False) -> WorkerStats:
         try:
             return stats_from_pb(await self._stats_call(include_layers))
+        except grpc.RpcError as e:
+            raise WorkerError.from_rpc(e) from None
+
+    async def model_info(self) -> ModelInfo:
+        try:
+            return model_info_from_pb(await self._model_info_call())
+        except grpc.RpcError as e:
+            raise WorkerError.from_rpc(e) from None
+
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            return list((await self._tokenize_call(text, add_special_tokens)).ids)
         except grpc.RpcError as e:
             raise WorkerError.from_rpc(e) from None
 

@@ -9,6 +9,7 @@ from moe.v1 import worker_pb2 as pb
 
 from .errors import WorkerError
 from .results import (
+    ModelInfo,
     ExpertStats,
     GenerationResult,
     LayerStats,
@@ -104,3 +105,9 @@ def result_from_pb(f: pb.GenerateFinal) -> GenerationResult:
 def stats_from_pb(s: pb.WorkerStats) -> WorkerStats:
     return WorkerStats(**_fields(WorkerStats, s, skip=("layers",)),
                        layers=tuple(LayerStats(**_fields(LayerStats, l)) for l in s.layers))
+
+
+def model_info_from_pb(m: pb.ModelInfo) -> ModelInfo:
+    return ModelInfo(m.model_name, m.pack_id, m.family, m.max_context_tokens, m.vocab_size, m.has_tokenizer,
+                     m.chat_template, dict(m.named_chat_templates), m.bos_token, m.eos_token, m.pad_token,
+                     m.unk_token, tuple(m.eos_token_ids), m.default_max_new_tokens)

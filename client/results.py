@@ -215,3 +215,23 @@ class WorkerStats(_Rates):
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The served model as a front end needs it (GetModelInfo)."""
+
+    model_name: str
+    pack_id: str  # workers with equal ids serve the same model
+    family: str
+    max_context_tokens: int
+    vocab_size: int
+    has_tokenizer: bool
+    chat_template: str  # Jinja source of the default template; "" when the model has none
+    named_chat_templates: dict[str, str]
+    bos_token: str
+    eos_token: str
+    pad_token: str
+    unk_token: str
+    eos_token_ids: tuple[int, ...]
+    default_max_new_tokens: int

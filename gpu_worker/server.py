@@ -74,6 +74,7 @@ from .engine import (
 from .expert_compute import default_compute_form
 from .generate import SamplingError, SamplingParams
 from .metrics import WorkerMetrics
+from .model_info import load_template_info
 from .model import MoEModel, TokenRangeError, WeightsError
 from .prefetch import PrefetchController
 from .runtime import FORMAT_PREFERENCE, pick_device
@@ -373,6 +374,30 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     async def GetStats(self, request: pb.GetWorkerStatsRequest, context: grpc.aio.ServicerContext):
         return stats_to_pb(self.rt, request.include_layers)
+
+    # -- model info for front ends (the HTTP gateway): read once from the pack's tokenizer files ----
+    _model_info: pb.ModelInfo | None = None
+
+    @_map_errors
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext):
+        if self._model_info is None:
+            rt, m = self.rt, self.rt.manifest
+            t = await asyncio.get_running_loop().run_in_executor(
+                None, load_template_info, m.tokenizer_files, rt.store.files)
+            self._model_info = pb.ModelInfo(
+                model_name=str(m.pack_manifest.get("model", {}).get("name", "") or m.family), pack_id=m.pack_id,
+                family=m.family, max_context_tokens=rt.model.args.max_position_embeddings,
+                vocab_size=rt.model.args.vocab_size, has_tokenizer=rt.tokenizer is not None,
+                chat_template=t.chat_template, named_chat_templates=t.named_chat_templates,
+                eos_token_ids=list(rt.model.args.eos_token_ids),
+                default_max_new_tokens=rt.config.default_max_new_tokens, **t.special_tokens)
+        return self._model_info
+
+    @_map_errors
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext):
+        if self.rt.tokenizer is None:
+            raise TokenizerError("this model has no tokenizer: send token ids")
+        return pb.TokenizeResponse(ids=self.rt.tokenizer.encode(request.text, request.add_special_tokens))
 
 
 # -- serving -----------------------------------------------------------------------------------------

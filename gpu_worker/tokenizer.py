@@ -25,11 +25,11 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
-    def encode(self, text: str) -> list[int]:
-        """Ids as the checkpoint's post-processor builds them (it decides about BOS). Through encode_batch,
-        which releases the GIL while it works (encode holds it): a long prompt tokenized in one thread
-        does not stall the compute thread."""
-        return self._tok.encode_batch([text])[0].ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Ids as the checkpoint's post-processor builds them (it decides about BOS); without its special
+        tokens when add_special_tokens is false. Through encode_batch, which releases the GIL while it works
+        (encode holds it): a long prompt tokenized in one thread does not stall the compute thread."""
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

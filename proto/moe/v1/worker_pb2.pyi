@@ -327,3 +327,60 @@ class WorkerStats(_message.Message):
     demand_bytes: int
     steps_total: int
     def __init__(self, worker_id: _Optional[str] = ..., model_family: _Optional[str] = ..., device: _Optional[str] = ..., expert_format: _Optional[str] = ..., cache_policy: _Optional[str] = ..., predictor: _Optional[str] = ..., uptime_ms: _Optional[int] = ..., store_connected: _Optional[bool] = ..., active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., high_water_bytes: _Optional[int] = ..., resident_experts: _Optional[int] = ..., lookups: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., prefetch_hits: _Optional[int] = ..., prefetches_issued: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_fetched_shm: _Optional[int] = ..., bytes_fetched_grpc: _Optional[int] = ..., fetch_wait_ns: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerCacheStats, _Mapping]]] = ..., allocation: _Optional[str] = ..., top_k: _Optional[int] = ..., total_slots: _Optional[int] = ..., staging_slots: _Optional[int] = ..., prefetch_width: _Optional[int] = ..., measured_width: _Optional[int] = ..., lookahead: _Optional[int] = ..., int2_tail: _Optional[float] = ..., layer_compute_ns: _Optional[float] = ..., expert_fetch_ns: _Optional[float] = ..., prefetch_bytes: _Optional[int] = ..., prefetch_wasted_bytes: _Optional[int] = ..., prefetch_unused_evictions: _Optional[int] = ..., prefetch_late_hits: _Optional[int] = ..., prefetch_dropped: _Optional[int] = ..., predictions: _Optional[int] = ..., predictions_exact: _Optional[int] = ..., predicted_routed: _Optional[int] = ..., int2_misses: _Optional[int] = ..., int2_bytes: _Optional[int] = ..., demand_bytes: _Optional[int] = ..., steps_total: _Optional[int] = ...) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("model_name", "pack_id", "family", "max_context_tokens", "vocab_size", "has_tokenizer", "chat_template", "named_chat_templates", "bos_token", "eos_token", "pad_token", "unk_token", "eos_token_ids", "default_max_new_tokens")
+    class NamedChatTemplatesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    PACK_ID_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HAS_TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    NAMED_CHAT_TEMPLATES_FIELD_NUMBER: _ClassVar[int]
+    BOS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EOS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PAD_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    UNK_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    pack_id: str
+    family: str
+    max_context_tokens: int
+    vocab_size: int
+    has_tokenizer: bool
+    chat_template: str
+    named_chat_templates: _containers.ScalarMap[str, str]
+    bos_token: str
+    eos_token: str
+    pad_token: str
+    unk_token: str
+    eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    default_max_new_tokens: int
+    def __init__(self, model_name: _Optional[str] = ..., pack_id: _Optional[str] = ..., family: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., has_tokenizer: _Optional[bool] = ..., chat_template: _Optional[str] = ..., named_chat_templates: _Optional[_Mapping[str, str]] = ..., bos_token: _Optional[str] = ..., eos_token: _Optional[str] = ..., pad_token: _Optional[str] = ..., unk_token: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., default_max_new_tokens: _Optional[int] = ...) -> None: ...
+
+class TokenizeRequest(_message.Message):
+    __slots__ = ("text", "add_special_tokens")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    ADD_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    add_special_tokens: bool
+    def __init__(self, text: _Optional[str] = ..., add_special_tokens: _Optional[bool] = ...) -> None: ...
+
+class TokenizeResponse(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -45,6 +45,16 @@ class WorkerStub:
                 request_serializer=moe_dot_v1_dot_worker__pb2.GetWorkerStatsRequest.SerializeToString,
                 response_deserializer=moe_dot_v1_dot_worker__pb2.WorkerStats.FromString,
                 _registered_method=True)
+        self.GetModelInfo = channel.unary_unary(
+                '/moe.v1.Worker/GetModelInfo',
+                request_serializer=moe_dot_v1_dot_worker__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=moe_dot_v1_dot_worker__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/moe.v1.Worker/Tokenize',
+                request_serializer=moe_dot_v1_dot_worker__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=moe_dot_v1_dot_worker__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -64,6 +74,21 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModelInfo(self, request, context):
+        """What a front end (an HTTP gateway) needs to serve the model: its name, context length, special
+        tokens and chat template, as the pack's tokenizer files give them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Tokenize(self, request, context):
+        """Text -> token ids with the model's tokenizer. INVALID_ARGUMENT when the model has none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +101,16 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=moe_dot_v1_dot_worker__pb2.GetWorkerStatsRequest.FromString,
                     response_serializer=moe_dot_v1_dot_worker__pb2.WorkerStats.SerializeToString,
+            ),
+            'GetModelInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelInfo,
+                    request_deserializer=moe_dot_v1_dot_worker__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=moe_dot_v1_dot_worker__pb2.ModelInfo.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=moe_dot_v1_dot_worker__pb2.TokenizeRequest.FromString,
+                    response_serializer=moe_dot_v1_dot_worker__pb2.TokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +168,60 @@ class Worker:
             '/moe.v1.Worker/GetStats',
             moe_dot_v1_dot_worker__pb2.GetWorkerStatsRequest.SerializeToString,
             moe_dot_v1_dot_worker__pb2.WorkerStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe.v1.Worker/GetModelInfo',
+            moe_dot_v1_dot_worker__pb2.GetModelInfoRequest.SerializeToString,
+            moe_dot_v1_dot_worker__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe.v1.Worker/Tokenize',
+            moe_dot_v1_dot_worker__pb2.TokenizeRequest.SerializeToString,
+            moe_dot_v1_dot_worker__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
