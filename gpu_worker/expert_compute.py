@@ -6,38 +6,61 @@ holds for it, so it trades bytes in the cache budget against time per call:
 
     fp32             dequantize once, fp32 weights (4 B/param), the exact path
     bf16             dequantize once, bf16 weights, bf16 matmuls (2 B/param)
-    int4_fused       keep int4 codes in torch's tinygemm-style layout and call
-                     torch's group-wise int4 matmul (~0.56 B/param for int4 g64)
-    dequant_per_use  keep the stored codes (as the blob had them) and dequantize at
-                     every call
+    int4_fused       torch's group-wise int4 matmul on the codes as stored
+                     (~0.56 B/param for int4 g64)
+    dequant_per_use  keep the stored blob and dequantize at every call
+
+int4 blobs are stored in the CPU int4 kernel's own layout with its bf16 scales_and_zeros
+(expert_store/codec.py), so on CPU the int4_fused form is one copy of the blob into
+owned memory and views of it: no unpacking, no repacking. int2 blobs expand to int4
+bytes with one table lookup per matrix. A pack written on a CPU whose kernel uses
+another layout still works: `accept_pack_layout` warns at start-up and every int4/int2
+expert is converted on arrival (the slow path, counted by `layout_conversions()`).
+CUDA: one host-to-device copy of the blob, then standard torch ops on the device turn
+the CPU layout into tinygemm's (`_convert_weight_to_int4pack`); nothing on the host.
 
 Measured trade-offs and the per-device defaults: docs/codec.md.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import functools
+import logging
+import threading
+from typing import Any, Mapping, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from expert_store.codec import (
+    ALIGN,
     BlobLike,
     CodecError,
+    FORMATS,
+    Int4KernelMatrix,
     QuantizedMatrix,
+    as_uint8,
     dequantize,
     format_spec,
-    unpack_codes,
     view_expert,
 )
+from expert_store.errors import PackError
+from expert_store.int4_layout import (
+    Int4Layout,
+    Int4LayoutError,
+    expand_int2,
+    kernel_fingerprint,
+    native_layout,
+    pack_nibbles,
+)
+
+log = logging.getLogger(__name__)
 
 COMPUTE_FORMS = ("fp32", "bf16", "int4_fused", "dequant_per_use")
 
 # Group sizes the int4 matmul kernels accept (CPU: _weight_int4pack_mm_cpu checks this list).
 INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)
-# Both kernels want N (output rows) divisible by 16 on CPU, 8 on CUDA: we pad to 16.
-_N_MULTIPLE = 16
 
 
 class ExpertCompute(Protocol):
@@ -53,6 +76,67 @@ def _tensor_bytes(*tensors: Tensor) -> int:
 def _check_input(x: Tensor, hidden: int) -> None:
     if x.dim() != 2 or x.shape[1] != hidden:
         raise CodecError(f"expert input must be [T, {hidden}], got {tuple(x.shape)}")
+
+
+# -- the pack's int4 layout against this machine's kernel ------------------------------------------
+
+
+class _LayoutState:
+    """The int4 layout of the served pack's blobs, and how many experts were converted from it."""
+
+    def __init__(self) -> None:
+        self.pack_layout: Int4Layout | None = None  # None: this machine's kernel layout
+        self.conversions = 0
+        self.lock = threading.Lock()
+
+
+_layout = _LayoutState()
+
+
+def accept_pack_layout(manifest: Mapping[str, Any], device: torch.device | str = "cpu") -> Int4Layout | None:
+    """Start-up check: the int4 layout a pack's manifest records, against this machine's CPU kernel.
+
+    Returns the pack's layout (None when it has no int4/int2 experts) and makes it the one
+    `make_expert_compute` reads blobs in. A layout that differs from this machine's kernel
+    is logged once: on CPU every int4/int2 expert is then converted on arrival (slow).
+    """
+    if not any(f in FORMATS and FORMATS[f].kernel_layout for f in manifest.get("formats", {})):
+        return None
+    record = manifest.get("int4_layout")
+    try:
+        layout = Int4Layout.from_record(record) if isinstance(record, Mapping) else None
+    except (Int4LayoutError, KeyError) as e:
+        raise PackError(f"the pack's int4 layout record is unusable ({e}); re-pack with "
+                         f"`python -m expert_store pack CHECKPOINT_DIR OUT_DIR`") from None
+    if layout is None:
+        raise PackError("the pack's manifest has no int4_layout record; re-pack with "
+                         "`python -m expert_store pack CHECKPOINT_DIR OUT_DIR`")
+    here = native_layout()
+    if torch.device(device).type == "cpu" and layout != here:
+        log.warning(
+            "the pack's int4/int2 experts are in layout %s (fingerprint %s); this machine's torch int4 CPU kernel "
+            "uses %s (fingerprint %s): every int4/int2 expert is converted on arrival (~1 ms each, counted as "
+            "layout conversions). Re-pack on this machine with `python -m expert_store pack CHECKPOINT_DIR "
+            "OUT_DIR` to remove the cost.", layout.name, layout.fingerprint(),
+            here.name if here else "an unknown layout", kernel_fingerprint())
+    _layout.pack_layout = layout
+    return layout
+
+
+def layout_conversions() -> int:
+    """int4/int2 matrices converted because the pack's layout is not this machine's kernel's."""
+    return _layout.conversions
+
+
+def _blob_layout(layout: Int4Layout | None) -> Int4Layout:
+    chosen = layout or _layout.pack_layout or native_layout()
+    if chosen is None:
+        raise CodecError(f"torch {torch.__version__}'s int4 CPU kernel uses an unknown weight layout; pass the "
+                         f"pack's layout (accept_pack_layout) to read int4/int2 blobs")
+    return chosen
+
+
+# -- compute forms ---------------------------------------------------------------------------------
 
 
 class DenseExpert:
@@ -71,20 +155,21 @@ class DenseExpert:
 
 
 class DequantPerUseExpert:
-    """Keeps the stored form; expands every call (no second copy lives in the cache).
+    """Keeps the stored blob (one owned copy); expands every call (no second copy lives in the cache).
 
     Expansion and matmul run in `dtype`: fp32 on CPU, bf16 on CUDA (see default below).
     """
 
-    def __init__(self, mats: list[QuantizedMatrix | Tensor], dtype: torch.dtype) -> None:
+    def __init__(self, owned: Tensor, mats: list[QuantizedMatrix | Int4KernelMatrix | Tensor],
+                 dtype: torch.dtype) -> None:
+        self.blob = owned  # uint8: every matrix below is a view of it
         self.mats = mats
         self.dtype = dtype
         self.hidden = mats[0].shape[1]
-        self.nbytes = sum(m.nbytes if isinstance(m, QuantizedMatrix) else _tensor_bytes(m)
-                          for m in mats)
+        self.nbytes = _tensor_bytes(owned)
 
-    def _weight(self, m: QuantizedMatrix | Tensor) -> Tensor:
-        return dequantize(m, self.dtype) if isinstance(m, QuantizedMatrix) else m.to(self.dtype)
+    def _weight(self, m: QuantizedMatrix | Int4KernelMatrix | Tensor) -> Tensor:
+        return m.to(self.dtype) if isinstance(m, Tensor) else dequantize(m, self.dtype)
 
     def __call__(self, x: Tensor) -> Tensor:
         _check_input(x, self.hidden)
@@ -95,51 +180,38 @@ class DequantPerUseExpert:
         return F.linear(h, self._weight(self.mats[2])).float()  # [T, H]
 
 
-class Int4Linear:
-    """One [N, K] matrix in the int4 kernel's packed layout.
+_CPU_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
+_CUDA_MM = torch.ops.aten._weight_int4pack_mm
 
-    The kernels compute w = (q - 8) * scale + zero with scales_and_zeros [K/G, N, 2];
-    ours is w = c * scale + min, so q = c and zero = min + 8 * scale (same scale).
-    int2 codes (0..3) are valid int4 codes, but with q = c the kernel's (q - 8) is
-    -8..-5 and the bf16 `zero` (~min + 8 scale) cancels against it, costing 6x the
-    error; so codes are shifted to the middle of the int4 range, q = c + 8 - 2**(bits-1),
-    and zero = min + 2**(bits-1) * scale (for int4 the shift is 0: zero = min + 8 scale).
-    K is our padded input (whole groups; the caller zero-pads x), N is padded to 16
-    rows (sliced off the output).
+
+class Int4Linear:
+    """One [N, K] matrix in an int4 kernel's layout: w = (q - 8) * scale + zero.
+
+    `weight` is what the kernel takes (CPU: uint8 [Np, Kp/2]; CUDA: tinygemm's int32
+    tiles), `scales_and_zeros` bf16 [K/G, Np, 2]. K is the padded input (whole groups;
+    the caller's x is zero-padded), N is padded to 16 rows (sliced off the output).
+    The CPU kernel's fast path is bf16 (fp32 x measured 27x slower at 1 token, ~100x at 64,
+    docs/codec.md); CUDA (tinygemm) takes bf16 only.
     """
 
-    def __init__(self, q: QuantizedMatrix, device: torch.device) -> None:
-        if q.bits not in (2, 4) or q.group_size not in INT4_KERNEL_GROUP_SIZES:
-            raise CodecError(f"int4_fused needs int4/int2 codes with group size in "
-                             f"{INT4_KERNEL_GROUP_SIZES}, got bits={q.bits} group={q.group_size}")
-        n, k = q.shape
+    def __init__(self, weight: Tensor, scales_and_zeros: Tensor, n: int, k: int, group_size: int) -> None:
+        self.weight = weight
+        self.scales_and_zeros = scales_and_zeros
         self.n, self.k = n, k
-        self.group_size = q.group_size
-        half = 1 << (q.bits - 1)
-        codes = _unpack_codes(q) + (8 - half)  # uint8 [N, Kp] (CPU), centred int4 codes
-        self.k_pad = codes.shape[1]
-        n_pad = -n % _N_MULTIPLE
-        scale = q.scales.float().cpu()  # [N, NG]
-        zero = q.mins.float().cpu() + half * scale  # [N, NG]
-        if n_pad:
-            codes = F.pad(codes, (0, 0, 0, n_pad))
-            scale, zero = F.pad(scale, (0, 0, 0, n_pad)), F.pad(zero, (0, 0, 0, n_pad))
-        sz = torch.stack([scale, zero], dim=-1).transpose(0, 1)  # [K/G, Np, 2]
-        # CPU kernel: only its bf16 path is fast (fp32 x measured 27x slower at 1 token,
-        # ~100x at 64, docs/codec.md); x and scales_and_zeros must share a dtype.
-        # CUDA (tinygemm) takes bf16 only.
-        self.scales_and_zeros = sz.to(torch.bfloat16).contiguous().to(device)
-        if device.type == "cuda":
-            packed_u8 = (codes[:, ::2] << 4) | codes[:, 1::2]  # [Np, Kp/2], even element high
-            self.weight = torch.ops.aten._convert_weight_to_int4pack(
-                packed_u8.to(device), _inner_k_tiles(self.k_pad))
-            self._mm = torch.ops.aten._weight_int4pack_mm
-        elif device.type == "cpu":
-            self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-            self._mm = torch.ops.aten._weight_int4pack_mm_for_cpu
-        else:
-            raise CodecError(f"int4_fused has no kernel for device type {device.type!r}")
-        self.nbytes = _tensor_bytes(self.weight, self.scales_and_zeros)
+        self.k_pad = scales_and_zeros.shape[0] * group_size
+        self.group_size = group_size
+        self._mm = _CUDA_MM if weight.device.type == "cuda" else _CPU_MM
+        self.nbytes = _tensor_bytes(weight, scales_and_zeros)
+
+    @classmethod
+    def _of_views(cls, weight: Tensor, scales_and_zeros: Tensor, n: int, k: int, k_pad: int,
+                  group_size: int, nbytes: int) -> "Int4Linear":
+        """The hot path's constructor: the caller already knows every derived field (no tensor calls)."""
+        self = cls.__new__(cls)
+        self.weight, self.scales_and_zeros = weight, scales_and_zeros
+        self.n, self.k, self.k_pad, self.group_size, self.nbytes = n, k, k_pad, group_size, nbytes
+        self._mm = _CPU_MM
+        return self
 
     def __call__(self, x: Tensor) -> Tensor:
         """x bf16 [T, K] -> bf16 [T, N]."""
@@ -147,11 +219,6 @@ class Int4Linear:
             x = F.pad(x, (0, self.k_pad - self.k))  # padded codes meet zeros
         y = self._mm(x.contiguous(), self.weight, self.group_size, self.scales_and_zeros)
         return y if y.shape[1] == self.n else y[:, :self.n]
-
-
-def _unpack_codes(q: QuantizedMatrix) -> Tensor:
-    """Codes as uint8 [N, NG * G] on CPU, one per element (padding included)."""
-    return unpack_codes(q.to("cpu")).contiguous()
 
 
 def _inner_k_tiles(k: int) -> int:
@@ -162,13 +229,41 @@ def _inner_k_tiles(k: int) -> int:
     raise CodecError(f"int4_fused on CUDA needs K % 32 == 0, got K={k}")
 
 
+def _converted_for_cpu(m: Int4KernelMatrix) -> Tensor:
+    """The slow path: m's codes re-laid for this machine's kernel (the pack was written elsewhere)."""
+    n_pad, k_pad = m.padded_shape
+    nib = m.nibbles()
+    here = native_layout()
+    weight = pack_nibbles(nib, here).view(n_pad, k_pad // 2) if here else \
+        torch.ops.aten._convert_weight_to_int4pack_for_cpu(nib.to(torch.int32), 1)
+    with _layout.lock:
+        _layout.conversions += 1
+    return weight
+
+
+def _int4_linear(m: Int4KernelMatrix, device: torch.device) -> Int4Linear:
+    """An Int4Linear from blob views already on `device` (owned or not: see callers)."""
+    n, k = m.shape
+    if device.type == "cuda":
+        nib = m.nibbles()  # [Np, Kp] on the device
+        packed = (nib[:, 0::2] << 4) | nib[:, 1::2]  # tinygemm's input: even element in the high nibble
+        weight = torch.ops.aten._convert_weight_to_int4pack(packed.contiguous(), _inner_k_tiles(nib.shape[1]))
+        return Int4Linear(weight, m.scales_and_zeros.clone(), n, k, m.group_size)
+    if m.layout != native_layout():
+        return Int4Linear(_converted_for_cpu(m), m.scales_and_zeros.clone(), n, k, m.group_size)
+    weight = m.kernel_bytes()  # int2: expanded (new memory); int4: a view of the blob
+    return Int4Linear(weight.clone() if m.bits == 4 else weight, m.scales_and_zeros.clone(), n, k, m.group_size)
+
+
 class Int4FusedExpert:
     """int4/int2 experts through torch's group-wise int4 matmul; activations in bf16."""
 
-    def __init__(self, mats: list[QuantizedMatrix], device: torch.device) -> None:
-        self.gate, self.up, self.down = (Int4Linear(m, device) for m in mats)
-        self.hidden = self.gate.k
-        self.nbytes = self.gate.nbytes + self.up.nbytes + self.down.nbytes
+    def __init__(self, gate: Int4Linear, up: Int4Linear, down: Int4Linear, blob: Tensor | None = None,
+                 blob_nbytes: int = 0) -> None:
+        self.gate, self.up, self.down = gate, up, down
+        self.blob = blob  # the owned copy the three matrices view (CPU int4), or None
+        self.hidden = gate.k
+        self.nbytes = blob_nbytes if blob is not None else gate.nbytes + up.nbytes + down.nbytes
 
     def __call__(self, x: Tensor) -> Tensor:
         _check_input(x, self.hidden)
@@ -179,13 +274,62 @@ class Int4FusedExpert:
         return self.down(h).float()  # [T, H]
 
 
+@functools.lru_cache(maxsize=32)
+def _blob_plan(fmt: str, hidden: int, inter: int) -> tuple[int, tuple[tuple[int, ...], ...]]:
+    """int4/int2 blob geometry (the codec's layout): (blob bytes, per matrix (codes offset, codes bytes, Np,
+    Kp/2, scales_and_zeros offset in bf16 units, NG, N, K, Kp))."""
+    spec = FORMATS[fmt]
+    plan, off = [], 0
+    for n, k in ((inter, hidden), (inter, hidden), (hidden, inter)):
+        n_groups = -(-k // spec.group_size)
+        n_pad, k_pad = -(-n // 16) * 16, n_groups * spec.group_size
+        code_bytes = n_pad * k_pad * spec.bits // 8
+        sz_off = off + -(-code_bytes // ALIGN) * ALIGN
+        plan.append((off, code_bytes, n_pad, k_pad // 2, sz_off // 2, n_groups, n, k, k_pad))
+        off = sz_off + -(-(n_groups * n_pad * 4) // ALIGN) * ALIGN
+    return off, tuple(plan)
+
+
+def _owned_copy(blob: BlobLike) -> Tensor:
+    """One copy of the blob's bytes into memory we own, as a flat uint8 tensor."""
+    if isinstance(blob, (bytes, bytearray, memoryview)):
+        return torch.frombuffer(bytearray(blob), dtype=torch.uint8)  # bytearray(): one memcpy
+    return as_uint8(blob).clone()
+
+
+def _cpu_fused_from_blob(fmt: str, blob: BlobLike, hidden: int, inter: int) -> Int4FusedExpert:
+    """The hot path, blob in this machine's kernel layout. int4: one copy of the blob into owned memory,
+    then strided views of it. int2: one table lookup per matrix expands the codes, scales_and_zeros copied."""
+    total, plan = _blob_plan(fmt, hidden, inter)
+    int4 = fmt == "int4"
+    data = _owned_copy(blob) if int4 else as_uint8(blob)  # int4: a shared-memory slot may be reused after this
+    if data.numel() != total:
+        raise CodecError(f"{fmt} expert blob for hidden={hidden} inter={inter} must be {total} bytes, "
+                         f"got {data.numel()}")
+    if data.data_ptr() % 2:  # bf16 views need an even address
+        data = data.clone()
+    halves = data.view(torch.bfloat16)
+    group = FORMATS[fmt].group_size
+    lin = []
+    for code_off, code_bytes, n_pad, row, sz_off, n_groups, n, k, k_pad in plan:
+        sz = torch.as_strided(halves, (n_groups, n_pad, 2), (n_pad * 2, 2, 1), sz_off)
+        if int4:
+            weight = torch.as_strided(data, (n_pad, row), (row, 1), code_off)
+        else:
+            weight = expand_int2(data[code_off:code_off + code_bytes]).view(n_pad, row)
+            sz = sz.clone()
+        lin.append(Int4Linear._of_views(weight, sz, n, k, k_pad, group, n_pad * row + n_groups * n_pad * 4))
+    return Int4FusedExpert(lin[0], lin[1], lin[2], data if int4 else None, total)
+
+
 def make_expert_compute(fmt: str, blob: BlobLike, hidden: int, inter: int, form: str,
-                        device: torch.device | str = "cpu") -> ExpertCompute:
+                        device: torch.device | str = "cpu", layout: Int4Layout | None = None) -> ExpertCompute:
     """Build the compute object for one expert blob in `form` on `device`.
 
     form "auto" means default_compute_form(fmt, device). A form that cannot run this
     format (int4_fused on bf16/int8) raises CodecError rather than silently changing
-    the numerics or the cache footprint the caller planned for.
+    the numerics or the cache footprint the caller planned for. `layout`: the int4
+    layout of the blob (default: the accepted pack's, else this machine's kernel's).
     The result never references `blob`, so an mmap or a shared-memory slot can be reused.
     """
     device = torch.device(device)
@@ -194,23 +338,32 @@ def make_expert_compute(fmt: str, blob: BlobLike, hidden: int, inter: int, form:
     if form not in COMPUTE_FORMS:
         raise CodecError(f"unknown compute form {form!r}; known: {COMPUTE_FORMS} or 'auto'")
     spec = format_spec(fmt)
-    views = view_expert(fmt, blob, hidden, inter)
-    mats = [views["gate"], views["up"], views["down"]]
-    if form in ("fp32", "bf16"):
-        dtype = torch.float32 if form == "fp32" else torch.bfloat16
-        w = [dequantize(m.to(device), dtype) if isinstance(m, QuantizedMatrix)
-             else m.to(device=device, dtype=dtype, copy=True) for m in mats]
-        return DenseExpert(w[0], w[1], w[2])
+    kernel_layout = _blob_layout(layout) if spec.kernel_layout else None
     if form == "int4_fused":
-        if not spec.quantized or spec.bits not in (2, 4):
+        if not spec.kernel_layout or spec.group_size not in INT4_KERNEL_GROUP_SIZES:
             raise CodecError(f"int4_fused cannot run {fmt!r} experts (only int4/int2 codes fit "
                              f"the int4 kernel); use 'fp32', 'bf16' or form='auto'")
-        return Int4FusedExpert([m for m in mats if isinstance(m, QuantizedMatrix)], device)
-    # dequant_per_use: own copies on the device, so the blob's buffer is released
-    owned = [m.to(device, copy=True) if isinstance(m, QuantizedMatrix)
-             else m.to(device=device, copy=True) for m in mats]
+        if device.type == "cpu" and kernel_layout == native_layout():
+            return _cpu_fused_from_blob(fmt, blob, hidden, inter)
+        if device.type not in ("cpu", "cuda"):
+            raise CodecError(f"int4_fused has no kernel for device type {device.type!r}")
+        # a foreign layout (converted: the slow path), CUDA (one copy to the device, converted there)
+        data = as_uint8(blob).to(device) if device.type == "cuda" else blob
+        views = view_expert(fmt, data, hidden, inter, kernel_layout)
+        mats = [views[name] for name in ("gate", "up", "down")]
+        return Int4FusedExpert(*(_int4_linear(m, device) for m in mats))  # type: ignore[arg-type]
+    if form in ("fp32", "bf16"):
+        dtype = torch.float32 if form == "fp32" else torch.bfloat16
+        data = as_uint8(blob).to(device) if device.type != "cpu" else blob  # expand where it will compute
+        views = view_expert(fmt, data, hidden, inter, kernel_layout)
+        w = [v.to(device=device, dtype=dtype, copy=True) if isinstance(v, Tensor) else dequantize(v, dtype)
+             for v in (views["gate"], views["up"], views["down"])]
+        return DenseExpert(w[0], w[1], w[2])
+    # dequant_per_use: one owned copy on the device, so the blob's buffer is released
+    owned = as_uint8(blob).to(device, copy=True)
+    views = view_expert(fmt, owned, hidden, inter, kernel_layout)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DequantPerUseExpert(owned, dtype)
+    return DequantPerUseExpert(owned, [views["gate"], views["up"], views["down"]], dtype)
 
 
 def default_compute_form(fmt: str, device: torch.device | str) -> str:
@@ -230,6 +383,6 @@ def default_compute_form(fmt: str, device: torch.device | str) -> str:
     """
     spec = format_spec(fmt)
     device = torch.device(device)
-    if spec.quantized and spec.bits in (2, 4) and spec.group_size in INT4_KERNEL_GROUP_SIZES:
+    if spec.kernel_layout and spec.group_size in INT4_KERNEL_GROUP_SIZES:
         return "int4_fused"
     return "bf16" if device.type == "cuda" else "dequant_per_use"
