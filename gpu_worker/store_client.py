@@ -10,7 +10,7 @@ Both fetchers have one method the cache uses, `fetch(keys, priority) -> list[Fet
                   over FetchExperts.
     PackFetcher   the same interface over an open `Pack` (tests, `generate`).
 
-Integrity: every blob is checked against its crc32 (the manifest's, and the store's own
+Integrity: every blob is checked against its xxh3_64 (the manifest's, and the store's own
 checksum where the reply carries one) after it reaches our memory; a mismatch raises
 ChecksumError and the bytes are never returned. Every RPC has a deadline; UNAVAILABLE
 during a fetch is retried a bounded number of times, then raises StoreUnavailableError.
@@ -24,7 +24,6 @@ import os
 import threading
 import time
 import uuid
-import zlib
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 from typing import Iterable, Literal, Protocol, Sequence
@@ -35,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moe.v1 import store_pb2 as pb
 from moe.v1 import store_pb2_grpc as pb_grpc
+from expert_store.checksums import BLOB_CHECKSUM, blob_digest, digest_for
 from expert_store.errors import ChecksumError, FateError
 from expert_store.shm import SHM_DIR, attach_segment, host_id
 
@@ -134,17 +134,19 @@ class FetchCounters:
 
 
 def verify_checksum(data: bytes | bytearray | memoryview, checksum: str, what: str) -> int:
-    """Check `data` against a "crc32:<hex>" checksum; return the crc32. Unknown algorithms fail too."""
+    """Check `data` against a "xxh3_64:<hex>" (blobs) or "crc32:<hex>" (dense) checksum; return the digest.
+    Unknown algorithms fail too."""
     algo, _, digest = checksum.partition(":")
-    if algo != "crc32" or not digest:
-        raise ChecksumError(f"{what}: cannot verify checksum {checksum!r} (expected 'crc32:<hex>'); refusing the bytes")
-    got = zlib.crc32(data)
+    got = digest_for(algo, data) if digest else None
+    if got is None:
+        raise ChecksumError(f"{what}: cannot verify checksum {checksum!r} (expected 'xxh3_64:<hex>' or "
+                            f"'crc32:<hex>'); refusing the bytes")
     try:
         want = int(digest, 16)
     except ValueError:
         raise ChecksumError(f"{what}: malformed checksum {checksum!r}; refusing the bytes") from None
     if got != want:
-        raise ChecksumError(f"{what}: checksum mismatch (got crc32 {got:08x}, expected {want:08x}); "
+        raise ChecksumError(f"{what}: checksum mismatch (got {algo} {got:08x}, expected {want:08x}); "
                             f"the bytes were damaged in the store or in transit")
     return got
 
@@ -170,7 +172,7 @@ class StoreManifest:
     top_k: int
     dense_bytes: int
     tokenizer_files: tuple[str, ...]
-    pack_manifest: dict  # manifest.json of the pack (per-expert byte ranges and crc32s)
+    pack_manifest: dict  # manifest.json of the pack (per-expert byte ranges and xxh3_64 digests)
     shm_enabled: bool  # the store serves FetchExpertsShm
     shm_host_id: str  # equal to expert_store.shm.host_id() when co-located
     ram_tier_bytes: int
@@ -182,9 +184,9 @@ class StoreManifest:
         return self.formats[fmt].expert_bytes
 
     def expert_crc32s(self) -> dict[BlobKey, int]:
-        """(layer, expert, fmt) -> crc32 from the pack's manifest."""
+        """(layer, expert, fmt) -> the blob's xxh3_64 from the pack's manifest."""
         return {
-            (int(entry["layer"]), int(entry["expert"]), str(fmt)): int(blob["crc32"])
+            (int(entry["layer"]), int(entry["expert"]), str(fmt)): int(blob[BLOB_CHECKSUM])
             for entry in self.pack_manifest.get("experts", ())
             for fmt, blob in entry["blobs"].items()
         }
@@ -282,10 +284,10 @@ class ExpertChunkAssembler:
         if received != len(buf):
             raise StoreError(f"{what}: got {received} bytes in chunks, the store announced {len(buf)}")
         blob = bytes(buf)
-        got = verify_checksum(blob, msg.checksum, what) if msg.checksum else zlib.crc32(blob)
+        got = verify_checksum(blob, msg.checksum, what) if msg.checksum else blob_digest(blob)
         want = self.expected[i]
         if want is not None and got != want:
-            raise ChecksumError(f"{what}: checksum mismatch with the pack manifest (got crc32 {got:08x}, "
+            raise ChecksumError(f"{what}: checksum mismatch with the pack manifest (got xxh3_64 {got:016x}, "
                                 f"manifest {want:08x}); refusing the bytes", layer, expert, fmt)
         if want is None and not msg.checksum:
             raise ChecksumError(f"{what}: no checksum from the store and none in the manifest; refusing the bytes")
@@ -597,10 +599,10 @@ class StoreClient:
             if seg is None:
                 return None
             blob = bytes(seg.buf[d.offset_bytes:d.offset_bytes + d.length_bytes])  # the one copy
-        got = verify_checksum(blob, d.checksum, what) if d.checksum else zlib.crc32(blob)
+        got = verify_checksum(blob, d.checksum, what) if d.checksum else blob_digest(blob)
         want = self._crc32.get(key)
         if want is not None and got != want:
-            raise ChecksumError(f"{what}: checksum mismatch with the pack manifest (got crc32 {got:08x}, "
+            raise ChecksumError(f"{what}: checksum mismatch with the pack manifest (got xxh3_64 {got:016x}, "
                                 f"manifest {want:08x}); refusing the bytes", *key)
         if want is None and not d.checksum:
             raise ChecksumError(f"{what}: no checksum from the store and none in the manifest; refusing the bytes")
@@ -700,7 +702,7 @@ def _key_pb(key: BlobKey) -> pb.ExpertKey:
 
 
 class PackFetcher:
-    """`fetch()` straight from an open Pack (zero-copy views over its mmap, crc32-checked on first read)."""
+    """`fetch()` straight from an open Pack (zero-copy views over its mmap, xxh3_64-checked on first read)."""
 
     def __init__(self, pack):
         self.pack = pack
