@@ -180,6 +180,7 @@ class DequantPerUseExpert:
         return F.linear(h, self._weight(self.mats[2])).float()  # [T, H]
 
 
+_CPU = torch.device("cpu")
 _CPU_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
 _CUDA_MM = torch.ops.aten._weight_int4pack_mm
 
@@ -241,8 +242,8 @@ def _converted_for_cpu(m: Int4KernelMatrix) -> Tensor:
     return weight
 
 
-def _int4_linear(m: Int4KernelMatrix, device: torch.device) -> Int4Linear:
-    """An Int4Linear from blob views already on `device` (owned or not: see callers)."""
+def int4_linear(m: Int4KernelMatrix, device: torch.device) -> Int4Linear:
+    """An Int4Linear of matrix `m` (already on `device`) that does not reference m's memory."""
     n, k = m.shape
     if device.type == "cuda":
         nib = m.nibbles()  # [Np, Kp] on the device
@@ -332,6 +333,10 @@ def make_expert_compute(fmt: str, blob: BlobLike, hidden: int, inter: int, form:
     layout of the blob (default: the accepted pack's, else this machine's kernel's).
     The result never references `blob`, so an mmap or a shared-memory slot can be reused.
     """
+    native = native_layout()
+    if form == "int4_fused" and layout is None and (device == "cpu" or device == _CPU) and native is not None \
+            and _layout.pack_layout in (None, native) and fmt in ("int4", "int2"):
+        return _cpu_fused_from_blob(fmt, blob, hidden, inter)  # the cache's hot path, decided in ~1 us
     device = torch.device(device)
     if form == "auto":
         form = default_compute_form(fmt, device)
@@ -351,7 +356,7 @@ def make_expert_compute(fmt: str, blob: BlobLike, hidden: int, inter: int, form:
         data = as_uint8(blob).to(device) if device.type == "cuda" else blob
         views = view_expert(fmt, data, hidden, inter, kernel_layout)
         mats = [views[name] for name in ("gate", "up", "down")]
-        return Int4FusedExpert(*(_int4_linear(m, device) for m in mats))  # type: ignore[arg-type]
+        return Int4FusedExpert(*(int4_linear(m, device) for m in mats))  # type: ignore[arg-type]
     if form in ("fp32", "bf16"):
         dtype = torch.float32 if form == "fp32" else torch.bfloat16
         data = as_uint8(blob).to(device) if device.type != "cpu" else blob  # expand where it will compute
