@@ -189,4 +189,9 @@ def expand_int2(int2_bytes: Tensor) -> Tensor:
     A 256 KiB table indexed by uint16 pairs: 11 us for a tiny-mixtral matrix (18 KiB), 3x
     faster than a 256-entry table per byte, 5-8x faster than shifts and masks."""
     table = _int2_table(int2_bytes.device)
-    return table.index_select(0, int2_bytes.reshape(-1).view(torch.uint16).to(torch.int32)).view(torch.uint8)
+    flat = int2_bytes.reshape(-1)
+    if flat.device.type == "cpu":
+        index = flat.view(torch.uint16).to(torch.int32)
+    else:  # uint16 arithmetic is CPU-only in older torch; int16 and a mask work everywhere
+        index = flat.view(torch.int16).to(torch.int32) & 0xFFFF
+    return table.index_select(0, index).view(torch.uint8)
