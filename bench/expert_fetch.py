@@ -41,7 +41,7 @@ from expert_store.checksums import blob_digest
 from expert_store.codec import ALIGN, FORMATS, QuantizedMatrix, as_uint8, encode_expert, quantize, unpack_codes
 from gpu_worker.expert_compute import make_expert_compute
 
-from .codec_bench import TINY_MIXTRAL, _cpu_snapshot, _others_busy
+from .codec_bench import BUSY_LIMIT, TINY_MIXTRAL, _cpu_snapshot, _others_busy
 
 TARGET_US = 20.0
 
@@ -139,12 +139,24 @@ class _Segment:
         self.shm.unlink()
 
 
-def _measure(cases: dict[str, Callable[[int], Any]], reps: int, n_slots: int,
+def _measure(cases: dict[str, Callable[[int], Any]], reps: int, n_slots: int, tries: int = 3,
              warmup: int = 50) -> dict[str, dict[str, float]]:
-    """Per method median/p10/p90 us; methods alternate call by call, each on other slots than the others'."""
+    """Per method median/p10/p90 us; methods alternate call by call, each on other slots than the others'.
+    Measured again (up to `tries`) while other processes use > BUSY_LIMIT of the CPUs; the quietest is kept."""
     for fn in cases.values():
         for i in range(warmup):
             fn(i)
+    best: dict[str, dict[str, float]] = {}
+    for _ in range(tries):
+        rows = _measure_once(cases, reps, n_slots)
+        if not best or rows[next(iter(rows))]["others_busy"] < best[next(iter(best))]["others_busy"]:
+            best = rows
+        if best[next(iter(best))]["others_busy"] <= BUSY_LIMIT:
+            break
+    return best
+
+
+def _measure_once(cases: dict[str, Callable[[int], Any]], reps: int, n_slots: int) -> dict[str, dict[str, float]]:
     samples: dict[str, list[int]] = {k: [] for k in cases}
     before = _cpu_snapshot()
     clock = time.perf_counter_ns
@@ -220,9 +232,13 @@ def main(argv: list[str] | None = None) -> None:
                   f"{row['median_us'] / mem:.1f} |")
         busy = sorted({row["others_busy"] for row in r["rows"].values()})
         print(f"\nothers_busy (share of the CPUs other processes used meanwhile): {', '.join(f'{b:.0%}' for b in busy)}")
-    int4 = results["formats"][0]["rows"]["after: build"]["median_us"]
-    verdict = "met" if int4 <= TARGET_US else "MISSED"
-    print(f"\ntarget: int4 expert shm -> compute-ready median <= {TARGET_US:.0f} us: {int4:.1f} us ({verdict})")
+    row = results["formats"][0]["rows"]["after: build"]
+    verdict = "met" if row["median_us"] <= TARGET_US else "MISSED"
+    print(f"\ntarget: int4 expert shm -> compute-ready median <= {TARGET_US:.0f} us: {row['median_us']:.1f} us "
+          f"({verdict})")
+    if row["others_busy"] > BUSY_LIMIT:
+        print(f"WARNING: other processes used {row['others_busy']:.0%} of the CPUs meanwhile (> {BUSY_LIMIT:.0%}): "
+              f"timings are inflated; rerun on an idle machine")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out / 'results.json'}")
