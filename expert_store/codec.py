@@ -27,23 +27,28 @@ stored, the shape is exact.
 Blob layout of one expert, LAYOUT_VERSION 2 (the pack manifest records the version and,
 for int4/int2, the kernel layout: expert_store/int4_layout.py). No header: every offset
 follows from (format, hidden, inter) and the layout.
-    matrices in order: gate [inter, hidden], up [inter, hidden], down [hidden, inter]
-    per matrix (out = N, in = K), G = group_size, NG = ceil(K / G), Kp = NG * G,
-    Np = N rounded up to 16 (the kernel's multiple; padded rows have scale 0, zero 0):
-    int4:  codes  uint8 [Np * Kp / 2]   the kernel's layout (int4_layout.pack_nibbles)
-           scales_and_zeros bf16 [NG, Np, 2]   (scale, zero) per group and row
-    int2:  codes  uint8 [Np * Kp / 4]   the int4 layout's nibbles minus 6, 2 bits each
-                                        (int4_layout.expand_int2 restores them)
-           scales_and_zeros bf16 [NG, Np, 2]
-    int8:  codes  uint8 [N, Kp]   row-major, one code per byte
+    matrices: gate [inter, hidden], up [inter, hidden], down [hidden, inter]; per matrix
+    (out = N, in = K), G = group_size, NG = ceil(K / G), Kp = NG * G, Np = N rounded up
+    to 16 (the kernel's multiple; padded rows have scale 0, zero 0)
+    int4 / int2, sections in order (blob_sections):
+           gate codes, up codes, gate+up scales_and_zeros, down codes, down scales_and_zeros
+           codes  int4: uint8 [Np * Kp / 2] in the kernel's layout (int4_layout.pack_nibbles)
+                  int2: uint8 [Np * Kp / 4], the int4 layout's nibbles minus 6, 2 bits each
+                        (int4_layout.expand_int2 restores them)
+           scales_and_zeros bf16 [NG, Np, 2] (scale, zero) per group and row; gate's and
+                  up's as one [NG, 2 Np, 2] (gate's rows first): with Np a multiple of the
+                  layout's block, gate codes + up codes + that tensor are the [2 Np, K]
+                  matrix as the kernel takes it (one call computes both)
+    int8, per matrix in order: codes uint8 [N, Kp] row-major, one code per byte,
            scales fp16 [N, NG], mins fp16 [N, NG]
-    bf16:  weight bf16 [N, K]
+    bf16, per matrix in order: weight bf16 [N, K]
     every section starts at a multiple of ALIGN (16) bytes, zero-padded, so fp16/bf16
     views straight off the blob (or an mmap) are legal; the blob size is the padded sum.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -192,25 +197,48 @@ def _matrix_shapes(hidden: int, inter: int) -> tuple[tuple[int, int], ...]:
 
 
 def _sections(spec: FormatSpec, out: int, inp: int) -> list[tuple[str, int]]:
-    """(name, unpadded byte length) of one matrix's sections, in blob order."""
+    """(name, unpadded byte length) of one row-major matrix's sections (int8, bf16), in blob order."""
     if not spec.quantized:
         return [("weight", out * inp * 2)]
     n_groups = math.ceil(inp / spec.group_size)
-    k_pad = n_groups * spec.group_size
+    return [("codes", out * n_groups * spec.group_size * spec.bits // 8), ("scales", out * n_groups * 2),
+            ("mins", out * n_groups * 2)]
+
+
+@functools.lru_cache(maxsize=64)
+def blob_sections(fmt: str, hidden: int, inter: int) -> tuple[tuple[str, str, int, int], ...]:
+    """(matrix, section, byte offset, unpadded bytes) of every section of one expert blob, in blob order.
+
+    int4/int2: gate codes, up codes, then one scales_and_zeros [NG, 2 Np, 2] for gate and up
+    (gate's rows, then up's), then down's codes and scales_and_zeros. Where Np is a multiple
+    of the layout's block, gate and up codes side by side are the [2 Np, K] matrix packed
+    whole, so the worker runs both in one kernel call.
+    """
+    spec = format_spec(fmt)
+    shapes = dict(zip(MATRIX_NAMES, _matrix_shapes(hidden, inter)))
     if spec.kernel_layout:
-        n_pad = _pad_rows(out)
-        return [("codes", n_pad * k_pad * spec.bits // 8), ("scales_and_zeros", n_groups * n_pad * 4)]
-    return [("codes", out * k_pad * spec.bits // 8), ("scales", out * n_groups * 2), ("mins", out * n_groups * 2)]
-
-
-def _matrix_nbytes(spec: FormatSpec, out: int, inp: int) -> int:
-    return sum(_align(n) for _, n in _sections(spec, out, inp))
+        rows = []
+        for name, (out, inp) in shapes.items():
+            n_groups = math.ceil(inp / spec.group_size)
+            rows.append((name, _pad_rows(out), n_groups, n_groups * spec.group_size))
+        (_, np_gu, ng_gu, kp_gu), _, (_, np_d, ng_d, kp_d) = rows
+        code_gu = np_gu * kp_gu * spec.bits // 8
+        order = [("gate", "codes", code_gu), ("up", "codes", code_gu),
+                 ("gate_up", "scales_and_zeros", ng_gu * 2 * np_gu * 4),
+                 ("down", "codes", np_d * kp_d * spec.bits // 8), ("down", "scales_and_zeros", ng_d * np_d * 4)]
+    else:
+        order = [(name, section, n) for name, (o, i) in shapes.items() for section, n in _sections(spec, o, i)]
+    out, off = [], 0
+    for name, section, n in order:
+        out.append((name, section, off, n))
+        off += _align(n)
+    return tuple(out)
 
 
 def expert_nbytes(fmt: str, hidden: int, inter: int) -> int:
     """Exact size of one expert blob (gate, up, down) in `fmt`."""
-    spec = format_spec(fmt)
-    return sum(_matrix_nbytes(spec, o, i) for o, i in _matrix_shapes(hidden, inter))
+    *_, (_, _, off, n) = blob_sections(fmt, hidden, inter)
+    return off + _align(n)
 
 
 # --------------------------------------------------------------------------- quantize
@@ -447,24 +475,25 @@ def encode_expert(fmt: str, gate: Tensor, up: Tensor, down: Tensor, layout: Int4
         raise CodecError(f"expected gate, up [inter, hidden] and down [hidden, inter], got "
                          f"{tuple(gate.shape)}, {tuple(up.shape)}, {tuple(down.shape)}")
     inter, hidden = gate.shape
-    total = expert_nbytes(fmt, hidden, inter)
-    buf = bytearray(total)
-    off = 0
     for w in (gate, up, down):
         if not w.is_floating_point():
             raise CodecError(f"expert weights must be floating point, got {w.dtype}")
-        w = w.detach().cpu()
-        if spec.quantized:
-            q = quantize_format(fmt, w, layout)
-            parts = [q.codes, q.scales_and_zeros] if isinstance(q, Int4KernelMatrix) else [q.codes, q.scales, q.mins]
-        else:
-            parts = [w.to(torch.bfloat16).contiguous()]
-        for t in parts:
-            raw = t.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
-            buf[off:off + len(raw)] = raw
-            off += _align(len(raw))
-    if off != total:  # layout code and expert_nbytes disagree: a bug, not bad input
-        raise RuntimeError(f"blob layout error: wrote {off} bytes, expected {total}")
+    ws = [w.detach().cpu() for w in (gate, up, down)]
+    if spec.kernel_layout:
+        g, u, d = (quantize_format(fmt, w, layout) for w in ws)
+        parts = [g.codes, u.codes, torch.cat([g.scales_and_zeros, u.scales_and_zeros], dim=1),
+                 d.codes, d.scales_and_zeros]
+    elif spec.quantized:
+        parts = [t for w in ws for q in [quantize_format(fmt, w)] for t in (q.codes, q.scales, q.mins)]
+    else:
+        parts = [w.to(torch.bfloat16) for w in ws]
+    sections = blob_sections(fmt, hidden, inter)
+    buf = bytearray(expert_nbytes(fmt, hidden, inter))
+    for t, (name, section, off, n) in zip(parts, sections, strict=True):
+        raw = t.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
+        if len(raw) != n:  # layout code and blob_sections disagree: a bug, not bad input
+            raise RuntimeError(f"blob layout error: {name} {section} is {len(raw)} bytes, expected {n}")
+        buf[off:off + n] = raw
     return bytes(buf)
 
 
@@ -507,28 +536,25 @@ def view_expert(fmt: str, blob: BlobLike, hidden: int, inter: int,
                          f"{expected} bytes, got {data.numel()}")
     if spec.kernel_layout:
         layout = layout or _native_layout()
+    shapes = dict(zip(MATRIX_NAMES, _matrix_shapes(hidden, inter)))
+    raw = {(name, section): data[off:off + n] for name, section, off, n in blob_sections(fmt, hidden, inter)}
     views: dict[str, Quantized | Tensor] = {}
-    off = 0
-    for name, (out, inp) in zip(MATRIX_NAMES, _matrix_shapes(hidden, inter)):
-        parts = []
-        for section, n in _sections(spec, out, inp):
-            raw = data[off:off + n]
-            off += _align(n)
-            if section == "codes":
-                parts.append(raw if spec.kernel_layout else raw.view(out, -1))
-            elif section == "weight":
-                parts.append(raw.view(torch.bfloat16).view(out, inp))
-            elif section == "scales_and_zeros":
-                parts.append(raw.view(torch.bfloat16).view(-1, _pad_rows(out), 2))
-            else:
-                parts.append(raw.view(torch.float16).view(out, -1))
-        if spec.kernel_layout:
-            views[name] = Int4KernelMatrix(parts[0], parts[1], (out, inp), spec.bits, spec.group_size, layout)
-        elif spec.quantized:
-            views[name] = QuantizedMatrix(parts[0], parts[1], parts[2], (out, inp),
-                                          spec.bits, spec.group_size)
-        else:
-            views[name] = parts[0]
+    if spec.kernel_layout:
+        np_gu = _pad_rows(inter)
+        sz_gu = raw[("gate_up", "scales_and_zeros")].view(torch.bfloat16).view(-1, 2 * np_gu, 2)
+        sz = {"gate": sz_gu[:, :np_gu], "up": sz_gu[:, np_gu:],
+              "down": raw[("down", "scales_and_zeros")].view(torch.bfloat16).view(-1, _pad_rows(hidden), 2)}
+        for name, shape in shapes.items():
+            views[name] = Int4KernelMatrix(raw[(name, "codes")], sz[name], shape, spec.bits, spec.group_size, layout)
+    elif spec.quantized:
+        for name, (out, inp) in shapes.items():
+            views[name] = QuantizedMatrix(raw[(name, "codes")].view(out, -1),
+                                          raw[(name, "scales")].view(torch.float16).view(out, -1),
+                                          raw[(name, "mins")].view(torch.float16).view(out, -1),
+                                          (out, inp), spec.bits, spec.group_size)
+    else:
+        for name, (out, inp) in shapes.items():
+            views[name] = raw[(name, "weight")].view(torch.bfloat16).view(out, inp)
     return views
 
 

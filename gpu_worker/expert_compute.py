@@ -41,7 +41,9 @@ from expert_store.codec import (
     Int4KernelMatrix,
     QuantizedMatrix,
     as_uint8,
+    blob_sections,
     dequantize,
+    expert_nbytes,
     format_spec,
     view_expert,
 )
@@ -249,46 +251,82 @@ def int4_linear(m: Int4KernelMatrix, device: torch.device) -> Int4Linear:
         nib = m.nibbles()  # [Np, Kp] on the device
         packed = (nib[:, 0::2] << 4) | nib[:, 1::2]  # tinygemm's input: even element in the high nibble
         weight = torch.ops.aten._convert_weight_to_int4pack(packed.contiguous(), _inner_k_tiles(nib.shape[1]))
-        return Int4Linear(weight, m.scales_and_zeros.clone(), n, k, m.group_size)
+        return Int4Linear(weight, _owned_contiguous(m.scales_and_zeros), n, k, m.group_size)
     if m.layout != native_layout():
-        return Int4Linear(_converted_for_cpu(m), m.scales_and_zeros.clone(), n, k, m.group_size)
+        return Int4Linear(_converted_for_cpu(m), _owned_contiguous(m.scales_and_zeros), n, k, m.group_size)
     weight = m.kernel_bytes()  # int2: expanded (new memory); int4: a view of the blob
-    return Int4Linear(weight.clone() if m.bits == 4 else weight, m.scales_and_zeros.clone(), n, k, m.group_size)
+    return Int4Linear(weight.clone() if m.bits == 4 else weight, _owned_contiguous(m.scales_and_zeros), n, k,
+                      m.group_size)
+
+
+def _owned_contiguous(t: Tensor) -> Tensor:
+    """A contiguous copy (gate's and up's scales_and_zeros are strided views of one tensor in the blob)."""
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 class Int4FusedExpert:
-    """int4/int2 experts through torch's group-wise int4 matmul; activations in bf16."""
+    """int4/int2 experts through torch's group-wise int4 matmul; activations in bf16.
 
-    def __init__(self, gate: Int4Linear, up: Int4Linear, down: Int4Linear, blob: Tensor | None = None,
+    Either `gate_up` (gate's and up's rows as one [2 Np, K] matrix: one kernel call, the blob's
+    own layout when Np is a multiple of the kernel's block) or `gate` and `up` apart.
+    """
+
+    def __init__(self, down: Int4Linear, gate: Int4Linear | None = None, up: Int4Linear | None = None,
+                 gate_up: Int4Linear | None = None, inter: int = 0, blob: Tensor | None = None,
                  blob_nbytes: int = 0) -> None:
-        self.gate, self.up, self.down = gate, up, down
-        self.blob = blob  # the owned copy the three matrices view (CPU int4), or None
-        self.hidden = gate.k
-        self.nbytes = blob_nbytes if blob is not None else gate.nbytes + up.nbytes + down.nbytes
+        self.gate, self.up, self.gate_up, self.down = gate, up, gate_up, down
+        self.inter = inter  # rows of gate (and of up) in gate_up's output
+        self.up_row = gate_up.n // 2 if gate_up is not None else 0  # up's first row in gate_up (Np)
+        self.blob = blob  # the owned copy the matrices view (CPU int4), or None
+        parts = [m for m in (gate, up, gate_up, down) if m is not None]
+        self.hidden = parts[0].k
+        self.nbytes = blob_nbytes if blob is not None else sum(m.nbytes for m in parts)
+
+    @classmethod
+    def _fused_views(cls, gate_up: Int4Linear, down: Int4Linear, inter: int, blob: Tensor,
+                     blob_nbytes: int) -> "Int4FusedExpert":
+        """The hot path's constructor (the same fields as __init__ with gate_up, without its generic work)."""
+        self = cls.__new__(cls)
+        self.gate = self.up = None
+        self.gate_up, self.down, self.inter, self.up_row = gate_up, down, inter, gate_up.n // 2
+        self.blob, self.hidden, self.nbytes = blob, gate_up.k, blob_nbytes
+        return self
 
     def __call__(self, x: Tensor) -> Tensor:
         _check_input(x, self.hidden)
         if x.shape[0] == 0:
             return x.new_empty((0, self.hidden))
         xc = x.to(torch.bfloat16)
-        h = F.silu(self.gate(xc)) * self.up(xc)  # [T, I] bf16
+        if self.gate_up is not None:
+            gu = self.gate_up(xc)  # [T, 2 Np] bf16
+            h = F.silu(gu[:, :self.inter]) * gu[:, self.up_row:self.up_row + self.inter]  # [T, I]
+        else:
+            h = F.silu(self.gate(xc)) * self.up(xc)  # [T, I] bf16
         return self.down(h).float()  # [T, H]
 
 
 @functools.lru_cache(maxsize=32)
-def _blob_plan(fmt: str, hidden: int, inter: int) -> tuple[int, tuple[tuple[int, ...], ...]]:
-    """int4/int2 blob geometry (the codec's layout): (blob bytes, per matrix (codes offset, codes bytes, Np,
-    Kp/2, scales_and_zeros offset in bf16 units, NG, N, K, Kp))."""
+def _blob_plan(fmt: str, hidden: int, inter: int, block_n: int) -> tuple[int, bool, tuple[tuple[int, ...], ...]]:
+    """The hot path's geometry from the codec's blob_sections: (blob bytes, gate and up fused, per kernel call
+    (codes offset, codes bytes, rows Np, Kp/2, scales_and_zeros offset and group stride in bf16 units, NG,
+    N, K, Kp))."""
     spec = FORMATS[fmt]
-    plan, off = [], 0
-    for n, k in ((inter, hidden), (inter, hidden), (hidden, inter)):
-        n_groups = -(-k // spec.group_size)
-        n_pad, k_pad = -(-n // 16) * 16, n_groups * spec.group_size
-        code_bytes = n_pad * k_pad * spec.bits // 8
-        sz_off = off + -(-code_bytes // ALIGN) * ALIGN
-        plan.append((off, code_bytes, n_pad, k_pad // 2, sz_off // 2, n_groups, n, k, k_pad))
-        off = sz_off + -(-(n_groups * n_pad * 4) // ALIGN) * ALIGN
-    return off, tuple(plan)
+    sec = {(name, section): (off, n) for name, section, off, n in blob_sections(fmt, hidden, inter)}
+    np_gu, np_d = -(-inter // 16) * 16, -(-hidden // 16) * 16
+    ng_gu, ng_d = -(-hidden // spec.group_size), -(-inter // spec.group_size)
+    kp_gu, kp_d = ng_gu * spec.group_size, ng_d * spec.group_size
+    (g_off, g_n), (u_off, _) = sec[("gate", "codes")], sec[("up", "codes")]
+    sz_gu, _ = sec[("gate_up", "scales_and_zeros")]
+    fused = np_gu % block_n == 0 and u_off == g_off + g_n  # stacked rows = the blob's bytes as they are
+    if fused:
+        calls = [(g_off, 2 * g_n, 2 * np_gu, kp_gu // 2, sz_gu // 2, 4 * np_gu, ng_gu, 2 * np_gu, hidden, kp_gu)]
+    else:  # gate's and up's scales_and_zeros are the two halves of each group's [2 Np, 2]
+        calls = [(off, g_n, np_gu, kp_gu // 2, sz_gu // 2 + i * np_gu * 2, 4 * np_gu, ng_gu, inter, hidden, kp_gu)
+                 for i, off in enumerate((g_off, u_off))]
+    (d_off, d_n), (sz_d, _) = sec[("down", "codes")], sec[("down", "scales_and_zeros")]
+    calls.append((d_off, d_n, np_d, kp_d // 2, sz_d // 2, 2 * np_d, ng_d, hidden, inter, kp_d))
+    total = expert_nbytes(fmt, hidden, inter)
+    return total, fused, tuple(calls)
 
 
 def _owned_copy(blob: BlobLike) -> Tensor:
@@ -298,10 +336,10 @@ def _owned_copy(blob: BlobLike) -> Tensor:
     return as_uint8(blob).clone()
 
 
-def _cpu_fused_from_blob(fmt: str, blob: BlobLike, hidden: int, inter: int) -> Int4FusedExpert:
+def _cpu_fused_from_blob(fmt: str, blob: BlobLike, hidden: int, inter: int, layout: Int4Layout) -> Int4FusedExpert:
     """The hot path, blob in this machine's kernel layout. int4: one copy of the blob into owned memory,
-    then strided views of it. int2: one table lookup per matrix expands the codes, scales_and_zeros copied."""
-    total, plan = _blob_plan(fmt, hidden, inter)
+    then strided views of it. int2: one table lookup per call expands the codes, scales_and_zeros copied."""
+    total, fused, plan = _blob_plan(fmt, hidden, inter, layout.block_n)
     int4 = fmt == "int4"
     data = _owned_copy(blob) if int4 else as_uint8(blob)  # int4: a shared-memory slot may be reused after this
     if data.numel() != total:
@@ -311,16 +349,23 @@ def _cpu_fused_from_blob(fmt: str, blob: BlobLike, hidden: int, inter: int) -> I
         data = data.clone()
     halves = data.view(torch.bfloat16)
     group = FORMATS[fmt].group_size
-    lin = []
-    for code_off, code_bytes, n_pad, row, sz_off, n_groups, n, k, k_pad in plan:
-        sz = torch.as_strided(halves, (n_groups, n_pad, 2), (n_pad * 2, 2, 1), sz_off)
+    lin, copied = [], 0
+    for code_off, code_bytes, n_pad, row, sz_off, sz_stride, n_groups, n, k, k_pad in plan:
+        sz = torch.as_strided(halves, (n_groups, n_pad, 2), (sz_stride, 2, 1), sz_off)
         if int4:
             weight = torch.as_strided(data, (n_pad, row), (row, 1), code_off)
         else:
             weight = expand_int2(data[code_off:code_off + code_bytes]).view(n_pad, row)
-            sz = sz.clone()
+        if not int4 or not sz.is_contiguous():  # int2, or gate and up apart: own copies
+            sz = _owned_contiguous(sz)
+            copied += n_groups * n_pad * 4 if int4 else 0
         lin.append(Int4Linear._of_views(weight, sz, n, k, k_pad, group, n_pad * row + n_groups * n_pad * 4))
-    return Int4FusedExpert(lin[0], lin[1], lin[2], data if int4 else None, total)
+    keep = data if int4 else None
+    if fused and int4:
+        return Int4FusedExpert._fused_views(lin[0], lin[1], inter, data, total)
+    if fused:
+        return Int4FusedExpert(lin[1], gate_up=lin[0], inter=inter, blob=keep, blob_nbytes=total)
+    return Int4FusedExpert(lin[2], gate=lin[0], up=lin[1], blob=keep, blob_nbytes=total + copied)
 
 
 def make_expert_compute(fmt: str, blob: BlobLike, hidden: int, inter: int, form: str,
@@ -336,7 +381,7 @@ def make_expert_compute(fmt: str, blob: BlobLike, hidden: int, inter: int, form:
     native = native_layout()
     if form == "int4_fused" and layout is None and (device == "cpu" or device == _CPU) and native is not None \
             and _layout.pack_layout in (None, native) and fmt in ("int4", "int2"):
-        return _cpu_fused_from_blob(fmt, blob, hidden, inter)  # the cache's hot path, decided in ~1 us
+        return _cpu_fused_from_blob(fmt, blob, hidden, inter, native)  # the cache's hot path, decided in ~1 us
     device = torch.device(device)
     if form == "auto":
         form = default_compute_form(fmt, device)
@@ -349,14 +394,15 @@ def make_expert_compute(fmt: str, blob: BlobLike, hidden: int, inter: int, form:
             raise CodecError(f"int4_fused cannot run {fmt!r} experts (only int4/int2 codes fit "
                              f"the int4 kernel); use 'fp32', 'bf16' or form='auto'")
         if device.type == "cpu" and kernel_layout == native_layout():
-            return _cpu_fused_from_blob(fmt, blob, hidden, inter)
+            return _cpu_fused_from_blob(fmt, blob, hidden, inter, kernel_layout)
         if device.type not in ("cpu", "cuda"):
             raise CodecError(f"int4_fused has no kernel for device type {device.type!r}")
         # a foreign layout (converted: the slow path), CUDA (one copy to the device, converted there)
         data = as_uint8(blob).to(device) if device.type == "cuda" else blob
         views = view_expert(fmt, data, hidden, inter, kernel_layout)
         mats = [views[name] for name in ("gate", "up", "down")]
-        return Int4FusedExpert(*(int4_linear(m, device) for m in mats))  # type: ignore[arg-type]
+        gate, up, down = (int4_linear(m, device) for m in mats)  # type: ignore[arg-type]
+        return Int4FusedExpert(down, gate=gate, up=up)
     if form in ("fp32", "bf16"):
         dtype = torch.float32 if form == "fp32" else torch.bfloat16
         data = as_uint8(blob).to(device) if device.type != "cpu" else blob  # expand where it will compute

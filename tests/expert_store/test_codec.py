@@ -198,7 +198,8 @@ def test_int4_kernel_layout_by_hand():
             assert q.codes[64 * 16].item() == int(c[32, 0]) | int(c[33, 0]) << 4  # the second block
     blob = encode_expert("int4", w, w, w.t().contiguous(), SPLIT64)
     assert blob[:4] == bytes(quantize_format("int4", w, SPLIT64).codes[:4].tolist())  # gate codes open the blob
-    sz = np.frombuffer(blob[64 * 32:64 * 32 + 4], dtype=np.uint16)  # then its bf16 (scale, zero) of row 0
+    assert blob[64 * 32:64 * 32 + 4] == blob[:4]  # up's codes (the same weights) follow gate's
+    sz = np.frombuffer(blob[2 * 64 * 32:2 * 64 * 32 + 4], dtype=np.uint16)  # then bf16 (scale, zero), gate row 0
     assert sz.tolist() == [0x3F80, 0x4100]  # bf16 1.0 and 8.0
 
 
@@ -244,6 +245,19 @@ def test_layout_record_is_checked():
         Int4Layout.from_record({**record, "fingerprint": ADJACENT32.fingerprint()})
     with pytest.raises(Int4LayoutError, match="unknown int4 layout"):
         Int4Layout.from_record({"name": "n128-zigzag", "fingerprint": "x"})
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int2"])
+def test_gate_and_up_side_by_side_are_the_stacked_matrix(fmt):
+    """With inter a multiple of the layout's block, the blob's gate codes + up codes + their scales_and_zeros
+    are exactly the [2 inter, hidden] matrix quantized whole: the worker runs both in one kernel call."""
+    gate, up, down = _weights(64, 128)
+    for layout in KNOWN_LAYOUTS:
+        views = view_expert(fmt, encode_expert(fmt, gate, up, down, layout), 64, 128, layout)
+        both = quantize_format(fmt, torch.cat([gate, up]), layout)
+        assert torch.equal(torch.cat([views["gate"].codes, views["up"].codes]), both.codes), layout.name
+        assert torch.equal(torch.cat([views["gate"].scales_and_zeros, views["up"].scales_and_zeros], 1),
+                           both.scales_and_zeros)
 
 
 def test_a_blob_decodes_the_same_in_every_layout():

@@ -122,16 +122,18 @@ def test_nbytes_is_the_sum_of_kept_tensors(fmt, form, hidden, inter):
 
 
 @needs_known_layout
-@pytest.mark.parametrize("hidden,inter", SHAPES)
+@pytest.mark.parametrize("hidden,inter", [(128, 256), (192, 384)])
 def test_cpu_int4_fused_is_one_copy_of_the_blob(hidden, inter):
-    """What the worker receives is compute-ready: the kernel's weights and scales are views of one copy."""
+    """What the worker receives is compute-ready: the kernel's weights and scales are views of one copy,
+    gate and up one [2 inter, hidden] matrix (inter a multiple of the kernel's block)."""
     blob = bytearray(encode_expert("int4", *_expert(hidden, inter)))
     expert = make_expert_compute("int4", blob, hidden, inter, "int4_fused", "cpu")
     kept = _kept_storages(expert)
     assert list(kept.values()) == [len(blob)]  # a single storage: the copy
     assert next(iter(kept)) != torch.frombuffer(blob, dtype=torch.uint8).data_ptr()  # not the blob itself
-    assert expert.gate.weight.data_ptr() - expert.blob.data_ptr() == 0  # gate codes open the blob
-    assert expert.gate.scales_and_zeros.dtype == torch.bfloat16
+    assert expert.gate_up.weight.data_ptr() == expert.blob.data_ptr()  # gate codes open the blob
+    assert expert.gate_up.weight.shape == (2 * inter, hidden // 2) and expert.gate_up.scales_and_zeros.dtype == \
+        torch.bfloat16
 
 
 @needs_known_layout
@@ -148,6 +150,7 @@ def test_foreign_layout_is_converted_counted_and_identical(fmt):
         expert = make_expert_compute(fmt, encode_expert(fmt, *weights, layout), 192, 384, "int4_fused",
                                      layout=layout)
         assert layout_conversions() == before + 3  # gate, up, down
+        assert expert.gate_up is None and native.gate_up is not None  # apart, and in one kernel call
         assert torch.equal(expert(x), native(x)), layout.name
         ref = make_expert_compute(fmt, encode_expert(fmt, *weights, layout), 192, 384, "fp32", layout=layout)
         assert torch.equal(ref(x), make_expert_compute(fmt, encode_expert(fmt, *weights), 192, 384, "fp32")(x))
