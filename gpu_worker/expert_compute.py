@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from expert_store.codec import (
-    ALIGN,
     BlobLike,
     CodecError,
     FORMATS,
