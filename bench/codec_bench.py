@@ -28,8 +28,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from expert_store.codec import FORMATS, QuantizedMatrix, dequantize, encode_expert, quantize
-from gpu_worker.expert_compute import COMPUTE_FORMS, Int4Linear, make_expert_compute
+from expert_store.codec import FORMATS, Int4KernelMatrix, dequantize, encode_expert, quantize_format
+from gpu_worker.expert_compute import COMPUTE_FORMS, Int4Linear, int4_linear, make_expert_compute
 
 BUSY_LIMIT = 0.1  # share of the CPUs other processes may use while a group is measured
 COLD_SET_BYTES = 96 << 20  # 3x the bench machine's 32 MiB L3
@@ -121,8 +121,8 @@ def bench_projections() -> list[dict[str, Any]]:
     rows = []
     for label, (n, k) in PROJ_SHAPES.items():
         w = torch.randn(n, k) * 0.02
-        q = quantize(w, 4, 64)
-        lin = Int4Linear(q, torch.device("cpu"))
+        q = quantize_format("int4", w)
+        lin = int4_linear(q, torch.device("cpu"))
         sets = {
             "fp32": _replicas(w.clone, w.numel() * 4),
             "bf16": _replicas(lambda: w.to(torch.bfloat16), w.numel() * 2),
@@ -180,10 +180,9 @@ def bench_dequantize() -> list[dict[str, Any]]:
     n, k = PROJ_SHAPES["2816x1024"]
     w = torch.randn(n, k) * 0.02
     rows = []
-    qs: dict[str, list[QuantizedMatrix]] = {}
+    qs: dict[str, list[Any]] = {}
     for fmt in ("int8", "int4", "int2"):
-        spec = FORMATS[fmt]
-        q = quantize(w, spec.bits, spec.group_size)
+        q = quantize_format(fmt, w)
         qs[fmt] = _replicas(lambda: q.to("cpu", copy=True), q.nbytes)
     cases = {f: (lambda i, s=s: dequantize(s[i % len(s)])) for f, s in qs.items()}
     cases["bf16->fp32 upcast"] = lambda i: w.to(torch.bfloat16).float()  # reference point (hot)
@@ -202,9 +201,11 @@ def _errors(fmt: str, ws: list[torch.Tensor]) -> dict[str, float]:
     for w in ws:
         w = w.float()
         if spec.quantized:
-            q = quantize(w, spec.bits, spec.group_size)
+            q = quantize_format(fmt, w)
             e = (dequantize(q) - w).abs()
-            half = q.scales.float().repeat_interleave(spec.group_size, 1)[:, :w.shape[1]] / 2
+            scale = (q.scales_and_zeros[:, :w.shape[0], 0].float().t() if isinstance(q, Int4KernelMatrix)
+                     else q.scales.float())
+            half = scale.repeat_interleave(spec.group_size, 1)[:, :w.shape[1]] / 2
             worst_ratio = max(worst_ratio, (e / half.clamp_min(1e-12)).max().item())
         else:
             e = (w.to(torch.bfloat16).float() - w).abs()

@@ -17,7 +17,8 @@ class PackError(FateError):
 
 
 class ChecksumError(PackError):
-    """A stored blob whose bytes do not match the crc32 in the manifest.
+    """A stored blob whose bytes do not match its checksum in the manifest (xxh3_64 for expert
+    blobs, crc32 for the dense file).
 
     The bytes are never returned: a corrupt expert must not reach a model.
     """

@@ -45,12 +45,16 @@ from .model_args import ModelArgs, read_hf_config
 from . import codec
 from .checkpoint import CheckpointReader
 from .checkpoint_formats import DecodedCheckpoint, checkpoint_quantization
+from .checksums import BLOB_CHECKSUM, blob_digest
 from .errors import PackError
+from .int4_layout import Int4Layout, Int4LayoutError, require_native_layout
 
 logger = logging.getLogger(__name__)
 
 PACK_FORMAT = "fate-moe-pack"
-PACK_FORMAT_VERSION = 1
+# 2: int4/int2 blobs in the CPU int4 kernel's layout (codec LAYOUT_VERSION 2, manifest "int4_layout"),
+#    blob checksums xxh3_64 (expert_store/checksums.py); 1 (row-major codes, crc32) is refused with a re-pack hint.
+PACK_FORMAT_VERSION = 2
 ALIGNMENT = 4096
 MANIFEST_FILE = "manifest.json"
 DENSE_FILE = "dense.safetensors"
@@ -261,6 +265,7 @@ def _write_contents(
     """Write every file but the manifest into `tmp`; returns the manifest."""
     hidden, inter = args.hidden_size, args.expert_intermediate_size
     nbytes = {f: codec.expert_nbytes(f, hidden, inter) for f in fmts}
+    layout = _int4_layout(fmts)
     ids = [(layer, e) for layer in args.moe_layers for e in range(args.num_experts)]
     base: dict[str, int] = {}
     total = 0
@@ -278,7 +283,7 @@ def _write_contents(
                 w = read_expert(args, ckpt, layer, e)
                 blobs: dict[str, dict[str, int]] = {}
                 for f in fmts:
-                    blob = codec.encode_expert(f, w["gate"], w["up"], w["down"])
+                    blob = codec.encode_expert(f, w["gate"], w["up"], w["down"], layout)
                     if len(blob) != nbytes[f]:
                         raise PackError(
                             f"codec produced {len(blob)} bytes for layer {layer} expert {e} {f}, "
@@ -286,7 +291,7 @@ def _write_contents(
                         )
                     offset = base[f] + i * align_up(nbytes[f])
                     _pwrite_all(fd, blob, offset)
-                    blobs[f] = {"offset": offset, "nbytes": len(blob), "crc32": zlib.crc32(blob)}
+                    blobs[f] = {"offset": offset, "nbytes": len(blob), BLOB_CHECKSUM: blob_digest(blob)}
                 entries.append({"layer": layer, "expert": e, "blobs": blobs})
                 bar.update(1)
         os.fsync(fd)
@@ -310,9 +315,10 @@ def _write_contents(
         "format": PACK_FORMAT,
         "format_version": PACK_FORMAT_VERSION,
         "model": {"name": src.resolve().name, "family": args.family, "args": args.to_dict()},
-        "checksum": "crc32",
+        "checksum": BLOB_CHECKSUM,
         "alignment": ALIGNMENT,
         "codec_layout_version": codec.LAYOUT_VERSION,
+        "int4_layout": layout.record() if layout else None,
         "formats": {
             f: {"bits": codec.format_spec(f).bits, "group_size": codec.format_spec(f).group_size,
                 "expert_nbytes": nbytes[f]}
@@ -361,6 +367,16 @@ def write_dense(ckpt: DecodedCheckpoint, names: list[str], path: Path, progress:
                                 f"header says {ckpt.dtype(name)} {header[name]['shape']} (the file is corrupt)")
             f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
             bar.update(1)
+
+
+def _int4_layout(fmts: tuple[str, ...]) -> Int4Layout | None:
+    """The int4 kernel layout this machine's torch uses (int4/int2 blobs are written in it), or None."""
+    if not any(codec.format_spec(f).kernel_layout for f in fmts):
+        return None
+    try:
+        return require_native_layout()
+    except Int4LayoutError as e:
+        raise PackError(str(e)) from None
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

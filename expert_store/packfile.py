@@ -2,16 +2,16 @@
 
 `experts.bin` is mmapped read-only, so `expert_blob` is a zero-copy memoryview
 and a cold read is a real page fault on the file (the NVMe tier). Integrity:
-each blob's crc32 is checked the first time it is read in this process, and a
+each blob's xxh3_64 is checked the first time it is read in this process, and a
 mismatch raises `ChecksumError` instead of returning the bytes; the dense file
-is checked before it is loaded.
+(crc32) is checked before it is loaded. A pack of an older format version is
+refused with the command that re-packs it.
 """
 
 from __future__ import annotations
 
 import json
 import mmap
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -24,7 +24,9 @@ from tqdm import tqdm
 from .model_args import ModelArgs
 
 from . import codec
+from .checksums import BLOB_CHECKSUM, blob_digest
 from .errors import ChecksumError, PackError
+from .int4_layout import Int4Layout, Int4LayoutError
 from .pack import MANIFEST_FILE, PACK_FORMAT, PACK_FORMAT_VERSION, file_crc32
 
 ExpertId = tuple[int, int]  # (decoder layer, expert)
@@ -36,7 +38,7 @@ class BlobRef:
 
     offset: int  # bytes from the start of experts.bin, a multiple of the pack's alignment
     nbytes: int  # blob length, without the alignment padding after it
-    crc32: int  # zlib.crc32 of the blob's bytes
+    xxh3_64: int  # xxh3_64 of the blob's bytes (expert_store.checksums.blob_digest)
 
 
 class Pack:
@@ -82,16 +84,14 @@ class Pack:
         if not isinstance(manifest, dict) or manifest.get("format") != PACK_FORMAT:
             raise PackError(f"{manifest_path}: not a {PACK_FORMAT} manifest")
         version = manifest.get("format_version")
-        if version != PACK_FORMAT_VERSION:
+        layout = manifest.get("codec_layout_version")
+        if version != PACK_FORMAT_VERSION or layout != codec.LAYOUT_VERSION:
+            older = isinstance(version, int) and version < PACK_FORMAT_VERSION
             raise PackError(
-                f"{manifest_path}: format_version {version!r} is not supported (this fate-moe reads "
-                f"{PACK_FORMAT_VERSION}); re-pack the checkpoint with this version"
-            )
-        layout = manifest.get("codec_layout_version", codec.LAYOUT_VERSION)
-        if layout != codec.LAYOUT_VERSION:
-            raise PackError(
-                f"{manifest_path}: expert blob layout {layout!r}, this fate-moe decodes layout "
-                f"{codec.LAYOUT_VERSION}; re-pack the checkpoint with this version"
+                f"{manifest_path}: pack format_version {version!r} (expert blob layout {layout!r}) "
+                f"{'is older than' if older else 'is not'} the one this fate-moe reads ({PACK_FORMAT_VERSION}, "
+                f"layout {codec.LAYOUT_VERSION}: int4/int2 in the CPU kernel's layout, xxh3_64 checksums); "
+                f"re-pack with `python -m expert_store pack CHECKPOINT_DIR {path} --force`"
             )
         try:
             for name in (manifest["experts_file"], manifest["dense"]["file"]):
@@ -101,6 +101,7 @@ class Pack:
         except (KeyError, TypeError, ValueError) as e:
             raise PackError(f"{manifest_path}: malformed manifest ({type(e).__name__}: {e}); re-pack the checkpoint") from None
         _check_refs(manifest_path, manifest, refs)
+        _check_int4_layout(manifest_path, manifest)
         _check_size(path / manifest["experts_file"], int(manifest["experts_nbytes"]))
         _check_size(path / manifest["dense"]["file"], int(manifest["dense"]["nbytes"]))
         return cls(path, manifest, refs, args)
@@ -121,7 +122,7 @@ class Pack:
     def expert_blob(self, layer: int, expert: int, fmt: str, verify: bool = True) -> memoryview:
         """Zero-copy view of one blob (it keeps the mapping alive, even past `close()`).
 
-        With verify, the crc32 is checked on the first read of each blob in this
+        With verify, the xxh3_64 is checked on the first read of each blob in this
         process (then remembered), so a corrupt expert is refused, never served.
         """
         ref = self.blob_ref(layer, expert, fmt)
@@ -129,11 +130,11 @@ class Pack:
         view = self._view[ref.offset : ref.offset + ref.nbytes]
         key = (layer, expert, fmt)
         if verify and key not in self._verified:
-            got = zlib.crc32(view)
-            if got != ref.crc32:
+            got = blob_digest(view)
+            if got != ref.xxh3_64:
                 raise ChecksumError(
-                    f"{self.path}: layer {layer} expert {expert} {fmt}: checksum mismatch (crc32 {got:#010x}, "
-                    f"manifest {ref.crc32:#010x}); the pack is corrupt, re-pack it",
+                    f"{self.path}: layer {layer} expert {expert} {fmt}: checksum mismatch (xxh3_64 {got:016x}, "
+                    f"manifest {ref.xxh3_64:016x}); the pack is corrupt, re-pack it",
                     layer, expert, fmt,
                 )
             self._verified.add(key)
@@ -158,6 +159,12 @@ class Pack:
         return load_file(str(dense), device=str(device))
 
     @property
+    def int4_layout(self) -> Int4Layout | None:
+        """The int4 kernel layout of this pack's int4/int2 blobs (None when it has neither)."""
+        record = self.manifest.get("int4_layout")
+        return Int4Layout.from_record(record) if record else None
+
+    @property
     def tokenizer_path(self) -> Path | None:
         """The pack's tokenizer.json (for the `tokenizers` library), or None when the checkpoint had none."""
         name = self.manifest.get("tokenizer")
@@ -173,10 +180,10 @@ class Pack:
             problems.append(dense_problem)
         refs = sorted(self._refs.items(), key=lambda kv: kv[1].offset)  # file order: sequential reads
         for (layer, expert, fmt), ref in tqdm(refs, unit="blob", desc="verifying", disable=None if progress else True):
-            got = zlib.crc32(self._view[ref.offset : ref.offset + ref.nbytes])
-            if got != ref.crc32:
+            got = blob_digest(self._view[ref.offset : ref.offset + ref.nbytes])
+            if got != ref.xxh3_64:
                 problems.append(
-                    f"layer {layer} expert {expert} {fmt}: checksum mismatch (crc32 {got:#010x}, manifest {ref.crc32:#010x})"
+                    f"layer {layer} expert {expert} {fmt}: checksum mismatch (xxh3_64 {got:016x}, manifest {ref.xxh3_64:016x})"
                 )
             else:
                 self._verified.add((layer, expert, fmt))
@@ -202,6 +209,8 @@ class Pack:
             + (f", shared expert FFN {a.shared_expert_intermediate_size}" if a.shared_expert_intermediate_size else ""),
             f"dense       {m['dense']['file']} {_size(int(m['dense']['nbytes']))}",
             f"experts.bin {_size(int(m['experts_nbytes']))}, {m['alignment']}-byte aligned blobs, {m['checksum']} each",
+            *([f"int4 layout {m['int4_layout']['name']} (torch CPU int4 kernel, {m['int4_layout']['fingerprint']})"]
+              if m.get("int4_layout") else []),
             "formats:",
         ]
         align = int(m["alignment"])
@@ -255,7 +264,7 @@ def _parse(manifest: dict[str, Any]) -> tuple[dict[tuple[int, int, str], BlobRef
     for entry in manifest["experts"]:
         for fmt, blob in entry["blobs"].items():
             refs[(int(entry["layer"]), int(entry["expert"]), str(fmt))] = BlobRef(
-                int(blob["offset"]), int(blob["nbytes"]), int(blob["crc32"])
+                int(blob["offset"]), int(blob["nbytes"]), int(blob[BLOB_CHECKSUM])
             )
     return refs, args
 
@@ -270,6 +279,20 @@ def _check_refs(source: Path, manifest: dict[str, Any], refs: dict[tuple[int, in
                 f"{source}: layer {layer} expert {expert} {fmt}: blob at {ref.offset}+{ref.nbytes} does not fit "
                 f"the pack ({total} bytes, {align}-aligned, {want} bytes per blob); re-pack the checkpoint"
             )
+
+
+def _check_int4_layout(source: Path, manifest: dict[str, Any]) -> None:
+    """int4/int2 blobs need a layout record we know (their bytes mean nothing without it)."""
+    if not any(codec.FORMATS.get(f, codec.FORMATS["bf16"]).kernel_layout for f in manifest["formats"]):
+        return
+    record = manifest.get("int4_layout")
+    try:
+        if not isinstance(record, dict):
+            raise Int4LayoutError("no int4_layout record")
+        Int4Layout.from_record(record)
+    except (Int4LayoutError, KeyError) as e:
+        raise PackError(f"{source}: int4/int2 blobs with an unusable layout record ({e}); re-pack with "
+                        f"`python -m expert_store pack CHECKPOINT_DIR {source.parent} --force`") from None
 
 
 def _check_size(file: Path, expected: int) -> None:

@@ -14,7 +14,7 @@ attaching. Only the store, which created the segment, unlinks it.
 
 Reading a descriptor: attach once per segment name and keep it; copy
 `buf[offset_bytes : offset_bytes + length_bytes]` out while the lease is valid
-(`lease_ttl_ms` from the reply), check the crc32 against the descriptor's
+(`lease_ttl_ms` from the reply), check the xxh3_64 against the descriptor's
 `checksum`, then ReleaseLeases. The store never rewrites a leased slot; a copy
 that outlives its lease may see the slot's next tenant, which the checksum
 catches (fetch again). A segment name that no longer exists means the store

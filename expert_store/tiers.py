@@ -5,7 +5,7 @@ is released while a cold read waits for the disk (a page fault on a mapping
 would hold it and stall the event loop), a promotion reads straight into its
 RAM slot (one copy), and no page of the file stays mapped in this process, so
 `drop_page_cache` (posix_fadvise DONTNEED) really empties the page cache and
-the next reads are real disk reads (honest cold tests). A blob's crc32 is checked
+the next reads are real disk reads (honest cold tests). A blob's xxh3_64 is checked
 every time its bytes come off the disk to be handed out (a promotion into a RAM
 slot, a gRPC read from NVMe), not once per process: a byte that flips on disk while
 the store runs is caught the next time the blob is read. A mismatch raises
@@ -37,7 +37,6 @@ import os
 import secrets
 import time
 import traceback
-import zlib
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 
 
 from . import shm
+from .checksums import blob_checksum, blob_digest, new_hasher
 from .errors import ChecksumError, FateError
 from .pack import ALIGNMENT, align_up
 from .packfile import BlobRef, Pack
@@ -133,8 +133,8 @@ class NvmeTier:
         return self.pack.blob_ref(key.layer, key.expert, key.fmt)
 
     def checksum(self, key: BlobKey) -> str:
-        """The blob's checksum as the protocol writes it: "crc32:<8 hex digits>"."""
-        return f"crc32:{self.ref(key).crc32:08x}"
+        """The blob's checksum as the protocol writes it: "xxh3_64:<16 hex digits>"."""
+        return blob_checksum(self.ref(key).xxh3_64)
 
     def is_verified(self, key: BlobKey) -> bool:
         return key in self._verified
@@ -147,7 +147,7 @@ class NvmeTier:
         ref = self.ref(key)
         self._pread_into(dest[: ref.nbytes], ref.offset)
         if verify:
-            self._check(key, zlib.crc32(dest[: ref.nbytes]))
+            self._check(key, blob_digest(dest[: ref.nbytes]))
 
     def read_range(self, key: BlobKey, start: int, nbytes: int) -> bytes:
         """`nbytes` of the blob from `start` (call `verify_blob` first: this does not check)."""
@@ -162,23 +162,23 @@ class NvmeTier:
         return data
 
     def verify_blob(self, key: BlobKey, piece: memoryview | None = None) -> None:
-        """crc32 of the blob as it is on disk now against the manifest; ChecksumError on a mismatch."""
+        """xxh3_64 of the blob as it is on disk now against the manifest; ChecksumError on a mismatch."""
         ref = self.ref(key)
         piece = piece if piece is not None else memoryview(bytearray(min(_VERIFY_PIECE, max(ref.nbytes, 1))))
-        crc, pos, end = 0, ref.offset, ref.offset + ref.nbytes
+        hasher, pos, end = new_hasher(), ref.offset, ref.offset + ref.nbytes
         while pos < end:
             n = min(len(piece), end - pos)
             self._pread_into(piece[:n], pos)
-            crc = zlib.crc32(piece[:n], crc)
+            hasher.update(piece[:n])
             pos += n
-        self._check(key, crc)
+        self._check(key, hasher.intdigest())
 
     def _check(self, key: BlobKey, crc: int) -> None:
         ref = self.ref(key)
-        if crc != ref.crc32:
+        if crc != ref.xxh3_64:
             raise ChecksumError(
-                f"layer {key.layer} expert {key.expert} {key.fmt}: the stored bytes fail their checksum (crc32 "
-                f"{crc:#010x}, manifest {ref.crc32:#010x}); the store's pack is damaged (its log names the file)",
+                f"layer {key.layer} expert {key.expert} {key.fmt}: the stored bytes fail their checksum (xxh3_64 "
+                f"{crc:016x}, manifest {ref.xxh3_64:016x}); the store's pack is damaged (its log names the file)",
                 key.layer, key.expert, key.fmt,
             )
         self._verified.add(key)

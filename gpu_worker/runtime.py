@@ -10,6 +10,7 @@ import torch
 
 from expert_store.packfile import Pack
 
+from .expert_compute import accept_pack_layout
 from .experts import ExpertProvider, PackExpertSource
 from .model import MoEModel, WeightsError
 from .tokenizer import TextTokenizer
@@ -50,6 +51,7 @@ def load_local(
 ) -> LocalRuntime:
     pack = Pack.open(pack_path)
     dev = pick_device(device)
+    accept_pack_layout(pack.manifest, dev)
     source = PackExpertSource(pack, fmt or default_format(pack), dev, form)
     model = build_model(pack, source, dev)
     tok = TextTokenizer(pack.tokenizer_path) if pack.tokenizer_path else None

@@ -71,7 +71,7 @@ from .engine import (
     RequestError,
     TokenEvent,
 )
-from .expert_compute import default_compute_form
+from .expert_compute import accept_pack_layout, default_compute_form
 from .generate import SamplingError, SamplingParams
 from .metrics import WorkerMetrics
 from .model_info import load_template_info
@@ -172,6 +172,7 @@ def load_runtime(cfg: WorkerConfig) -> WorkerRuntime:
         log.info("waiting for the expert store at %s (up to %.0f s, store_wait_s)", cfg.store, cfg.store_wait_s)
         store.wait_ready(cfg.store_wait_s)
         m = store.manifest()
+        accept_pack_layout(m.pack_manifest, device)  # int4 blobs in this CPU kernel's layout, or a warning
         fmt = _pick_format(cfg, m)
         form = cfg.compute_form or default_compute_form(fmt, device)
         full = full_budget_bytes(m.args, fmt, form, device)

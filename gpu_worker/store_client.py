@@ -10,7 +10,7 @@ Both fetchers have one method the cache uses, `fetch(keys, priority) -> list[Fet
                   over FetchExperts.
     PackFetcher   the same interface over an open `Pack` (tests, `generate`).
 
-Integrity: every blob is checked against its crc32 (the manifest's, and the store's own
+Integrity: every blob is checked against its xxh3_64 (the manifest's, and the store's own
 checksum where the reply carries one) after it reaches our memory; a mismatch raises
 ChecksumError (naming the expert, from the store's trailing metadata when it found the
 damage) and the bytes are never returned. The protocol pieces (manifest, reassembly,
@@ -39,7 +39,6 @@ import secrets
 import threading
 import time
 import uuid
-import zlib
 from multiprocessing.shared_memory import SharedMemory
 from typing import Iterable, Literal, Sequence
 
@@ -49,6 +48,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moe.v1 import store_pb2 as pb
 from moe.v1 import store_pb2_grpc as pb_grpc
+from expert_store.checksums import blob_digest
 from expert_store.edge import CLIENT_SECRET_HEADER, CORRUPT_EXPERT_TRAILER, ClientSecurity
 from expert_store.shm import SHM_DIR, attach_segment, host_id
 
@@ -392,11 +392,11 @@ class StoreClient:
             if seg is None:
                 return None
             blob = bytes(seg.buf[d.offset_bytes:d.offset_bytes + d.length_bytes])  # the one copy
-        got = verify_checksum(blob, d.checksum, what) if d.checksum else zlib.crc32(blob)
+        got = verify_checksum(blob, d.checksum, what) if d.checksum else blob_digest(blob)
         want = self._crc32.get(key)
         if want is not None and got != want:
-            raise ChecksumError(f"{what}: checksum mismatch with the pack manifest (got crc32 {got:08x}, "
-                                f"manifest {want:08x}); refusing the bytes", *key)
+            raise ChecksumError(f"{what}: checksum mismatch with the pack manifest (got xxh3_64 {got:016x}, "
+                                f"manifest {want:016x}); refusing the bytes", *key)
         if want is None and not d.checksum:
             raise ChecksumError(f"{what}: no checksum from the store and none in the manifest; refusing the bytes")
         return blob
@@ -553,7 +553,7 @@ def _key_pb(key: BlobKey) -> pb.ExpertKey:
 
 
 class PackFetcher:
-    """`fetch()` straight from an open Pack (zero-copy views over its mmap, crc32-checked on first read)."""
+    """`fetch()` straight from an open Pack (zero-copy views over its mmap, xxh3_64-checked on first read)."""
 
     def __init__(self, pack):
         self.pack = pack

@@ -7,7 +7,6 @@ Pure functions and dataclasses over the moe.v1 messages, unit-tested without a s
 from __future__ import annotations
 
 import json
-import zlib
 from dataclasses import dataclass
 from typing import Iterable, Literal, Protocol, Sequence
 
@@ -15,6 +14,7 @@ import grpc
 import torch
 
 from moe.v1 import store_pb2 as pb
+from expert_store.checksums import BLOB_CHECKSUM, blob_digest, digest_for
 from expert_store.errors import ChecksumError, FateError
 from expert_store.model_args import ModelArgs
 
@@ -59,17 +59,19 @@ class PackChangedError(StoreError):
 
 
 def verify_checksum(data: bytes | bytearray | memoryview, checksum: str, what: str) -> int:
-    """Check `data` against a "crc32:<hex>" checksum; return the crc32. Unknown algorithms fail too."""
+    """Check `data` against a "xxh3_64:<hex>" (blobs) or "crc32:<hex>" (dense) checksum; return the digest.
+    Unknown algorithms fail too."""
     algo, _, digest = checksum.partition(":")
-    if algo != "crc32" or not digest:
-        raise ChecksumError(f"{what}: cannot verify checksum {checksum!r} (expected 'crc32:<hex>'); refusing the bytes")
-    got = zlib.crc32(data)
+    got = digest_for(algo, data) if digest else None
+    if got is None:
+        raise ChecksumError(f"{what}: cannot verify checksum {checksum!r} (expected 'xxh3_64:<hex>' or "
+                            f"'crc32:<hex>'); refusing the bytes")
     try:
         want = int(digest, 16)
     except ValueError:
         raise ChecksumError(f"{what}: malformed checksum {checksum!r}; refusing the bytes") from None
     if got != want:
-        raise ChecksumError(f"{what}: checksum mismatch (got crc32 {got:08x}, expected {want:08x}); "
+        raise ChecksumError(f"{what}: checksum mismatch (got {algo} {got:08x}, expected {want:08x}); "
                             f"the bytes were damaged in the store or in transit")
     return got
 
@@ -95,7 +97,7 @@ class StoreManifest:
     top_k: int
     dense_bytes: int
     tokenizer_files: tuple[str, ...]
-    pack_manifest: dict  # manifest.json of the pack (per-expert byte ranges and crc32s)
+    pack_manifest: dict  # manifest.json of the pack (per-expert byte ranges and xxh3_64 digests)
     shm_enabled: bool  # the store serves FetchExpertsShm
     shm_host_id: str  # equal to expert_store.shm.host_id() when co-located
     ram_tier_bytes: int
@@ -107,9 +109,9 @@ class StoreManifest:
         return self.formats[fmt].expert_bytes
 
     def expert_crc32s(self) -> dict[BlobKey, int]:
-        """(layer, expert, fmt) -> crc32 from the pack's manifest."""
+        """(layer, expert, fmt) -> the blob's xxh3_64 from the pack's manifest."""
         return {
-            (int(entry["layer"]), int(entry["expert"]), str(fmt)): int(blob["crc32"])
+            (int(entry["layer"]), int(entry["expert"]), str(fmt)): int(blob[BLOB_CHECKSUM])
             for entry in self.pack_manifest.get("experts", ())
             for fmt, blob in entry["blobs"].items()
         }
@@ -207,11 +209,11 @@ class ExpertChunkAssembler:
         if received != len(buf):
             raise StoreError(f"{what}: got {received} bytes in chunks, the store announced {len(buf)}")
         blob = bytes(buf)
-        got = verify_checksum(blob, msg.checksum, what) if msg.checksum else zlib.crc32(blob)
+        got = verify_checksum(blob, msg.checksum, what) if msg.checksum else blob_digest(blob)
         want = self.expected[i]
         if want is not None and got != want:
-            raise ChecksumError(f"{what}: checksum mismatch with the pack manifest (got crc32 {got:08x}, "
-                                f"manifest {want:08x}); refusing the bytes", layer, expert, fmt)
+            raise ChecksumError(f"{what}: checksum mismatch with the pack manifest (got xxh3_64 {got:016x}, "
+                                f"manifest {want:016x}); refusing the bytes", layer, expert, fmt)
         if want is None and not msg.checksum:
             raise ChecksumError(f"{what}: no checksum from the store and none in the manifest; refusing the bytes")
         self.done[i] = (blob, TIER_NAMES.get(msg.tier, "unknown"))

@@ -199,6 +199,37 @@ def test_open_refuses_damaged_packs(packs, tmp_path):
         Pack.open(pack_dir / "experts.bin")
 
 
+def test_old_format_pack_is_refused_with_the_re_pack_command(packs, tmp_path, capsys):
+    pack_dir = shutil.copytree(packs["mixtral"], tmp_path / "old")
+    manifest = json.loads((pack_dir / "manifest.json").read_text())
+    old = {**manifest, "format_version": 1, "codec_layout_version": 1, "checksum": "crc32"}
+    old.pop("int4_layout")
+    (pack_dir / "manifest.json").write_text(json.dumps(old))
+    with pytest.raises(PackError, match=r"older than .*re-pack with `python -m expert_store pack CHECKPOINT_DIR"):
+        Pack.open(pack_dir)
+    assert main(["inspect", str(pack_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "re-pack with `python -m expert_store pack" in err and len(err.splitlines()) == 1
+
+
+def test_manifest_records_the_int4_layout_and_xxh3_checksums(packs, tmp_path):
+    from expert_store.checksums import blob_digest
+    from expert_store.int4_layout import Int4Layout, kernel_fingerprint
+
+    with Pack.open(packs["mixtral"]) as pack:
+        assert pack.manifest["checksum"] == "xxh3_64"
+        assert pack.int4_layout == Int4Layout.from_record(pack.manifest["int4_layout"])
+        assert pack.manifest["int4_layout"]["fingerprint"] == kernel_fingerprint()  # packed on this machine
+        ref = pack.blob_ref(0, 3, "int4")
+        assert ref.xxh3_64 == blob_digest(pack.expert_blob(0, 3, "int4", verify=False))
+    pack_dir = shutil.copytree(packs["mixtral"], tmp_path / "p")
+    manifest = json.loads((pack_dir / "manifest.json").read_text())
+    (pack_dir / "manifest.json").write_text(json.dumps({**manifest, "int4_layout": {"name": "n64-split",
+                                                                                   "fingerprint": "xxh3_64:00"}}))
+    with pytest.raises(PackError, match="layout record.*re-pack"):
+        Pack.open(pack_dir)
+
+
 # -- bad input through the CLI --------------------------------------------------------------------
 
 

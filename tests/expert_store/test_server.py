@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moe.v1 import store_pb2 as pb
 from moe.v1 import store_pb2_grpc
+from expert_store.checksums import blob_checksum, blob_digest
 from expert_store import shm
 from expert_store.__main__ import main
 from expert_store.config import ConfigError, StoreConfig, build_config, load_toml
@@ -87,7 +88,7 @@ async def fetch(stub, keys, **kw) -> tuple[dict[int, bytes], list[pb.ExpertChunk
         assert c.chunk.offset_bytes == len(buf)  # in order, consecutive
         buf.extend(data)
         if c.last:
-            assert len(buf) == c.total_bytes and c.checksum == f"crc32:{zlib.crc32(buf):08x}"
+            assert len(buf) == c.total_bytes and c.checksum == blob_checksum(blob_digest(buf))
         chunks.append(c)
     return {i: bytes(b) for i, b in blobs.items()}, chunks
 
@@ -266,7 +267,7 @@ async def test_shm_descriptors_point_at_the_bytes(tiny_mixtral_pack: Path, tmp_p
                 for d, k in zip(reply.descriptors, keys):
                     assert d.segment_bytes == segment.size and d.lease_ttl_ms == 30_000 and d.generation >= 1
                     got = bytes(segment.buf[d.offset_bytes : d.offset_bytes + d.length_bytes])
-                    assert got == blob(pack, k) and d.checksum == f"crc32:{zlib.crc32(got):08x}"
+                    assert got == blob(pack, k) and d.checksum == blob_checksum(blob_digest(got))
         finally:
             segment.close()
         stats = await stub.GetStats(pb.GetStoreStatsRequest())
@@ -319,7 +320,7 @@ async def test_concurrent_requests_share_promotions_and_leave_no_pins(tiny_mixtr
                 reply = await stub.FetchExpertsShm(pb.FetchExpertsShmRequest(experts=keys, client_id=f"s{i}"))
                 for d in reply.descriptors:  # while leased, the bytes are the expert's
                     got = segment.buf[d.offset_bytes : d.offset_bytes + d.length_bytes]
-                    assert f"crc32:{zlib.crc32(got):08x}" == d.checksum
+                    assert blob_checksum(blob_digest(got)) == d.checksum
                     del got
                 await stub.ReleaseLeases(pb.ReleaseLeasesRequest(client_id=f"s{i}", all=True))
 

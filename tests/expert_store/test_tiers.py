@@ -221,7 +221,7 @@ def test_nvme_reads_match_the_pack_and_verify(tiny_mixtral_pack: Path):
                 nvme.read_into(key, memoryview(buf))
                 assert bytes(buf[: len(want)]) == want
                 assert nvme.read_range(key, 100, 5000) == want[100:5100]
-                assert nvme.checksum(key) == f"crc32:{pack.blob_ref(*key).crc32:08x}"
+                assert nvme.checksum(key) == f"xxh3_64:{pack.blob_ref(*key).xxh3_64:016x}"
             nvme.drop_page_cache()  # must not break later reads
             assert nvme.read_range(BlobKey(1, 1, "int4"), 0, 16) == bytes(pack.expert_blob(1, 1, "int4"))[:16]
         finally:

@@ -6,8 +6,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from expert_store.codec import FORMATS, CodecError, QuantizedMatrix, decode_expert, encode_expert
-from gpu_worker.expert_compute import COMPUTE_FORMS, default_compute_form, make_expert_compute
+import logging
+
+from expert_store.codec import FORMATS, CodecError, Int4KernelMatrix, QuantizedMatrix, decode_expert, encode_expert
+from expert_store.errors import PackError
+from expert_store.int4_layout import KNOWN_LAYOUTS, native_layout
+from gpu_worker import expert_compute
+from gpu_worker.expert_compute import (
+    COMPUTE_FORMS,
+    accept_pack_layout,
+    default_compute_form,
+    layout_conversions,
+    make_expert_compute,
+)
+
+needs_known_layout = pytest.mark.skipif(native_layout() is None, reason="this torch's int4 CPU layout is unknown")
 
 # (hidden, inter): aligned to every kernel constraint; then K and N that need padding
 SHAPES = [(128, 256), (200, 100)]
@@ -25,18 +38,24 @@ def _expert(hidden: int, inter: int, seed: int = 0):
             torch.randn(hidden, inter, generator=g) * 0.02)
 
 
-def _kept_tensors(obj, seen: dict | None = None) -> dict[int, torch.Tensor]:
-    """Every tensor reachable from an expert object (its own classes, lists, QuantizedMatrix)."""
+def _kept_storages(obj, seen: dict | None = None) -> dict[int, int]:
+    """Every tensor storage reachable from an expert object (its classes, lists, matrices): data_ptr -> bytes."""
     seen = {} if seen is None else seen
     if isinstance(obj, torch.Tensor):
-        seen[obj.untyped_storage().data_ptr()] = obj
+        seen[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
     elif isinstance(obj, (list, tuple)):
         for o in obj:
-            _kept_tensors(o, seen)
-    elif isinstance(obj, QuantizedMatrix) or type(obj).__module__ == "gpu_worker.expert_compute":
+            _kept_storages(o, seen)
+    elif isinstance(obj, (QuantizedMatrix, Int4KernelMatrix)) or type(obj).__module__ == "gpu_worker.expert_compute":
         for o in vars(obj).values():
-            _kept_tensors(o, seen)
+            _kept_storages(o, seen)
     return seen
+
+
+@pytest.fixture
+def fresh_layout_state(monkeypatch):
+    """accept_pack_layout sets process-wide state: each test gets its own."""
+    monkeypatch.setattr(expert_compute, "_layout", expert_compute._LayoutState())
 
 
 def _cases():
@@ -89,8 +108,8 @@ def test_fused_kernel_matches_dequant_reference_on_tiny_mixtral_shape(fmt):
 def test_nbytes_is_the_sum_of_kept_tensors(fmt, form, hidden, inter):
     blob = encode_expert(fmt, *_expert(hidden, inter))
     expert = make_expert_compute(fmt, blob, hidden, inter, form)
-    kept = _kept_tensors(expert)
-    assert kept and expert.nbytes == sum(t.numel() * t.element_size() for t in kept.values())
+    kept = _kept_storages(expert)
+    assert kept and expert.nbytes == sum(kept.values())
     n_params = 3 * hidden * inter
     if form == "fp32":
         assert expert.nbytes == 4 * n_params
@@ -98,8 +117,65 @@ def test_nbytes_is_the_sum_of_kept_tensors(fmt, form, hidden, inter):
         assert expert.nbytes == 2 * n_params
     elif form == "int4_fused" and fmt == "int4" and hidden % 64 == 0 and inter % 64 == 0:
         assert expert.nbytes == n_params // 2 + 3 * 2 * 2 * (n_params // 3 // 64)  # codes + bf16 scale, zero
-    elif form == "dequant_per_use" and hidden % 128 == 0 and inter % 128 == 0:
-        assert expert.nbytes == len(blob)  # aligned shapes: the blob has no padding
+    elif form == "dequant_per_use":
+        assert expert.nbytes == len(blob)  # one owned copy of the blob
+
+
+@needs_known_layout
+@pytest.mark.parametrize("hidden,inter", [(128, 256), (192, 384)])
+def test_cpu_int4_fused_is_one_copy_of_the_blob(hidden, inter):
+    """What the worker receives is compute-ready: the kernel's weights and scales are views of one copy,
+    gate and up one [2 inter, hidden] matrix (inter a multiple of the kernel's block)."""
+    blob = bytearray(encode_expert("int4", *_expert(hidden, inter)))
+    expert = make_expert_compute("int4", blob, hidden, inter, "int4_fused", "cpu")
+    kept = _kept_storages(expert)
+    assert list(kept.values()) == [len(blob)]  # a single storage: the copy
+    assert next(iter(kept)) != torch.frombuffer(blob, dtype=torch.uint8).data_ptr()  # not the blob itself
+    assert expert.gate_up.weight.data_ptr() == expert.blob.data_ptr()  # gate codes open the blob
+    assert expert.gate_up.weight.shape == (2 * inter, hidden // 2) and expert.gate_up.scales_and_zeros.dtype == \
+        torch.bfloat16
+
+
+@needs_known_layout
+@pytest.mark.parametrize("fmt", ["int4", "int2"])
+def test_foreign_layout_is_converted_counted_and_identical(fmt):
+    """A pack written where the kernel lays int4 out differently: converted on arrival, same numerics."""
+    weights = _expert(192, 384, seed=5)
+    native = make_expert_compute(fmt, encode_expert(fmt, *weights), 192, 384, "int4_fused")
+    x = torch.randn(3, 192)
+    for layout in KNOWN_LAYOUTS:
+        if layout == native_layout():
+            continue
+        before = layout_conversions()
+        expert = make_expert_compute(fmt, encode_expert(fmt, *weights, layout), 192, 384, "int4_fused",
+                                     layout=layout)
+        assert layout_conversions() == before + 3  # gate, up, down
+        assert expert.gate_up is None and native.gate_up is not None  # apart, and in one kernel call
+        assert torch.equal(expert(x), native(x)), layout.name
+        ref = make_expert_compute(fmt, encode_expert(fmt, *weights, layout), 192, 384, "fp32", layout=layout)
+        assert torch.equal(ref(x), make_expert_compute(fmt, encode_expert(fmt, *weights), 192, 384, "fp32")(x))
+
+
+@needs_known_layout
+def test_accept_pack_layout(fresh_layout_state, caplog):
+    manifest = {"formats": {"int4": {}}, "int4_layout": native_layout().record()}
+    with caplog.at_level(logging.WARNING, logger="gpu_worker.expert_compute"):
+        assert accept_pack_layout(manifest) == native_layout()
+    assert not caplog.records
+    foreign = next(l for l in KNOWN_LAYOUTS if l != native_layout())
+    with caplog.at_level(logging.WARNING, logger="gpu_worker.expert_compute"):
+        assert accept_pack_layout({**manifest, "int4_layout": foreign.record()}) == foreign
+    assert "converted on arrival" in caplog.text and "python -m expert_store pack" in caplog.text
+    # the accepted layout is the one blobs are read in from now on
+    weights = _expert(64, 128)
+    before = layout_conversions()
+    make_expert_compute("int4", encode_expert("int4", *weights, foreign), 64, 128, "int4_fused")
+    assert layout_conversions() == before + 3
+    assert accept_pack_layout({"formats": {"bf16": {}}}) is None  # nothing to check
+    with pytest.raises(PackError, match="re-pack"):
+        accept_pack_layout({"formats": {"int2": {}}})
+    with pytest.raises(PackError, match="re-pack"):
+        accept_pack_layout({**manifest, "int4_layout": {"name": foreign.name, "fingerprint": "xxh3_64:0"}})
 
 
 @pytest.mark.parametrize("form", COMPUTE_FORMS)

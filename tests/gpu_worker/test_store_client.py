@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from moe.v1 import store_pb2 as pb
 from moe.v1 import store_pb2_grpc as pb_grpc
+from expert_store.checksums import blob_checksum, blob_digest
 from expert_store.errors import ChecksumError
 from expert_store.packfile import Pack
 from gpu_worker.store_client import PackFetcher, StoreClient
@@ -45,6 +46,10 @@ def _crc(data) -> str:
     return f"crc32:{zlib.crc32(data):08x}"
 
 
+def _xxh(data) -> str:  # expert blobs; dense tensors keep crc32
+    return blob_checksum(blob_digest(data))
+
+
 def _expert_chunks(index, key, blob, pieces=3, zstd_piece=None, corrupt_piece=None, checksum=None):
     step = -(-len(blob) // pieces)
     out = []
@@ -61,7 +66,7 @@ def _expert_chunks(index, key, blob, pieces=3, zstd_piece=None, corrupt_piece=No
             index=index, key=pb.ExpertKey(layer=key[0], expert=key[1], format=_PB_FMT[key[2]]),
             total_bytes=len(blob), last=last, tier=pb.STORE_TIER_RAM,
             chunk=pb.DataChunk(offset_bytes=off, data=data, compression=compression, uncompressed_bytes=raw_len),
-            checksum=(checksum or _crc(blob)) if last else ""))
+            checksum=(checksum or _xxh(blob)) if last else ""))
     return out
 
 
@@ -71,6 +76,9 @@ def _expert_chunks(index, key, blob, pieces=3, zstd_piece=None, corrupt_piece=No
 def test_verify_checksum():
     data = b"expert bytes" * 100
     assert verify_checksum(data, _crc(data), "x") == zlib.crc32(data)
+    assert verify_checksum(data, _xxh(data), "x") == blob_digest(data)
+    with pytest.raises(ChecksumError, match="mismatch"):
+        verify_checksum(data[:-1] + b"?", _xxh(data), "x")
     with pytest.raises(ChecksumError, match="mismatch"):
         verify_checksum(data[:-1] + b"?", _crc(data), "x")
     for bad in ("sha1:00", "crc32:", "crc32:zz", ""):
@@ -81,7 +89,7 @@ def test_verify_checksum():
 def test_expert_chunks_reassemble_and_verify(pack):
     keys = [(1, 3, FMT), (2, 5, FMT)]
     blobs = [pack.expert_blob(*k) for k in keys]
-    crcs = [pack.blob_ref(*k).crc32 for k in keys]
+    crcs = [pack.blob_ref(*k).xxh3_64 for k in keys]
     asm = ExpertChunkAssembler(keys, crcs)
     # experts may arrive in any order; one chunk zstd-compressed
     for msg in _expert_chunks(1, keys[1], blobs[1]) + _expert_chunks(0, keys[0], blobs[0], zstd_piece=1):
@@ -93,7 +101,7 @@ def test_expert_chunks_reassemble_and_verify(pack):
 def test_damaged_expert_is_refused(pack, case):
     key = (1, 3, FMT)
     blob = bytes(pack.expert_blob(*key))
-    asm = ExpertChunkAssembler([key], [pack.blob_ref(*key).crc32])
+    asm = ExpertChunkAssembler([key], [pack.blob_ref(*key).xxh3_64])
     if case == "corrupt_chunk":
         chunks = _expert_chunks(0, key, blob, corrupt_piece=1)
     elif case == "store_checksum_of_bad_bytes":  # consistent with itself, not with the manifest
