@@ -131,11 +131,13 @@ class LayerLedger:
     """One MoE layer's part of the ledger (its fields are read by the cache and the prefetch thread)."""
 
     __slots__ = ("layer", "policy", "slots", "resident", "pins", "pending", "prefetched", "stats", "done_step",
-                 "active", "int2_tail")
+                 "active", "int2_tail", "on_miss")
 
     def __init__(self, layer: int, policy: ReplacementPolicy, slots: int):
         self.layer = layer
         self.policy = policy
+        # the policy's on_miss, or None where it is the base class's no-op (LRU, LFU): skipped
+        self.on_miss = policy.on_miss if type(policy).on_miss is not ReplacementPolicy.on_miss else None
         self.slots = slots
         self.resident: dict[int, Any] = {}  # expert -> payload (the worker's compute form; None in a replay)
         self.pins: dict[int, int] = {}  # expert -> pin count (in use, never evicted)
@@ -245,12 +247,19 @@ class CacheLedger:
         if borrow and room == 0:
             room = sum(S.n_evictable() for S in self._order if S is not L)
         chosen = experts[:room]
-        on_miss = L.policy.on_miss
+        on_miss, victim, total = L.on_miss, L.policy.victim, self.total_slots
         for e in chosen:
-            on_miss(e, prefetch)
-            if self.used >= self.total_slots and not self.evict_one(L, borrow):
-                raise CacheError(f"cache accounting: no room after counting {room} (a cache bug)")
-            self.take(1)
+            if on_miss is not None:
+                on_miss(e, prefetch)
+            if self.used >= total:
+                if L.resident and not L.pins:  # evict_one's first case, without building a candidate set
+                    self.evict(L, victim(L.resident))
+                elif not self.evict_one(L, borrow):
+                    raise CacheError(f"cache accounting: no room after counting {room} (a cache bug)")
+            self.used += 1  # take(1)
+            self.reserved += 1
+            if self.used > self.high_water:
+                self.high_water = self.used
         return chosen
 
     def insert(self, L: LayerLedger, e: int, payload: Any, prefetch: bool = False, blob_bytes: int = 0,
@@ -401,26 +410,45 @@ class CacheLedger:
 
     # -- replays (the simulator's driver: no fetches, nothing pinned or pending between calls) ---------
 
-    def replay_demand(self, L: LayerLedger, ids: list[int]) -> tuple[int, int]:
+    def replay_demand(self, L: LayerLedger, ids: Sequence[int]) -> tuple[int, int]:
         """One demand call for L with `ids` (distinct, in the model's order), as the worker's cache runs it
-        when every fetch completes at once: (misses, waves)."""
-        ready, _ = self.begin_call(L, ids, pin=False)
+        when every fetch completes at once (nothing pinned or pending between calls): (misses, waves)."""
+        R = L.resident
+        if L.prefetched or self.step is not None or L.int2_tail is not None:
+            ready, _ = self.begin_call(L, list(ids), pin=False)
+            remaining = [e for e in ids if e not in R] if len(ready) < len(ids) else None
+        else:  # begin_call without prefetches to tell apart: each hit is on_hit, in ids order
+            L.active = True
+            L.stats.lookups += len(ids)
+            on_hit = L.policy.on_hit
+            remaining = None
+            for e in ids:
+                if e in R:
+                    on_hit(e)
+                elif remaining is None:
+                    remaining = [e]
+                else:
+                    remaining.append(e)
+            L.stats.hits += len(ids) - (len(remaining) if remaining else 0)
         misses = waves = 0
-        if len(ready) < len(ids):
-            R = L.resident
-            remaining = [e for e in ids if e not in R]
+        if remaining:
             misses = len(remaining)
-            insert = self.insert
+            on_insert = L.policy.on_insert
             while remaining:
                 wave = self.reserve(L, remaining, borrow=True)
                 if not wave:
                     raise CacheBudgetError(f"layer {L.layer}: no room for one expert in {self.total_slots} units")
+                self.reserved -= len(wave)  # insert(L, e, None) for each: demand, unpinned, no payload
                 for e in wave:
-                    insert(L, e, None)
-                self.count_demand(L, wave)
+                    R[e] = None
+                    on_insert(e, False)
                 remaining = remaining[len(wave):]
                 waves += 1
-        self.end_call(L)
+            L.stats.misses += misses
+        if len(R) > L.slots:
+            self.trim(L)
+        L.done_step = self.step_seq
+        L.active = False
         return misses, waves
 
     def replay_prefetch(self, L: LayerLedger, experts: list[int]) -> int:

@@ -90,29 +90,29 @@ class LFUPolicy(ReplacementPolicy):
     name = "lfu"
 
     def __init__(self) -> None:
-        self._count: dict[int, float] = {}
+        self._count: dict[int, float] = {}  # every expert ever resident -> its (scaled) uses
         self._recency: OrderedDict[int, None] = OrderedDict()  # resident experts, oldest first
-
-    def _bump(self, expert: int) -> None:
-        self._count[expert] = self._count.get(expert, 0.0) + self._increment()
-
-    def _increment(self) -> float:
-        return 1.0
+        self._inc = 1.0  # what one use adds (LFU: 1; LFU-decay: decay**-step)
 
     def on_hit(self, expert: int) -> None:
-        self._bump(expert)
+        count = self._count
+        count[expert] = count.get(expert, 0.0) + self._inc
         self._recency.move_to_end(expert)
 
     def on_insert(self, expert: int, prefetch: bool = False) -> None:
-        if not prefetch:
-            self._bump(expert)
-        self._recency[expert] = None
-        self._recency.move_to_end(expert)
+        count = self._count
+        count[expert] = count.get(expert, 0.0) + (0.0 if prefetch else self._inc)
+        recency = self._recency
+        recency[expert] = None
+        recency.move_to_end(expert)
 
     def victim(self, candidates: Collection[int]) -> int:
+        count = self._count
+        if len(candidates) == len(self._recency) and self._recency:
+            # every resident expert is a candidate: min() keeps the first (least recently used) of equal counts
+            return min(self._recency, key=count.__getitem__)
         # one pass, oldest first: the strict < keeps the least recently used among equal counts
         best, best_count = None, 0.0
-        count = self._count
         for e in self._recency:
             if e in candidates:
                 c = count.get(e, 0.0)
@@ -127,7 +127,7 @@ class LFUPolicy(ReplacementPolicy):
 
     def count(self, expert: int) -> float:
         """The (decayed) count in units of one use at the current step."""
-        return self._count.get(expert, 0.0) / self._increment()
+        return self._count.get(expert, 0.0) / self._inc
 
 
 class LFUDecayPolicy(LFUPolicy):
@@ -145,10 +145,6 @@ class LFUDecayPolicy(LFUPolicy):
             raise PolicyError(f"lfu_decay: decay must be in (0, 1], got {decay}")
         super().__init__()
         self.decay = decay
-        self._inc = 1.0
-
-    def _increment(self) -> float:
-        return self._inc
 
     def on_step(self) -> None:
         self._inc /= self.decay
