@@ -243,7 +243,7 @@ class CacheLedger:
         """Step 2: room for the first experts of `experts` that fit, in layer L: free units first, then L's
         unpinned experts (by its policy); only when neither exists, (borrow) other layers' unpinned experts.
         Returns those reserved; each had its policy's on_miss just before room was made for it."""
-        room = self.total_slots - self.used + L.n_evictable()
+        room = self.total_slots - self.used + (len(L.resident) if not L.pins else L.n_evictable())
         if borrow and room == 0:
             room = sum(S.n_evictable() for S in self._order if S is not L)
         chosen = experts[:room]
@@ -430,26 +430,71 @@ class CacheLedger:
                 else:
                     remaining.append(e)
             L.stats.hits += len(ids) - (len(remaining) if remaining else 0)
-        misses = waves = 0
-        if remaining:
-            misses = len(remaining)
-            on_insert = L.policy.on_insert
-            while remaining:
-                wave = self.reserve(L, remaining, borrow=True)
-                if not wave:
-                    raise CacheBudgetError(f"layer {L.layer}: no room for one expert in {self.total_slots} units")
-                self.reserved -= len(wave)  # insert(L, e, None) for each: demand, unpinned, no payload
-                for e in wave:
-                    R[e] = None
-                    on_insert(e, False)
-                remaining = remaining[len(wave):]
-                waves += 1
-            L.stats.misses += misses
+        waves = self._replay_misses(L, remaining) if remaining else 0
         if len(R) > L.slots:
             self.trim(L)
         L.done_step = self.step_seq
         L.active = False
-        return misses, waves
+        return (len(remaining) if remaining else 0), waves
+
+    def _replay_misses(self, L: LayerLedger, remaining: list[int]) -> int:
+        """Step 2 of a replayed demand call: the misses in waves, each reserved and inserted; the waves."""
+        R = L.resident
+        on_insert = L.policy.on_insert
+        L.stats.misses += len(remaining)
+        waves = 0
+        while remaining:
+            wave = self.reserve(L, remaining, borrow=True)
+            if not wave:
+                raise CacheBudgetError(f"layer {L.layer}: no room for one expert in {self.total_slots} units")
+            self.reserved -= len(wave)  # insert(L, e, None) for each: demand, unpinned, no payload
+            for e in wave:
+                R[e] = None
+                on_insert(e, False)
+            remaining = remaining[len(wave):]
+            waves += 1
+        return waves
+
+    def replay_steps(self, steps: Sequence[Sequence[Sequence[int]]], clock: Callable[[int], None] | None = None
+                     ) -> list[tuple[int, int, int, int]]:
+        """Load on demand over whole forward steps: steps[s][j] are the ids of the demand call of the j-th MoE
+        layer (in layer order) in step s; every call is `replay_demand`, then `end_step`. `clock(s)` runs
+        before each step (Belady's now). Returns (step, j, misses, waves) of every call that missed.
+        For a ledger without prefetches, pins or INT2 tails (the hits of a call are counted in one pass)."""
+        layers = self._order
+        events: list[tuple[int, int, int, int]] = []
+        ages = any(type(L.policy).on_step is not ReplacementPolicy.on_step for L in layers)
+        hooks = [(L, L.resident, L.stats, L.policy.on_hit) for L in layers]
+        misses_of = self._replay_misses
+        for s, step_ids in enumerate(steps):
+            if clock is not None:
+                clock(s)
+            for j, ids in enumerate(step_ids):
+                if not ids:
+                    continue
+                L, R, st, on_hit = hooks[j]
+                remaining = None
+                for e in ids:
+                    if e in R:
+                        on_hit(e)
+                    elif remaining is None:
+                        remaining = [e]
+                    else:
+                        remaining.append(e)
+                st.lookups += len(ids)
+                if remaining is None:
+                    st.hits += len(ids)
+                else:
+                    st.hits += len(ids) - len(remaining)
+                    events.append((s, j, len(remaining), misses_of(L, remaining)))
+                if len(R) > L.slots:
+                    self.trim(L)
+            if ages:
+                self.end_step()
+            self.step_seq += 1
+        for L in layers:
+            L.done_step = self.step_seq
+        return events
 
     def replay_prefetch(self, L: LayerLedger, experts: list[int]) -> int:
         """A prefetch of `experts` (ranked) for L that lands before L's next demand call: how many landed."""

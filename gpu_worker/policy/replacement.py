@@ -76,6 +76,8 @@ class LRUPolicy(ReplacementPolicy):
         self._order.move_to_end(expert)
 
     def victim(self, candidates: Collection[int]) -> int:
+        if self._order and len(candidates) == len(self._order):  # every resident expert is a candidate
+            return next(iter(self._order))
         return _first_in(self._order, candidates, "lru")
 
     def on_evict(self, expert: int) -> None:
@@ -227,10 +229,17 @@ class ARCPolicy(ReplacementPolicy):
 
     def _trim_ghosts(self) -> None:
         # The directory holds at most c ids of L1 = T1 + B1 and 2c in all (the paper's invariants).
-        while self.b1 and len(self.t1) + len(self.b1) > self.c:
-            self.b1.popitem(last=False)
-        while self.b2 and len(self.t1) + len(self.t2) + len(self.b1) + len(self.b2) > 2 * self.c:
-            self.b2.popitem(last=False)
+        b1, b2 = self.b1, self.b2
+        if b1:
+            over = len(self.t1) + len(b1) - self.c
+            while over > 0 and b1:
+                b1.popitem(last=False)
+                over -= 1
+        if b2:
+            over = len(self.t1) + len(self.t2) + len(b1) + len(b2) - 2 * self.c
+            while over > 0 and b2:
+                b2.popitem(last=False)
+                over -= 1
 
 
 POLICY_NAMES = ("lru", "lfu", "lfu_decay", "arc")

@@ -231,18 +231,13 @@ def _run_worker(rp: Replay, cfg: SimConfig, slots: list[int], policies: list[Rep
     end_step = ledger.end_step
 
     if predictor is None:  # load on demand: one demand call per (step, layer)
-        miss_event = miss_events.append
-        for s in range(S):
-            if belady:
-                for Lg in layers:
-                    Lg.policy.now = s
-            for Lg, ids in zip(layers, by_step[s]):
-                if ids:
-                    n_miss, waves = demand(Lg, ids)
-                    if n_miss:
-                        miss_event((s, Lg.layer, n_miss, waves))
-            if ages:
-                end_step()
+        pols = [Lg.policy for Lg in layers]
+
+        def clock(s: int) -> None:
+            for p in pols:
+                p.now = s
+
+        miss_events = ledger.replay_steps(by_step, clock if belady else None)
     for s in range(S if predictor is not None else 0):
         step_ids = by_step[s]
         proposals: list[int] = []
