@@ -1,12 +1,14 @@
 """Trace analysis: a markdown report with PNG plots, and a learned per-layer allocation.
 
-    python -m gpu_worker analyze TRACE... --out DIR [--budget 25%] [--policy lru] [--semantics worker]
+    python -m gpu_worker analyze TRACE... --out DIR [--budget 25%] [--policy lru] [--semantics worker] \
+        [--hardware PROFILE]
 
 For each trace: hit rate vs budget per policy (Belady included; uniform and shallow_favoring),
 per-layer expert popularity, reuse-distance CDF per layer, per-layer prediction accuracy (the
 recorded `predicted` field when present; prev_token and eap replayed through their classes),
 layer-to-layer expert transitions, router entropy per layer, rarely used experts (pruning
-candidates), and the best per-layer allocation found for the budget, written as a
+candidates), and the per-layer allocation with the least projected time (the simulator's cost
+model on --hardware) found for the budget, written as a
 `fate-allocation/1` file (gpu_worker.policy.allocation) the worker can load.
 """
 
@@ -20,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..simulator import SIM_POLICIES, Replay, parse_budget
+from ..simulator import SIM_POLICIES, Replay, load_profile, parse_budget
 from ..traces import Trace, load_trace
 from .learned import budget_grid, hit_rate_curves, learn_allocation
 from .plots import plot_accuracy, plot_entropy, plot_hit_rates, plot_popularity, plot_reuse, plot_transitions
@@ -35,7 +37,8 @@ def _fmt(x: float, digits: int = 3) -> str:
 
 def analyze_trace(t: Trace, out: Path, budget: str = "25%", policy: str = "lru", semantics: str = "worker",
                   policies: Sequence[str] = SIM_POLICIES, allocations: Sequence[str] = ("uniform", "shallow_favoring"),
-                  predictors: Sequence[str] = ("prev_token", "eap")) -> tuple[list[str], dict[str, Any]]:
+                  predictors: Sequence[str] = ("prev_token", "eap"), hardware: str = "this-machine"
+                  ) -> tuple[list[str], dict[str, Any]]:
     """Plots into `out`, the report's markdown lines and a JSON summary for one trace."""
     stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in t.name)
     rp = Replay(t)
@@ -44,7 +47,7 @@ def analyze_trace(t: Trace, out: Path, budget: str = "25%", policy: str = "lru",
     budgets = budget_grid(t)
     curves = hit_rate_curves(rp, policies, allocations, budgets, semantics)
     q = parse_budget(budget, L, E)
-    learned = learn_allocation(rp, q, policy, semantics, budget) if q >= K else None
+    learned = learn_allocation(rp, q, policy, semantics, budget, profile=load_profile(hardware)) if q >= K else None
     alloc_path = None
     if learned is not None:
         alloc_path = out / f"{stem}.allocation-{budget.rstrip('%')}pct.json"
@@ -173,7 +176,7 @@ def analyze_trace(t: Trace, out: Path, budget: str = "25%", policy: str = "lru",
 
 
 def write_report(traces: Sequence[Trace], out: str | Path, budget: str = "25%", policy: str = "lru",
-                 semantics: str = "worker") -> Path:
+                 semantics: str = "worker", hardware: str = "this-machine") -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     md = ["# Expert-trace analysis", "",
@@ -181,7 +184,7 @@ def write_report(traces: Sequence[Trace], out: str | Path, budget: str = "25%", 
           "cache ledger, policy and allocation classes (gpu_worker.policy) with Belady's optimal replacement as the bound.", ""]
     summaries = []
     for t in traces:
-        lines, summary = analyze_trace(t, out, budget, policy, semantics)
+        lines, summary = analyze_trace(t, out, budget, policy, semantics, hardware=hardware)
         md += lines
         summaries.append(summary)
     path = out / "report.md"
@@ -199,13 +202,15 @@ def add_analyze_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
     p.add_argument("--policy", default="lru", choices=[x for x in SIM_POLICIES if x != "belady"],
                    help="replacement policy the allocation is learned with")
     p.add_argument("--semantics", default="worker", choices=("worker", "flat"))
+    p.add_argument("--hardware", default="this-machine",
+                   help="cost model profile the allocation is learned against (simulate's --hardware)")
     p.set_defaults(func=cmd_analyze)
     return p
 
 
 def cmd_analyze(a: argparse.Namespace) -> int:
     traces = [load_trace(t) for t in a.traces]
-    path = write_report(traces, a.out, a.budget, a.policy, a.semantics)
+    path = write_report(traces, a.out, a.budget, a.policy, a.semantics, a.hardware)
     figs = sorted(p.name for p in Path(a.out).glob("*.png"))
     print(f"wrote {path} ({len(figs)} plots) and {', '.join(p.name for p in Path(a.out).glob('*.allocation-*.json'))}")
     return 0
