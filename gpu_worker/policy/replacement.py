@@ -67,6 +67,7 @@ class LRUPolicy(ReplacementPolicy):
 
     def __init__(self) -> None:
         self._order: OrderedDict[int, None] = OrderedDict()  # oldest first
+        self.on_hit = self._order.move_to_end  # type: ignore[method-assign] # the same, one call fewer per hit
 
     def on_hit(self, expert: int) -> None:
         self._order.move_to_end(expert)
