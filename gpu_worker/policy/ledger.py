@@ -481,12 +481,14 @@ class CacheLedger:
                         remaining = [e]
                     else:
                         remaining.append(e)
-                st.lookups += len(ids)
+                n = len(ids)
+                st.lookups += n
                 if remaining is None:
-                    st.hits += len(ids)
-                else:
-                    st.hits += len(ids) - len(remaining)
-                    events.append((s, j, len(remaining), misses_of(L, remaining)))
+                    st.hits += n
+                    continue  # nothing inserted: the layer is within its slots still
+                m = len(remaining)
+                st.hits += n - m
+                events.append((s, j, m, misses_of(L, remaining)))
                 if len(R) > L.slots:
                     self.trim(L)
             if ages:
