@@ -247,13 +247,13 @@ class CacheLedger:
         if borrow and room == 0:
             room = sum(S.n_evictable() for S in self._order if S is not L)
         chosen = experts[:room]
-        on_miss, victim, total = L.on_miss, L.policy.victim, self.total_slots
+        on_miss, victim, total, R = L.on_miss, L.policy.victim, self.total_slots, L.resident
         for e in chosen:
             if on_miss is not None:
                 on_miss(e, prefetch)
             if self.used >= total:
-                if L.resident and not L.pins:  # evict_one's first case, without building a candidate set
-                    self.evict(L, victim(L.resident))
+                if R and not L.pins:  # evict_one's first case: evict(L, victim), its unit taken at once
+                    self.evict(L, victim(R))
                 elif not self.evict_one(L, borrow):
                     raise CacheError(f"cache accounting: no room after counting {room} (a cache bug)")
             self.used += 1  # take(1)

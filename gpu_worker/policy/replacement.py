@@ -73,8 +73,11 @@ class LRUPolicy(ReplacementPolicy):
         self._order.move_to_end(expert)
 
     def on_insert(self, expert: int, prefetch: bool = False) -> None:
-        self._order[expert] = None
-        self._order.move_to_end(expert)
+        order = self._order
+        if expert in order:
+            order.move_to_end(expert)
+        else:
+            order[expert] = None  # a new key goes last
 
     def victim(self, candidates: Collection[int]) -> int:
         if self._order and len(candidates) == len(self._order):  # every resident expert is a candidate
