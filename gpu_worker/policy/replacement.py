@@ -184,9 +184,12 @@ class ARCPolicy(ReplacementPolicy):
         self._incoming: int | None = None
 
     def on_hit(self, expert: int) -> None:
-        self.t1.pop(expert, None)
-        self.t2[expert] = None
-        self.t2.move_to_end(expert)
+        t2 = self.t2
+        if expert in t2:
+            t2.move_to_end(expert)
+        else:
+            self.t1.pop(expert, None)
+            t2[expert] = None
 
     def on_miss(self, expert: int, prefetch: bool = False) -> None:
         self._incoming = expert
@@ -206,6 +209,8 @@ class ARCPolicy(ReplacementPolicy):
             (self._incoming_from == "b2" and len(self.t1) == self.p) or len(self.t1) > self.p
         )
         first, second = (self.t1, self.t2) if from_t1 else (self.t2, self.t1)
+        if (first or second) and len(candidates) == len(first) + len(second):  # every resident one is a candidate
+            return next(iter(first)) if first else next(iter(second))
         for lst in (first, second):
             for e in lst:
                 if e in candidates:
