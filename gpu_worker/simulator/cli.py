@@ -92,7 +92,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         make_sim_allocation(al, a.full_layers)
     predictors = _split(a.predictors)
     if a.measure:
-        from ..hardware import measure_profile
+        from .measure import measure_profile
 
         profile = measure_profile(a.measure, fmt=a.format)
         print(f"[measured: {profile.measured}]", file=sys.stderr)  # noqa: T201
