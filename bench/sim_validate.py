@@ -5,7 +5,7 @@
 
 1. Starts an expert store (shared-memory path) on a tiny-mixtral int4 pack.
 2. Measures a hardware profile ("this-machine") over the store: fetch latency and per-expert time,
-   build time, compute terms (gpu_worker.hardware). Written to OUT/profile.json.
+   build time, compute terms (gpu_worker.simulator.measure). Written to OUT/profile.json.
 3. For each budget and mode (sequential: one request at a time; concurrent: the 8 prompts at once),
    serves the 8 prompts of prompts.jsonl in process (Engine + ExpertCache over the store, LRU, load on
    demand), recording a trace, timing every decode step; replays the trace (hit counts must equal the
@@ -150,7 +150,7 @@ def main() -> int:
 
         write_pack(MODEL, pack_dir, formats=("int4",), progress=False)
     from expert_store.packfile import Pack
-    from gpu_worker.hardware import measure_profile
+    from gpu_worker.simulator.measure import measure_profile
 
     sock = out / "store.sock"
     sock.unlink(missing_ok=True)

@@ -135,7 +135,10 @@ def expert_compute_nbytes(args: ModelArgs, fmt: str, form: str, device: torch.de
     blob and measured)."""
     device = torch.device(device)
     form = default_compute_form(fmt, device) if form == "auto" else form
-    return _compute_nbytes(args, fmt, form, str(device))
+    try:
+        return _compute_nbytes(args, fmt, form, str(device))
+    except TypeError:  # ModelArgs with an unhashable field: measured every time
+        return _compute_nbytes.__wrapped__(args, fmt, form, str(device))
 
 
 def min_budget_bytes(args: ModelArgs, fmt: str, form: str, device: torch.device | str) -> int:

@@ -180,9 +180,6 @@ def load_runtime(cfg: WorkerConfig) -> WorkerRuntime:
         total_slots = budget // expert_compute_nbytes(m.args, fmt, form, device)
         staging = resolve_staging(cfg.staging_slots, cfg.predictor, total_slots, m.args.num_experts)
         tail_fmt = "int2" if cfg.int2_tail > 0 and fmt != "int2" and "int2" in m.formats else None
-        if cfg.int2_tail > 0 and fmt != "int2" and tail_fmt is None:
-            log.warning("int2_tail = %g: the store does not serve int2 experts (serve a pack with int2 and include "
-                        "it in the store's --formats); prefill tails are fetched as %s", cfg.int2_tail, fmt)
         transport = store.transport  # decided now: a worker asked for shm that cannot have it stops here
         t0 = time.perf_counter()
         spec = WorkerSpec(fmt=fmt, budget_bytes=budget, form=form, policy=cfg.policy, lfu_decay=cfg.lfu_decay,
@@ -192,10 +189,13 @@ def load_runtime(cfg: WorkerConfig) -> WorkerRuntime:
                           prefetch_sync=cfg.prefetch_sync, trace_dir=cfg.trace_dir, trace_every=cfg.trace_every,
                           model_name=m.family, max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
                           threads=cfg.threads)
-        w = build_worker(m.args, store.dense_tensors(), store, _load_tokenizer(store, m), spec, device,
+        w = build_worker(m.args, store.dense_tensors, store, lambda: _load_tokenizer(store, m), spec, device,
                          expert_bytes={f: m.expert_bytes(f) for f in m.formats})
         cache, model, tokenizer, engine, controller, recorder = w.cache, w.model, w.engine.tokenizer, w.engine, \
             w.controller, w.recorder
+        if cfg.int2_tail > 0 and fmt != "int2" and tail_fmt is None:
+            log.warning("int2_tail = %g: the store does not serve int2 experts (serve a pack with int2 and include "
+                        "it in the store's --formats); prefill tails are fetched as %s", cfg.int2_tail, fmt)
         log.info(
             "model %s (%s) on %s: experts %s as %s, cache budget %d bytes (%.1f%% of %d), %d slots "
             "(%s, %d staging), policy %s, predictor %s (lookahead %d), int2 tail %g; transport %s; "

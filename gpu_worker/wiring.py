@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -98,18 +98,24 @@ class Worker:
     engine: Engine
 
 
-def build_worker(args: ModelArgs, dense: dict[str, torch.Tensor], fetcher: ExpertFetcher,
-                 tokenizer: TextTokenizer | None, spec: WorkerSpec, device: torch.device | str = "cpu", *,
+def build_worker(args: ModelArgs, dense: Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]],
+                 fetcher: ExpertFetcher,
+                 tokenizer: TextTokenizer | None | Callable[[], TextTokenizer | None], spec: WorkerSpec,
+                 device: torch.device | str = "cpu", *,
                  expert_bytes: dict[str, int] | None = None, on_final: Callable[[FinalEvent], None] | None = None,
                  on_step_error: Callable[[BaseException], None] | None = None) -> Worker:
-    """Compose a worker. `dense`: every non-expert tensor (each must be used); `expert_bytes`: blob bytes per
-    format (written into traces). Raises FateError subclasses on a configuration that cannot work."""
+    """Compose a worker. `dense`: every non-expert tensor (each must be used), or a function returning them,
+    called once the cache has accepted the budget (so a bad budget fails before the download); `tokenizer`
+    likewise; `expert_bytes`: blob bytes per format (written into traces). Raises FateError subclasses on a
+    configuration that cannot work."""
     device = torch.device(device)
     cache = ExpertCache(args, fetcher, spec.fmt, spec.form, device, spec.budget_bytes,
                         policy=make_policy_factory(spec.policy, spec.lfu_decay),
                         allocation=make_allocation(spec.allocation, spec.full_layers),
                         staging_slots=spec.staging_slots, tail_fmt=spec.tail_fmt)
-    model = MoEModel(args, dense, cache, device=device)
+    if callable(dense):
+        dense = dense()
+    model = MoEModel(args, dict(dense), cache, device=device)
     unused = set(dense) - model.loaded_names
     if unused:
         raise WeightsError(f"dense weights include tensors the runtime does not use: {sorted(unused)[:5]}")
@@ -132,6 +138,8 @@ def build_worker(args: ModelArgs, dense: dict[str, torch.Tensor], fetcher: Exper
         controller.width.observe_expert_ns(expert_ns)
         log.info("prefetch width %d: layer compute %.0f us (1 token), expert fetch + build %.0f us",
                  controller.width.width, layer_ns / 1e3, expert_ns / 1e3)
+    if callable(tokenizer):
+        tokenizer = tokenizer()
     engine = Engine(model, tokenizer, max_batch_size=spec.max_batch_size, max_queue=spec.max_queue,
                     tracker=cache, controller=controller, recorder=recorder, on_final=on_final,
                     on_step_error=on_step_error, num_threads=spec.threads)

@@ -131,11 +131,13 @@ class LayerLedger:
     """One MoE layer's part of the ledger (its fields are read by the cache and the prefetch thread)."""
 
     __slots__ = ("layer", "policy", "slots", "resident", "pins", "pending", "prefetched", "stats", "done_step",
-                 "active", "int2_tail")
+                 "active", "int2_tail", "on_miss")
 
     def __init__(self, layer: int, policy: ReplacementPolicy, slots: int):
         self.layer = layer
         self.policy = policy
+        # the policy's on_miss, or None where it is the base class's no-op (LRU, LFU): skipped
+        self.on_miss = policy.on_miss if type(policy).on_miss is not ReplacementPolicy.on_miss else None
         self.slots = slots
         self.resident: dict[int, Any] = {}  # expert -> payload (the worker's compute form; None in a replay)
         self.pins: dict[int, int] = {}  # expert -> pin count (in use, never evicted)
@@ -241,16 +243,23 @@ class CacheLedger:
         """Step 2: room for the first experts of `experts` that fit, in layer L: free units first, then L's
         unpinned experts (by its policy); only when neither exists, (borrow) other layers' unpinned experts.
         Returns those reserved; each had its policy's on_miss just before room was made for it."""
-        room = self.total_slots - self.used + L.n_evictable()
+        room = self.total_slots - self.used + (len(L.resident) if not L.pins else L.n_evictable())
         if borrow and room == 0:
             room = sum(S.n_evictable() for S in self._order if S is not L)
         chosen = experts[:room]
-        on_miss = L.policy.on_miss
+        on_miss, victim, total, R = L.on_miss, L.policy.victim, self.total_slots, L.resident
         for e in chosen:
-            on_miss(e, prefetch)
-            if self.used >= self.total_slots and not self.evict_one(L, borrow):
-                raise CacheError(f"cache accounting: no room after counting {room} (a cache bug)")
-            self.take(1)
+            if on_miss is not None:
+                on_miss(e, prefetch)
+            if self.used >= total:
+                if R and not L.pins:  # evict_one's first case: evict(L, victim), its unit taken at once
+                    self.evict(L, victim(R))
+                elif not self.evict_one(L, borrow):
+                    raise CacheError(f"cache accounting: no room after counting {room} (a cache bug)")
+            self.used += 1  # take(1)
+            self.reserved += 1
+            if self.used > self.high_water:
+                self.high_water = self.used
         return chosen
 
     def insert(self, L: LayerLedger, e: int, payload: Any, prefetch: bool = False, blob_bytes: int = 0,
@@ -401,27 +410,93 @@ class CacheLedger:
 
     # -- replays (the simulator's driver: no fetches, nothing pinned or pending between calls) ---------
 
-    def replay_demand(self, L: LayerLedger, ids: list[int]) -> tuple[int, int]:
+    def replay_demand(self, L: LayerLedger, ids: Sequence[int]) -> tuple[int, int]:
         """One demand call for L with `ids` (distinct, in the model's order), as the worker's cache runs it
-        when every fetch completes at once: (misses, waves)."""
-        ready, _ = self.begin_call(L, ids, pin=False)
-        misses = waves = 0
-        if len(ready) < len(ids):
-            R = L.resident
-            remaining = [e for e in ids if e not in R]
-            misses = len(remaining)
-            insert = self.insert
-            while remaining:
-                wave = self.reserve(L, remaining, borrow=True)
-                if not wave:
-                    raise CacheBudgetError(f"layer {L.layer}: no room for one expert in {self.total_slots} units")
-                for e in wave:
-                    insert(L, e, None)
-                self.count_demand(L, wave)
-                remaining = remaining[len(wave):]
-                waves += 1
-        self.end_call(L)
-        return misses, waves
+        when every fetch completes at once (nothing pinned or pending between calls): (misses, waves)."""
+        R = L.resident
+        if L.prefetched or self.step is not None or L.int2_tail is not None:
+            ready, _ = self.begin_call(L, list(ids), pin=False)
+            remaining = [e for e in ids if e not in R] if len(ready) < len(ids) else None
+        else:  # begin_call without prefetches to tell apart: each hit is on_hit, in ids order
+            L.active = True
+            L.stats.lookups += len(ids)
+            on_hit = L.policy.on_hit
+            remaining = None
+            for e in ids:
+                if e in R:
+                    on_hit(e)
+                elif remaining is None:
+                    remaining = [e]
+                else:
+                    remaining.append(e)
+            L.stats.hits += len(ids) - (len(remaining) if remaining else 0)
+        waves = self._replay_misses(L, remaining) if remaining else 0
+        if len(R) > L.slots:
+            self.trim(L)
+        L.done_step = self.step_seq
+        L.active = False
+        return (len(remaining) if remaining else 0), waves
+
+    def _replay_misses(self, L: LayerLedger, remaining: list[int]) -> int:
+        """Step 2 of a replayed demand call: the misses in waves, each reserved and inserted; the waves."""
+        R = L.resident
+        on_insert = L.policy.on_insert
+        L.stats.misses += len(remaining)
+        waves = 0
+        while remaining:
+            wave = self.reserve(L, remaining, borrow=True)
+            if not wave:
+                raise CacheBudgetError(f"layer {L.layer}: no room for one expert in {self.total_slots} units")
+            self.reserved -= len(wave)  # insert(L, e, None) for each: demand, unpinned, no payload
+            for e in wave:
+                R[e] = None
+                on_insert(e, False)
+            remaining = remaining[len(wave):]
+            waves += 1
+        return waves
+
+    def replay_steps(self, steps: Sequence[Sequence[Sequence[int]]], clock: Callable[[int], None] | None = None
+                     ) -> list[tuple[int, int, int, int]]:
+        """Load on demand over whole forward steps: steps[s][j] are the ids of the demand call of the j-th MoE
+        layer (in layer order) in step s; every call is `replay_demand`, then `end_step`. `clock(s)` runs
+        before each step (Belady's now). Returns (step, j, misses, waves) of every call that missed.
+        For a ledger without prefetches, pins or INT2 tails (the hits of a call are counted in one pass)."""
+        layers = self._order
+        events: list[tuple[int, int, int, int]] = []
+        ages = any(type(L.policy).on_step is not ReplacementPolicy.on_step for L in layers)
+        hooks = [(L, L.resident, L.stats, L.policy.on_hit) for L in layers]
+        misses_of = self._replay_misses
+        for s, step_ids in enumerate(steps):
+            if clock is not None:
+                clock(s)
+            for j, ids in enumerate(step_ids):
+                if not ids:
+                    continue
+                L, R, st, on_hit = hooks[j]
+                remaining = None
+                for e in ids:
+                    if e in R:
+                        on_hit(e)
+                    elif remaining is None:
+                        remaining = [e]
+                    else:
+                        remaining.append(e)
+                n = len(ids)
+                st.lookups += n
+                if remaining is None:
+                    st.hits += n
+                    continue  # nothing inserted: the layer is within its slots still
+                m = len(remaining)
+                st.hits += n - m
+                events.append((s, j, m, misses_of(L, remaining)))
+                if len(R) > L.slots:
+                    self.trim(L)
+            if ages:
+                self.end_step()
+            self.step_seq += 1
+        for L in layers:
+            L.done_step = self.step_seq
+        return events
 
     def replay_prefetch(self, L: LayerLedger, experts: list[int]) -> int:
         """A prefetch of `experts` (ranked) for L that lands before L's next demand call: how many landed."""

@@ -92,7 +92,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         make_sim_allocation(al, a.full_layers)
     predictors = _split(a.predictors)
     if a.measure:
-        from .hardware import measure_profile
+        from .measure import measure_profile
 
         profile = measure_profile(a.measure, fmt=a.format)
         print(f"[measured: {profile.measured}]", file=sys.stderr)  # noqa: T201
@@ -109,10 +109,13 @@ def cmd_simulate(a: argparse.Namespace) -> int:
             except SimulationError as e:
                 _say(f"note: {e} (or pass --expert-bytes); no time projection")
         _say(f"\n== {t.path}: {t.model}, {t.num_tokens} rows x {t.num_layers} MoE layers, {t.num_experts} experts, "
-              f"top-{t.top_k}; {rp.S} forward steps ({'recorded' if t.step is not None else 'inferred'}); "
-              f"semantics {a.semantics}")
+             f"top-{t.top_k}; {rp.S} forward steps ({'recorded' if t.step is not None else 'inferred'}); "
+             f"semantics {a.semantics}")
         runs: list[SimResult] = []
         notes: set[str] = set()
+        if eb and not a.expert_bytes and not t.expert_bytes and not (t.meta.get("cache") or {}).get("expert_bytes"):
+            notes.add(f"{t.name}: no meta.expert_bytes: time projected with the {profile.name} profile's {eb} bytes "
+                      f"per expert (pass --expert-bytes for this model's)")
         for bud in budgets:
             if bud == "worker":
                 wc = worker_config_of(t)

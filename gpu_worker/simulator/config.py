@@ -28,7 +28,7 @@ class SimulationError(FateError, ValueError):
 @dataclass(frozen=True)
 class SimConfig:
     policy: str
-    """lru, lfu, lfu_decay, arc (gpu_worker.policies) or belady."""
+    """lru, lfu, lfu_decay, arc (gpu_worker.policy) or belady."""
 
     total_slots: int
     """The budget in experts (the cache's budget_bytes // expert_bytes)."""

@@ -36,7 +36,7 @@ class HardwareProfile:
 
 
 # "this-machine": the dev box (2 shared CPU cores, torch 1 thread, tiny-mixtral int4 as int4_fused, store over
-# shared memory), medians of three gpu_worker.hardware.measure_profile runs by bench/sim_validate.py. The
+# shared memory), medians of three gpu_worker.simulator.measure.measure_profile runs by bench/sim_validate.py. The
 # compute terms are tiny-mixtral's: for another model measure it (`simulate --measure PACK`).
 PROFILES: dict[str, HardwareProfile] = {
     "this-machine": HardwareProfile(

@@ -230,7 +230,15 @@ def _run_worker(rp: Replay, cfg: SimConfig, slots: list[int], policies: list[Rep
     demand = ledger.replay_demand
     end_step = ledger.end_step
 
-    for s in range(S):
+    if predictor is None:  # load on demand: one demand call per (step, layer)
+        pols = [Lg.policy for Lg in layers]
+
+        def clock(s: int) -> None:
+            for p in pols:
+                p.now = s
+
+        miss_events = ledger.replay_steps(by_step, clock if belady else None)
+    for s in range(S if predictor is not None else 0):
         step_ids = by_step[s]
         proposals: list[int] = []
         if predictor is not None:

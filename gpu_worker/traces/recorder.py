@@ -92,7 +92,7 @@ class TraceRecorder:
                 cur.weights[col] = _to_numpy(weights, np.float16)
         self.record_ns += time.perf_counter_ns() - t0
 
-    # -- StepController ------------------------------------------------------------------------
+    # -- step listener -------------------------------------------------------------------------
 
     def start_request(self, rid: int) -> None:
         self._positions.setdefault(int(rid), 0)

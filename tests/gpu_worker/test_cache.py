@@ -259,7 +259,7 @@ def test_a_failed_fetch_releases_its_reservation(pack, eb):
     assert cache.resident(0) == [2, 3]
 
 
-# -- prefetch (issue 4 plugs predictors in here) and concurrency ------------------------------------
+# -- prefetch and concurrency ---------------------- ------------------------------------
 
 
 def test_prefetch_then_use_counts_a_prefetch_hit(pack, eb):

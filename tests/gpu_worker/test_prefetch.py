@@ -17,15 +17,16 @@ import torch
 from expert_store.packfile import Pack
 from gpu_worker.cache import ExpertCache, expert_compute_nbytes, full_budget_bytes
 from gpu_worker.config import resolve_staging
-from gpu_worker.engine import Engine, ErrorEvent, FinalEvent, GenerationRequest, TokenEvent
+from gpu_worker.engine import ErrorEvent, FinalEvent, GenerationRequest, TokenEvent
 from gpu_worker.experts import PackExpertSource
 from gpu_worker.generate import SamplingParams, generate
 from gpu_worker.policy import ALLOCATION_NAMES, POLICY_NAMES, CacheLedger, make_allocation, make_policy_factory
-from gpu_worker.predictors import PREDICTOR_NAMES, make_predictor
-from gpu_worker.prefetch import PrefetchController, Prefetcher
+from gpu_worker.predictors import PREDICTOR_NAMES
+from gpu_worker.prefetch import Prefetcher
 from gpu_worker.runtime import build_model
 from gpu_worker.store_client import PackFetcher
 from gpu_worker.tokenizer import TextTokenizer
+from gpu_worker.wiring import WorkerSpec, build_worker
 
 FMT = "int4"
 CPU = torch.device("cpu")
@@ -74,17 +75,13 @@ class Stack:
         a = pack.args
         budget = budget or int(full_budget_bytes(a, FMT, "auto", CPU) * share)
         total = budget // expert_compute_nbytes(a, FMT, "auto", CPU)
-        self.cache = ExpertCache(a, fetcher or PackFetcher(pack), FMT, "auto", CPU, budget,
-                                 policy=make_policy_factory(policy), allocation=make_allocation(allocation),
-                                 staging_slots=resolve_staging(staging, predictor, total, a.num_experts),
-                                 tail_fmt="int2" if int2_tail else None)
-        self.model = build_model(pack, self.cache, CPU)
-        p = make_predictor(predictor, routers=[self.model.layers[i].router for i in a.moe_layers],
-                           num_moe_layers=a.num_moe_layers, num_experts=a.num_experts, seed=0)
-        self.controller = PrefetchController(a, self.cache, p, width=width, lookahead=lookahead,
-                                             int2_tail_share=int2_tail)
-        self.engine = Engine(self.model, tok, max_batch_size=8, tracker=self.cache, controller=self.controller,
-                             num_threads=1)
+        spec = WorkerSpec(fmt=FMT, budget_bytes=budget, policy=policy, allocation=allocation,
+                          staging_slots=resolve_staging(staging, predictor, total, a.num_experts),
+                          tail_fmt="int2" if int2_tail else None, predictor=predictor, predictor_seed=0,
+                          prefetch_width=width, lookahead=lookahead, int2_tail_share=int2_tail, measure_width=False,
+                          max_batch_size=8, threads=1)
+        w = build_worker(a, pack.dense_tensors(), fetcher or PackFetcher(pack), tok, spec, CPU)
+        self.cache, self.model, self.controller, self.engine = w.cache, w.model, w.controller, w.engine
 
     def run(self, prompts, n=NEW_TOKENS, stagger_s=0.0) -> list[tuple[list[int], FinalEvent]]:
         out: list[tuple[list[int], FinalEvent | None]] = []

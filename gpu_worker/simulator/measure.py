@@ -1,4 +1,5 @@
-"""Measuring a `simulator.HardwareProfile` on this machine (torch; the simulator itself stays torch-free).
+"""Measuring a `HardwareProfile` on this machine (torch, the only part of the simulator that needs it;
+imported by `simulate --measure` only).
 
     profile = measure_profile(PACK)                       # experts read from the pack (mmap)
     profile = measure_profile(PACK, store="unix:/s.sock") # experts over the store's fetch path (shm/gRPC)
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .simulator.cost import HardwareProfile
+from .cost import HardwareProfile
 
 
 def _median_s(fn, repeats: int) -> float:
@@ -113,8 +114,8 @@ def engine_step_s(model, prompt_len: int = 16, steps: int = 30) -> float:
     does around it (sampling, statistics, emitting the token)."""
     import threading
 
-    from .engine import Engine, FinalEvent, GenerationRequest
-    from .generate import SamplingParams
+    from ..engine import Engine, FinalEvent, GenerationRequest
+    from ..generate import SamplingParams
 
     times: list[float] = []
     engine = Engine(model, None, max_batch_size=1, num_threads=1, on_step=lambda t: times.append(t.wall_ns / 1e9))
@@ -133,16 +134,16 @@ def measure_profile(pack_path: str | Path, fmt: str = "int4", store: str | None 
     """Measure on this machine: experts from `store` (its shm/gRPC path) or straight from the pack."""
     from expert_store.packfile import Pack
 
-    from .cache import ExpertCache, full_budget_bytes
-    from .runtime import build_model
-    from .store_client import PackFetcher
+    from ..cache import ExpertCache, full_budget_bytes
+    from ..runtime import build_model
+    from ..store_client import PackFetcher
 
     torch.set_num_threads(1)
     cpu = torch.device("cpu")
     with Pack.open(pack_path) as pack:
         client = None
         if store:
-            from .store_client import StoreClient
+            from ..store_client import StoreClient
 
             client = StoreClient(store)
             client.wait_ready(30)
