@@ -329,9 +329,12 @@ class Int4FusedExpert:
     def project_in(self, x: Tensor) -> tuple[Tensor, Tensor]:
         _check_input(x, self.hidden)
         if x.shape[0] == 0:
-            empty = x.new_empty((0, self.gate.n))
+            empty = x.new_empty((0, self.inter if self.gate_up is not None else self.gate.n))
             return empty, empty
         xc = x.to(torch.bfloat16)
+        if self.gate_up is not None:
+            gu = self.gate_up(xc).float()  # [T, 2 Np]
+            return gu[:, :self.inter], gu[:, self.up_row:self.up_row + self.inter]
         return self.gate(xc).float(), self.up(xc).float()
 
     def project_out(self, h: Tensor) -> Tensor:
