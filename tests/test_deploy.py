@@ -95,3 +95,15 @@ def test_units_exposure_scores(unit, capsys):
     with capsys.disabled():
         print(f"\n{line.strip()}")
     assert score <= 2.0, r.stdout[-3000:]
+
+
+def test_the_worker_can_write_the_example_trace_dir():
+    """ProtectSystem=strict makes the file system read-only: the example trace_dir must lie in the
+    unit's StateDirectory (/var/lib/<name>), the one place systemd makes writable for the service."""
+    import re
+
+    unit = (DEPLOY / "fate-moe-worker.service").read_text()
+    state = re.search(r"^StateDirectory=(\S+)$", unit, re.M)
+    assert state, "the worker unit has no StateDirectory= (trace_dir would be unwritable)"
+    trace = re.search(r'^#?\s*trace_dir\s*=\s*"([^"]+)"', (DEPLOY / "worker.toml").read_text(), re.M)
+    assert trace and trace.group(1).startswith(f"/var/lib/{state.group(1)}/")
