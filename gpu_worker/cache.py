@@ -62,32 +62,6 @@ and dropped when the model asks for the next expert: never inserted, so decode n
 an INT2 copy. They count as lookups and misses (and int2_misses).
 
 Threads: the compute thread calls `iter_experts`; a prefetch thread calls `prefetch`
-concurrently. One lock guards the state; fetches and compute builds run outside it. While
-a demand fetch is in flight (`demand_fetching`), the prefetcher starts no new fetch: demand
-outranks prefetch on the link here as it does in the store's queue (builds may overlap).
-
-Prefetch path (`prefetch(L, experts)`, from the prefetch thread; timing-dependent, so a
-replay reproduces it only approximately): experts in rank order, those not resident nor
-being fetched; each takes a free unit, else evicts one of L's unpinned residents that is
-not in this prefetch's own list (`on_miss(e, prefetch=True)`, victim, `on_evict`); never
-another layer's expert, never a pinned one; the rest are reported as `no_room` (the
-prefetcher retries them when space frees up, until the layer is reached). The reserved
-ones are fetched in one call (prefetch priority); each is inserted as soon as it is built
-(`on_insert(e, prefetch=True)`), so the compute thread can use the first while later ones
-build. A demand lookup of an expert a prefetch is fetching waits for it (no double fetch)
-and counts a (late) prefetch hit. A prefetch for a layer the compute has already passed in
-this step is dropped; one that lands after its layer ran is inserted and L is trimmed.
-Prefetched experts evicted before any use are counted with their blob bytes (wasted).
-
-INT2 tail (prefill): `set_int2_tail(L, experts)` just before L's `iter_experts` names
-experts that only prefill rows routed to and that carry the least token assignments;
-those among the misses are fetched in `tail_fmt` (int2) after the other misses, in waves
-that reserve `tail_units` each (freeing room as in 3, without on_miss/on_insert), computed,
-and dropped when the model asks for the next expert: never inserted, so decode never hits
-an INT2 copy. They count as lookups and misses (and int2_misses).
-
-
-Threads: the compute thread calls `iter_experts`; a prefetch thread calls `prefetch`
 concurrently. One lock (`cond`, a condition variable the prefetch thread shares) guards the
 ledger; fetches and compute builds run outside it. While a demand fetch is in flight
 (`demand_fetching`), the prefetcher starts no new fetch: demand outranks prefetch on the link
