@@ -118,11 +118,16 @@ class SlotDirectory:
 class DirectoryReader:
     """The worker's side: the directory and the data segment, mapped once; copies with no RPC."""
 
-    def __init__(self, directory_name: str, data: SharedMemory, max_tries: int = 2):
-        self._dir = shm.attach_segment(directory_name)
+    def __init__(self, directory: str | SharedMemory, data: SharedMemory, max_tries: int = 2):
+        """`directory`: the directory segment's name (attached here), or the segment itself (tests)."""
+        self._own = isinstance(directory, str)
+        self._dir = shm.attach_segment(directory) if isinstance(directory, str) else directory
+        directory_name = self._dir.name
+        self._t = self._gen = self._data = None
         head = np.ndarray((HEADER_WORDS,), dtype="<i8", buffer=self._dir.buf)
         if int(head[0]) != MAGIC or int(head[1]) != VERSION or int(head[3]) != ENTRY_WORDS:
-            self._dir.close()
+            del head
+            self.close()
             raise ValueError(f"shared memory {directory_name!r} is not a slot directory of version {VERSION}")
         n = int(head[2])
         del head
@@ -161,10 +166,11 @@ class DirectoryReader:
     def close(self) -> None:
         self._t = self._gen = None  # type: ignore[assignment]
         self._data = None  # type: ignore[assignment]
-        try:
-            self._dir.close()
-        except BufferError:
-            pass
+        if self._own:
+            try:
+                self._dir.close()
+            except BufferError:
+                pass
 
 
 __all__ = ["DirectoryReader", "SlotDirectory", "directory_bytes", "FORMAT_CODES"]
