@@ -4,7 +4,7 @@ The store writes, per served blob (layer, expert, format), where the blob sits i
 tier's segment and a generation counter; a worker maps the directory and the data segment
 once and copies a resident blob straight out of the data segment.
 
-Layout (little-endian int64 throughout, so every field is one aligned 8-byte word):
+Layout (native-order int64 throughout, so every field is one aligned 8-byte word):
 
     header   8 words: MAGIC, VERSION, entry count, words per entry, 4 reserved
     entries  one row of ENTRY_WORDS words per blob, in the store's key order:
@@ -24,7 +24,7 @@ Reader (`DirectoryReader.copy`): read generation g1 (odd or nbytes 0: not reside
 offset and length, copy the bytes, read the generation again; unequal means the slot may have
 been reused during the copy and the copy is thrown away (retried, then left to the lease
 path). Why this is safe enough from Python: each field is one aligned 8-byte word, read and
-written as one machine load/store through a numpy view (no torn word); on x86-64 (TSO) stores
+written as one machine load/store through a memoryview cast to "q" (no torn word); on x86-64 (TSO) stores
 become visible in program order and loads are not reordered with other loads, so the second
 generation load cannot be satisfied before the copy's loads. On weaker memory models this
 argument does not hold, which is why the worker ALSO verifies every blob's xxh3_64 against
@@ -36,8 +36,6 @@ from __future__ import annotations
 
 from multiprocessing.shared_memory import SharedMemory
 from typing import Callable, Iterable, NamedTuple
-
-import numpy as np
 
 from . import shm
 
@@ -60,8 +58,13 @@ def directory_bytes(num_keys: int) -> int:
     return 8 * (HEADER_WORDS + ENTRY_WORDS * num_keys)
 
 
-def _table(buf: memoryview, num_keys: int) -> np.ndarray:
-    return np.ndarray((num_keys, ENTRY_WORDS), dtype="<i8", buffer=buf, offset=8 * HEADER_WORDS)
+def _words(buf: memoryview, num_keys: int) -> memoryview:
+    """The directory as int64 words (native order: writer and reader share the machine)."""
+    return buf[: directory_bytes(num_keys)].cast("q")
+
+
+def _at(row: int, field: int) -> int:
+    return HEADER_WORDS + row * ENTRY_WORDS + field
 
 
 class SlotDirectory:
@@ -72,13 +75,14 @@ class SlotDirectory:
         self.segment: SharedMemory | None = SharedMemory(
             name=shm.new_segment_name(), create=True, size=max(directory_bytes(len(keys)), 64))
         self.name = self.segment.name
-        head = np.ndarray((HEADER_WORDS,), dtype="<i8", buffer=self.segment.buf)
-        head[:] = (MAGIC, VERSION, len(keys), ENTRY_WORDS, 0, 0, 0, 0)
-        del head
         self._rows = {k: i for i, k in enumerate(keys)}
-        self._t = _table(self.segment.buf, len(keys))
+        self._t: memoryview | None = _words(self.segment.buf, len(keys))
+        self._t[:HEADER_WORDS] = memoryview(bytes(8 * HEADER_WORDS)).cast("q")
+        for i, v in enumerate((MAGIC, VERSION, len(keys), ENTRY_WORDS)):
+            self._t[i] = v
         for i, k in enumerate(keys):
-            self._t[i] = (0, k.layer, k.expert, FORMAT_CODES[k.fmt], 0, 0, 0, 0)
+            for f, v in ((LAYER, k.layer), (EXPERT, k.expert), (FMT, FORMAT_CODES[k.fmt])):
+                self._t[_at(i, f)] = v
         self.writes = 0
 
     def publish(self, key: tuple[int, int, str], offset: int, nbytes: int) -> None:
@@ -93,11 +97,11 @@ class SlotDirectory:
         i = self._rows.get(DirKey(*key))
         if i is None or self._t is None:
             return
-        row = self._t[i]
-        row[GEN] += 1  # odd: readers of this row stand back
-        row[OFFSET] = offset
-        row[NBYTES] = nbytes
-        row[GEN] += 1  # even: stable
+        t, g = self._t, _at(i, GEN)
+        t[g] += 1  # odd: readers of this row stand back
+        t[_at(i, OFFSET)] = offset
+        t[_at(i, NBYTES)] = nbytes
+        t[g] += 1  # even: stable
         self.writes += 1
 
     def close(self) -> None:
@@ -105,7 +109,9 @@ class SlotDirectory:
         segment, self.segment = self.segment, None
         if segment is None:
             return
-        self._t = None
+        t, self._t = self._t, None
+        if t is not None:
+            t.release()
         try:
             segment.close()
         finally:
@@ -123,18 +129,19 @@ class DirectoryReader:
         self._own = isinstance(directory, str)
         self._dir = shm.attach_segment(directory) if isinstance(directory, str) else directory
         directory_name = self._dir.name
-        self._t = self._gen = self._data = None
-        head = np.ndarray((HEADER_WORDS,), dtype="<i8", buffer=self._dir.buf)
-        if int(head[0]) != MAGIC or int(head[1]) != VERSION or int(head[3]) != ENTRY_WORDS:
-            del head
+        self._t: memoryview | None = None
+        self._data: memoryview | None = None
+        head = self._dir.buf[: 8 * HEADER_WORDS].cast("q") if self._dir.size >= 8 * HEADER_WORDS else None
+        ok = head is not None and head[0] == MAGIC and head[1] == VERSION and head[3] == ENTRY_WORDS
+        n = head[2] if ok else 0
+        if head is not None:
+            head.release()
+        if not ok or self._dir.size < directory_bytes(n):
             self.close()
             raise ValueError(f"shared memory {directory_name!r} is not a slot directory of version {VERSION}")
-        n = int(head[2])
-        del head
-        self._t = _table(self._dir.buf, n)
-        self._gen = self._t[:, GEN]
-        self._rows = {DirKey(int(r[LAYER]), int(r[EXPERT]), _CODE_FORMATS[int(r[FMT])]): i
-                      for i, r in enumerate(self._t)}
+        self._t = t = _words(self._dir.buf, n)
+        self._rows = {DirKey(t[_at(i, LAYER)], t[_at(i, EXPERT)], _CODE_FORMATS[t[_at(i, FMT)]]): i
+                      for i in range(n)}
         self._data = data.buf
         self.max_tries = max_tries
         self.after_copy: Callable[[tuple[int, int, str]], None] | None = None  # tests: a hook between copy and check
@@ -146,10 +153,10 @@ class DirectoryReader:
         i = self._rows.get(DirKey(*key))
         if i is None:
             return None
-        row, gen = self._t[i], self._gen
+        t, g = self._t, _at(i, GEN)
         for _ in range(self.max_tries):
-            g1 = int(gen[i])
-            off, n = int(row[OFFSET]), int(row[NBYTES])
+            g1 = t[g]
+            off, n = t[g + OFFSET], t[g + NBYTES]
             if g1 & 1 or n <= 0:
                 if not g1 & 1:
                     self.misses += 1
@@ -158,14 +165,15 @@ class DirectoryReader:
             blob = bytes(self._data[off : off + n])
             if self.after_copy is not None:
                 self.after_copy(key)
-            if int(gen[i]) == g1:
+            if t[g] == g1:
                 return blob
             self.retries += 1
         return None
 
     def close(self) -> None:
-        self._t = self._gen = None  # type: ignore[assignment]
-        self._data = None  # type: ignore[assignment]
+        t, self._t, self._data = self._t, None, None
+        if t is not None:
+            t.release()
         if self._own:
             try:
                 self._dir.close()

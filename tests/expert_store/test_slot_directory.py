@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from expert_store import shm
-from expert_store.slot_directory import DirectoryReader
+from expert_store.slot_directory import GEN, DirectoryReader, _at
 from expert_store.tiers import BlobKey, RamTier
 
 SLOT = 4096
@@ -86,10 +86,10 @@ def test_a_reuse_then_a_new_home_is_retried_and_right(tier):
 
 def test_a_row_being_written_is_not_read(tier):
     ram, reader = tier
-    row = ram.directory._rows[KEYS[1]]
-    ram.directory._t[row][0] += 1  # odd: as if the store were mid-write
+    gen = _at(ram.directory._rows[KEYS[1]], GEN)
+    ram.directory._t[gen] += 1  # odd: as if the store were mid-write
     assert reader.copy(KEYS[1]) is None
-    ram.directory._t[row][0] += 1
+    ram.directory._t[gen] += 1
     assert reader.copy(KEYS[1]) == bytes([1]) * 100
 
 
