@@ -3,9 +3,12 @@
 Both fetchers have one method the cache uses, `fetch(keys, priority) -> list[FetchedBlob]`:
 
     StoreClient   the store over gRPC (synchronous: the worker's compute runs in a thread).
-                  Co-located (same boot id and IPC namespace as the store): FetchExpertsShm
-                  returns leased descriptors into the store's shared-memory segment; we copy
-                  the bytes out, verify them and release the leases in one call. Experts the
+                  Co-located (same boot id and IPC namespace as the store): experts the store's
+                  slot directory shows resident are copied straight out of its segment with no
+                  RPC (a generation check after the copy throws away a slot reused meanwhile);
+                  for the rest one FetchExpertsShm promotes them and returns leased
+                  descriptors; we copy the bytes out, verify them and release the leases in
+                  one call. Experts the
                   store could not lease, and every expert for a remote worker, come as chunks
                   over FetchExperts.
     PackFetcher   the same interface over an open `Pack` (tests, `generate`).
