@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
-
-if TYPE_CHECKING:
-    from .store_client import StoreClient
 
 
 class _Retry:
@@ -17,7 +14,7 @@ class _Retry:
     window (from the first failure) ends: backoff, wait for the store's health to say SERVING, check it
     still serves our pack (PackChangedError if not), then try again."""
 
-    def __init__(self, client: StoreClient, what: str):
+    def __init__(self, client: Any, what: str):  # a StoreClient (not imported: no cycle)
         self.client, self.what = client, what
         self.attempt = 0
         self.deadline: float | None = None
