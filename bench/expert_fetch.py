@@ -1,6 +1,7 @@
 """Worker-side cost of one expert, bytes in shared memory -> compute-ready: `python -m bench.expert_fetch`.
 
-    python -m bench.expert_fetch [--pack PACK] [--reps 3000] [--threads 1] [--out runs/expert_fetch]
+    python -m bench.expert_fetch [--pack PACK [--store [--batch N]]] [--reps 3000] [--threads 1]
+                                 [--out runs/expert_fetch]
 
 The store's RAM tier is a shared-memory segment; a cache miss it serves costs the worker
 a copy, a checksum and building the compute form. This measures each of those per expert,
@@ -15,7 +16,9 @@ for every int4 expert of the model placed in one segment (tiny-mixtral: 128 x 12
     after: build           make_expert_compute(int4, segment view, int4_fused): one copy
                            into owned memory plus views (compute-ready blobs)
     after: build + xxh3_64 the same with the blob verified
-and the same for int2 (the prefill tail). Methods alternate call by call (a burst of load
+and the same for int2 (the prefill tail). With --store, also through a real store serving PACK:
+StoreClient.fetch -> verified blob -> compute-ready, per resident expert, via the slot directory
+(no RPC) against the lease path (FetchExpertsShm, copy, ReleaseLeases). Methods alternate call by call (a burst of load
 hits all alike); medians, p10/p90 in microseconds. `others_busy` is the share of the CPUs
 other processes used meanwhile. Target (the worker's cost of one int4 expert from the store's
 RAM to compute-ready): median <= 20 us. Experts come from PACK (any pack with int4 experts;
@@ -202,6 +205,52 @@ def bench_format(fmt: str, weights: list[tuple[torch.Tensor, ...]], hidden: int,
     return {"format": fmt, "blob_bytes": new.nbytes, "old_blob_bytes": old.nbytes, "experts": new.n, "rows": rows}
 
 
+def bench_store(pack: Path, reps: int, batch: int) -> dict[str, Any]:
+    """A real store (its RAM tier holding every int4 expert) and the worker's StoreClient: the cost per
+    resident expert from fetch() to compute-ready, through the slot directory (no RPC) and through the lease
+    path (FetchExpertsShm + copy + ReleaseLeases), `batch` experts per fetch; both verify xxh3_64."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from expert_store.packfile import Pack
+    from gpu_worker.store_client import StoreClient
+
+    with Pack.open(pack) as p:
+        ids, a = list(p.expert_ids), p.args
+        ram = len(ids) * (-(-p.expert_nbytes("int4") // 4096) * 4096)
+    tmp = Path(tempfile.mkdtemp(prefix="expert-fetch-"))
+    addr = f"unix:{tmp}/store.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "expert_store", "serve", str(pack), "--listen", addr,
+                             "--ram-bytes", str(ram), "--formats", "int4"], stderr=subprocess.DEVNULL)
+    clients = {"directory": StoreClient(addr, transport="shm"),
+               "lease": StoreClient(addr, transport="shm", shm_directory=False)}
+    try:
+        clients["directory"].wait_ready(60)
+        keys = [(l, e, "int4") for l, e in ids]
+        for c in clients.values():
+            c.fetch(keys[:batch])  # maps the segments
+        build = lambda b: make_expert_compute("int4", b.data, a.hidden_size, a.expert_intermediate_size,  # noqa: E731
+                                              "int4_fused")
+        cases: dict[str, Callable[[int], Any]] = {}
+        for name, c in clients.items():
+            def fetch(i: int, c=c) -> Any:
+                start = (i * batch) % (len(keys) - batch + 1)
+                return [build(b) for b in c.fetch(keys[start:start + batch])]
+            cases[f"{name}: fetch + verify + build, batch {batch}"] = fetch
+        rows = _measure(cases, reps, len(keys) // batch)
+        for row in rows.values():  # per expert
+            for k in ("median_us", "p10_us", "p90_us"):
+                row[k] /= batch
+        hits = clients["directory"].counters.shm_directory_hits
+    finally:
+        for c in clients.values():
+            c.close()
+        proc.terminate()
+        proc.wait(10)
+    return {"batch": batch, "rows": rows, "directory_hits": hits}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pack", type=Path, default=None, help="take the experts from this pack")
@@ -209,8 +258,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--experts", type=int, default=128, help="distinct experts in the segment (default %(default)s)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s: the prefetch "
                     "thread's view; the worker's compute uses its own)")
+    ap.add_argument("--store", action="store_true", help="also through a real store serving --pack: the slot "
+                    "directory against the lease path (needs --pack)")
+    ap.add_argument("--batch", type=int, default=1, help="experts per fetch with --store (default %(default)s)")
     ap.add_argument("--out", type=Path, default=Path("runs/expert_fetch"))
     args = ap.parse_args(argv)
+    if args.store and args.pack is None:
+        ap.error("--store needs --pack (a pack with int4 experts)")
     torch.set_num_threads(args.threads)
     weights, hidden, inter, source = _experts(args.pack, args.experts)
     results: dict[str, Any] = {"env": {"torch": torch.__version__, "threads": args.threads,
@@ -232,6 +286,13 @@ def main(argv: list[str] | None = None) -> None:
                   f"{row['median_us'] / mem:.1f} |")
         busy = sorted({row["others_busy"] for row in r["rows"].values()})
         print(f"\nothers_busy (share of the CPUs other processes used meanwhile): {', '.join(f'{b:.0%}' for b in busy)}")
+    if args.store:
+        results["store"] = st = bench_store(args.pack, max(100, args.reps // 5), args.batch)
+        print(f"\n### through a store's RAM tier, per expert (worker side, {st['batch']} per fetch)\n")
+        print("| path | median us | p10 | p90 |")
+        print("|---|---|---|---|")
+        for name, row in st["rows"].items():
+            print(f"| {name} | {row['median_us']:.1f} | {row['p10_us']:.1f} | {row['p90_us']:.1f} |")
     row = results["formats"][0]["rows"]["after: build"]
     verdict = "met" if row["median_us"] <= TARGET_US else "MISSED"
     print(f"\ntarget: int4 expert shm -> compute-ready median <= {TARGET_US:.0f} us: {row['median_us']:.1f} us "

@@ -193,6 +193,7 @@ class StoreCore:
                         self.ram.segment_name, self.ram.num_slots, self.ram.slot_bytes,
                         self.ram.capacity_bytes / 2**20, filled, self.preferred,
                         ", popularity profile order" if self.popularity else ", shallow layers first")
+            self.ram.open_directory(self.nvme.keys())
         if cfg.cold:
             self.nvme.drop_page_cache()
         self._tasks.append(asyncio.create_task(self._sweep_leases(), name="lease-sweeper"))

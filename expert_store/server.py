@@ -270,6 +270,8 @@ def manifest_to_pb(core: StoreCore) -> store_pb2.GetManifestResponse:
         manifest_json=core.manifest_json,
         shm_enabled=core.ram.enabled,
         shm_host_id=core.host_id,
+        shm_segment_name=core.ram.segment_name if core.ram.directory is not None else "",
+        shm_directory_name=core.ram.directory.name if core.ram.directory is not None else "",
         ram_tier_bytes=core.ram.capacity_bytes,
         max_chunk_bytes=core.config.max_chunk_bytes,
     )

@@ -20,6 +20,11 @@ that outlives its lease may see the slot's next tenant, which the checksum
 catches (fetch again). A segment name that no longer exists means the store
 restarted: call GetManifest again.
 
+Without an RPC: the store also publishes a slot directory (slot_directory.py), a second small
+segment named in GetManifest (`shm_directory_name`, over `shm_segment_name`). A worker maps
+both once and copies a resident expert by itself, checking the row's generation after the copy
+and the blob's xxh3_64; misses take the lease path above in one batched FetchExpertsShm.
+
 Co-location: `host_id()` is the boot id plus the IPC namespace's inode; the store
 reports its own in GetManifest, and a worker whose `host_id()` differs cannot see
 the segment (another machine, another boot, or another IPC namespace) and must

@@ -18,7 +18,9 @@ new contents. Slots are filled at start-up in a hotness order (`fill_order`),
 then promoted into on demand, evicting the least recently used slot that no
 one holds. Holding is counted in `pins`: every lease (a co-located worker
 copying the bytes) and every in-flight gRPC read of the slot pins it, and a
-pinned slot is never overwritten. Leases expire after their TTL; lease ids are
+pinned slot is never overwritten. With a slot directory (`open_directory`, slot_directory.py)
+workers also copy unpinned slots with no RPC: an eviction withdraws the blob's row before the
+slot is reused, a commit publishes it, so such a copy detects a reuse. Leases expire after their TTL; lease ids are
 random 63-bit numbers, an owner holds at most `max_leases_per_client` at once.
 
 Thread safety: RamTier's bookkeeping runs on the event loop thread only; the
@@ -49,6 +51,7 @@ from . import shm
 from .checksums import blob_checksum, blob_digest, new_hasher
 from .errors import ChecksumError, FateError
 from .pack import ALIGNMENT, align_up
+from .slot_directory import SlotDirectory
 from .packfile import BlobRef, Pack
 
 logger = logging.getLogger(__name__)
@@ -292,6 +295,7 @@ class RamTier:
         self._by_client: dict[str, set[int]] = {}
         self._expiry: list[tuple[float, int]] = []  # heap of (expires_at, lease_id)
         self.max_leases_per_client = 0  # 0: no cap
+        self.directory: SlotDirectory | None = None  # set by `open_directory`: rows follow commit and evict
 
     @classmethod
     def create(cls, ram_bytes: int, slot_bytes: int, max_slots: int,
@@ -396,6 +400,8 @@ class RamTier:
         self._where[slot.key] = slot
         self._lru[slot.index] = None
         self._lru.move_to_end(slot.index)
+        if self.directory is not None:
+            self.directory.publish(slot.key, slot.offset, slot.nbytes)
         if promotion:
             self.counters.promotions += 1
 
@@ -411,6 +417,8 @@ class RamTier:
     def _evict(self, slot: Slot) -> None:
         if slot.key is not None:
             self._where.pop(slot.key, None)
+            if self.directory is not None:  # before any byte of the slot changes: readers notice the reuse
+                self.directory.withdraw(slot.key)
         self._lru.pop(slot.index, None)
         slot.state, slot.key, slot.nbytes = SlotState.FREE, None, 0
 
@@ -445,6 +453,14 @@ class RamTier:
         for slot in reversed(filled):
             self._lru.move_to_end(slot.index)
         return len(filled)
+
+    def open_directory(self, keys: Iterable[BlobKey]) -> str:
+        """Create the slot directory over `keys` (every served blob) and publish what is resident; its name."""
+        if self.directory is None and self.enabled:
+            self.directory = SlotDirectory(keys)
+            for key, slot in self._where.items():
+                self.directory.publish(key, slot.offset, slot.nbytes)
+        return self.directory.name if self.directory is not None else ""
 
     # -- leases -------------------------------------------------------------------------------
 
@@ -509,6 +525,8 @@ class RamTier:
 
     def close(self) -> None:
         """Unmap and UNLINK the segment (idempotent). Workers' mappings stay valid until they close them."""
+        if self.directory is not None:
+            self.directory.close()
         segment, self.segment = self.segment, None
         if segment is None:
             return

@@ -3,9 +3,12 @@
 Both fetchers have one method the cache uses, `fetch(keys, priority) -> list[FetchedBlob]`:
 
     StoreClient   the store over gRPC (synchronous: the worker's compute runs in a thread).
-                  Co-located (same boot id and IPC namespace as the store): FetchExpertsShm
-                  returns leased descriptors into the store's shared-memory segment; we copy
-                  the bytes out, verify them and release the leases in one call. Experts the
+                  Co-located (same boot id and IPC namespace as the store): experts the store's
+                  slot directory shows resident are copied straight out of its segment with no
+                  RPC (a generation check after the copy throws away a slot reused meanwhile);
+                  for the rest one FetchExpertsShm promotes them and returns leased
+                  descriptors; we copy the bytes out, verify them and release the leases in
+                  one call. Experts the
                   store could not lease, and every expert for a remote worker, come as chunks
                   over FetchExperts.
     PackFetcher   the same interface over an open `Pack` (tests, `generate`).
@@ -51,7 +54,10 @@ from moe.v1 import store_pb2_grpc as pb_grpc
 from expert_store.checksums import blob_digest
 from expert_store.edge import CLIENT_SECRET_HEADER, CORRUPT_EXPERT_TRAILER, ClientSecurity
 from expert_store.shm import SHM_DIR, attach_segment, host_id
+from expert_store.slot_directory import DirectoryReader
 
+from .pack_fetcher import PackFetcher
+from .store_retry import _Retry
 from .store_protocol import (
     COMPRESSION_TO_PB, FORMAT_TO_PB, PRIORITY_TO_PB, TIER_NAMES, BlobKey, ChecksumError, ChunkDecoder,
     ExpertChunkAssembler, ExpertFetcher, FetchCounters, FetchedBlob, PackChangedError, Priority, StoreError,
@@ -94,6 +100,7 @@ class StoreClient:
         lease_ttl_ms: int = 0,
         retry_window_s: float = 0.0,
         security: ClientSecurity | None = None,
+        shm_directory: bool = True,
     ):
         if transport not in ("auto", "shm", "grpc"):
             raise StoreError(f"transport must be 'auto', 'shm' or 'grpc', got {transport!r}")
@@ -125,6 +132,9 @@ class StoreClient:
         self._crc32: dict[BlobKey, int] = {}
         self._transport: str | None = None
         self._segments: dict[str, SharedMemory] = {}  # attached store segments by name (never unlinked)
+        self.use_directory = shm_directory  # copy resident experts through the store's slot directory
+        self._dir: DirectoryReader | None = None
+        self._dir_names: tuple[str, str] | None = None  # (data segment, directory) the store advertised
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -171,6 +181,7 @@ class StoreClient:
         except grpc.RpcError:
             pass
         with self._lock:
+            self._drop_directory()
             for seg in self._segments.values():
                 _detach(seg)
             self._segments.clear()
@@ -197,6 +208,7 @@ class StoreClient:
                 self._manifest = m
                 self._manifest_sha256 = hashlib.sha256(reply.manifest_json).hexdigest()
                 self._crc32 = m.expert_crc32s()
+                self._dir_names = (m.shm_segment_name, m.shm_directory_name)
             return self._manifest
 
     def _check_pack(self, reply: pb.GetManifestResponse) -> None:
@@ -229,6 +241,10 @@ class StoreClient:
             raise PackChangedError(f"the expert store at {self.address} serves another pack: restart the worker")
         reply = self._stub.GetManifest(pb.GetManifestRequest(), timeout=timeout_s)
         self._check_pack(reply)
+        with self._lock:  # a restarted store has new segments
+            if self._dir_names != (reply.shm_segment_name, reply.shm_directory_name):
+                self._drop_directory()
+                self._dir_names = (reply.shm_segment_name, reply.shm_directory_name)
 
     def dense_tensors(self, names: Sequence[str] = ()) -> dict[str, torch.Tensor]:
         """Dense tensors (all when `names` is empty), checksum-verified, in their stored dtypes."""
@@ -353,8 +369,63 @@ class StoreClient:
         return out
 
     def _fetch_shm(self, keys: Sequence[BlobKey], priority: Priority) -> tuple[dict[int, FetchedBlob], list[int]]:
-        """Leased copies out of the store's segment; returns (blobs by index, indices left for gRPC)."""
+        """Resident experts through the slot directory (no RPC), the rest in one FetchExpertsShm (the store
+        promotes them, we copy under leases); returns (blobs by index, indices left for gRPC)."""
         t0 = time.perf_counter_ns()
+        out, rest = self._copy_resident(keys), []
+        todo = [i for i in range(len(keys)) if i not in out]
+        if todo:
+            leased, left = self._fetch_leased([keys[i] for i in todo], priority)
+            out.update((todo[j], b) for j, b in leased.items())
+            rest = [todo[j] for j in left]
+        dt = time.perf_counter_ns() - t0
+        with self._lock:
+            c = self.counters
+            c.experts_shm += len(out)
+            c.bytes_fetched_shm += sum(b.nbytes for b in out.values())
+            c.fetch_ns_shm += dt
+            c.shm_unavailable += len(rest)
+            c.shm_directory_hits += len(keys) - len(todo)
+            if self._dir is not None:
+                c.shm_directory_retries = self._dir.retries
+            self._count_tiers(out.values())
+        return out, rest
+
+    def _copy_resident(self, keys: Sequence[BlobKey]) -> dict[int, FetchedBlob]:
+        """The experts the slot directory shows resident, copied and verified with no RPC."""
+        with self._lock:  # the lock keeps a re-attach from closing the segment mid-copy
+            reader = self._directory()
+            if reader is None:
+                return {}
+            copies = [(i, reader.copy(k)) for i, k in enumerate(keys)]
+        out: dict[int, FetchedBlob] = {}
+        for i, blob in copies:
+            if blob is not None:  # stable across the copy; the manifest's xxh3_64 is the final guard
+                self._check_blob(blob, keys[i], "", f"expert {keys[i]} via the slot directory")
+                out[i] = FetchedBlob(keys[i], blob, "ram", "shm")
+        return out
+
+    def _directory(self) -> DirectoryReader | None:
+        """The mapped slot directory (lock held); None when the store has none or it cannot be mapped."""
+        if self._dir is not None or not self.use_directory or not self._dir_names or not self._dir_names[1]:
+            return self._dir
+        data_name, dir_name = self._dir_names
+        try:
+            data = self._segment(data_name, 0)
+            if data is not None:
+                self._dir = DirectoryReader(dir_name, data)
+        except (OSError, ValueError) as e:
+            log.warning("cannot map the store's slot directory %r (%s): every shm fetch asks the store", dir_name, e)
+            self._dir_names = None
+        return self._dir
+
+    def _drop_directory(self) -> None:
+        if self._dir is not None:
+            self._dir.close()
+            self._dir = None
+
+    def _fetch_leased(self, keys: Sequence[BlobKey], priority: Priority) -> tuple[dict[int, FetchedBlob], list[int]]:
+        """Leased copies out of the store's segment; returns (blobs by index, indices left for gRPC)."""
         req = pb.FetchExpertsShmRequest(experts=[_key_pb(k) for k in keys], priority=PRIORITY_TO_PB[priority],
                                         client_id=self.client_id, lease_ttl_ms=self.lease_ttl_ms)
         reply = self._call("FetchExpertsShm", lambda t: self._stub.FetchExpertsShm(req, timeout=t),
@@ -374,14 +445,10 @@ class StoreClient:
         finally:  # copies done (or failed): the store may reuse the slots
             self._release([d.lease_id for d in reply.descriptors])
         rest |= set(range(len(keys))) - set(out) - rest
-        dt = time.perf_counter_ns() - t0
         with self._lock:
-            c = self.counters
-            c.experts_shm += len(out)
-            c.bytes_fetched_shm += sum(b.nbytes for b in out.values())
-            c.fetch_ns_shm += dt
-            c.shm_unavailable += len(rest)
-            self._count_tiers(out.values())
+            if self._dir is not None and reply.descriptors and reply.descriptors[0].segment_name != self._dir_names[0]:
+                self._drop_directory()  # the store restarted: its new directory comes with the next manifest
+                self._dir_names = None
         return out, sorted(rest)
 
     def _copy_out(self, d: pb.ShmDescriptor, key: BlobKey) -> bytes | None:
@@ -392,12 +459,15 @@ class StoreClient:
             if seg is None:
                 return None
             blob = bytes(seg.buf[d.offset_bytes:d.offset_bytes + d.length_bytes])  # the one copy
-        got = verify_checksum(blob, d.checksum, what) if d.checksum else blob_digest(blob)
+        return self._check_blob(blob, key, d.checksum, what)
+
+    def _check_blob(self, blob: bytes, key: BlobKey, checksum: str, what: str) -> bytes:
+        got = verify_checksum(blob, checksum, what) if checksum else blob_digest(blob)
         want = self._crc32.get(key)
         if want is not None and got != want:
             raise ChecksumError(f"{what}: checksum mismatch with the pack manifest (got xxh3_64 {got:016x}, "
                                 f"manifest {want:016x}); refusing the bytes", *key)
-        if want is None and not d.checksum:
+        if want is None and not checksum:
             raise ChecksumError(f"{what}: no checksum from the store and none in the manifest; refusing the bytes")
         return blob
 
@@ -489,55 +559,6 @@ class StoreClient:
         return StoreError(f"expert store at {self.address}: {what} failed: {code.name}: {e.details()}", code)
 
 
-class _Retry:
-    """One call's retries after UNAVAILABLE: `max_retries` quick ones, or, with a retry window, until the
-    window (from the first failure) ends: backoff, wait for the store's health to say SERVING, check it
-    still serves our pack (PackChangedError if not), then try again."""
-
-    def __init__(self, client: StoreClient, what: str):
-        self.client, self.what = client, what
-        self.attempt = 0
-        self.deadline: float | None = None
-
-    def after(self, e: grpc.RpcError) -> None:
-        c = self.client
-        if e.code() != grpc.StatusCode.UNAVAILABLE:
-            raise c._error(self.what, e) from None
-        now = time.monotonic()
-        if c.retry_window_s <= 0:
-            if self.attempt >= c.max_retries:
-                raise c._error(self.what, e) from None
-            with c._lock:
-                c.counters.retries += 1
-            time.sleep(c.retry_backoff_s * (2 ** self.attempt))
-            self.attempt += 1
-            return
-        if self.deadline is None:
-            self.deadline = now + c.retry_window_s
-            c._outage(began=True)
-        if now >= self.deadline:
-            raise c._error(self.what, e) from None
-        with c._lock:
-            c.counters.retries += 1
-        time.sleep(min(c.retry_backoff_s * (2 ** self.attempt), 1.0, self.deadline - now))
-        self.attempt += 1
-        self._wait_for_store()
-
-    def _wait_for_store(self) -> None:
-        c = self.client
-        assert self.deadline is not None
-        while (left := self.deadline - time.monotonic()) > 0:
-            try:
-                reply = c._health.Check(health_pb2.HealthCheckRequest(), timeout=min(left, 1.0))
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    c.revalidate(min(max(self.deadline - time.monotonic(), 0.1), c.rpc_timeout_s))
-                    c._outage(began=False)
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(min(0.1, max(0.0, self.deadline - time.monotonic())))
-
-
 def _detach(seg: SharedMemory) -> None:
     try:
         seg.close()  # never unlink: the segment is the store's
@@ -547,28 +568,6 @@ def _detach(seg: SharedMemory) -> None:
 
 def _key_pb(key: BlobKey) -> pb.ExpertKey:
     return pb.ExpertKey(layer=key[0], expert=key[1], format=FORMAT_TO_PB[key[2]])
-
-
-# -- in process --------------------------------------------------------------------------------
-
-
-class PackFetcher:
-    """`fetch()` straight from an open Pack (zero-copy views over its mmap, xxh3_64-checked on first read)."""
-
-    def __init__(self, pack):
-        self.pack = pack
-        self.counters = FetchCounters()
-        self._lock = threading.Lock()
-
-    def fetch(self, keys: Sequence[BlobKey], priority: Priority = "demand") -> list[FetchedBlob]:
-        t0 = time.perf_counter_ns()
-        out = [FetchedBlob(k, self.pack.expert_blob(*k), "local", "local") for k in keys]
-        dt = time.perf_counter_ns() - t0
-        with self._lock:
-            self.counters.experts_local += len(out)
-            self.counters.bytes_fetched_local += sum(b.nbytes for b in out)
-            self.counters.fetch_ns_local += dt
-        return out
 
 
 __all__ = [

@@ -102,6 +102,8 @@ class StoreManifest:
     shm_host_id: str  # equal to expert_store.shm.host_id() when co-located
     ram_tier_bytes: int
     max_chunk_bytes: int
+    shm_segment_name: str = ""  # the RAM tier's data segment ("" : no slot directory)
+    shm_directory_name: str = ""  # its slot directory (expert_store/slot_directory.py)
 
     def expert_bytes(self, fmt: str) -> int:
         if fmt not in self.formats:
@@ -132,7 +134,8 @@ class StoreManifest:
             formats=formats, num_moe_layers=m.num_moe_layers, num_experts=m.num_experts, top_k=m.top_k,
             dense_bytes=m.dense_bytes, tokenizer_files=tuple(m.tokenizer_files), pack_manifest=pack_manifest,
             shm_enabled=m.shm_enabled, shm_host_id=m.shm_host_id, ram_tier_bytes=m.ram_tier_bytes,
-            max_chunk_bytes=m.max_chunk_bytes,
+            max_chunk_bytes=m.max_chunk_bytes, shm_segment_name=m.shm_segment_name,
+            shm_directory_name=m.shm_directory_name,
         )
 
 
@@ -293,7 +296,9 @@ class FetchCounters:
     bytes_fetched_grpc: int = 0  # decoded bytes (after zstd)
     bytes_wire_grpc: int = 0  # bytes as they crossed the socket
     bytes_fetched_local: int = 0
-    fetch_ns_shm: int = 0  # FetchExpertsShm + copy + verify + ReleaseLeases
+    fetch_ns_shm: int = 0  # directory copies + FetchExpertsShm + copy + verify + ReleaseLeases
+    shm_directory_hits: int = 0  # experts copied through the slot directory (no RPC)
+    shm_directory_retries: int = 0  # directory copies thrown away: the slot was reused meanwhile
     fetch_ns_grpc: int = 0
     fetch_ns_local: int = 0
     tier_ram: int = 0  # experts the store served from its RAM tier

@@ -333,3 +333,49 @@ def test_real_store_fetch(pack, store, transport):
         while client.store_stats().leases_active and time.monotonic() < deadline:
             time.sleep(0.05)
         assert client.store_stats().leases_active == 0
+
+
+@pytest.fixture(scope="module")
+def int4_store(pack, tmp_path_factory):
+    """A store serving int4 only (so slots are int4-sized), its RAM tier at half the int4 experts."""
+    tmp = tmp_path_factory.mktemp("store4")
+    addr = f"unix:{tmp}/s.sock"
+    ram = len(pack.expert_ids) * pack.expert_nbytes(FMT) // 2
+    stderr = open(tmp / "stderr", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "expert_store", "serve", str(pack.path), "--listen", addr,
+                             "--ram-bytes", str(ram), "--formats", FMT], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=stderr)
+    client = StoreClient(addr)
+    try:
+        client.wait_ready(30)
+    except StoreUnavailableError:
+        proc.kill()
+        pytest.fail(f"store did not start: {(tmp / 'stderr').read_text()[-2000:]}")
+    client.close()
+    yield addr
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    stderr.close()
+
+
+@pytest.mark.slow
+def test_resident_experts_need_no_rpc_and_misses_one_batched_request(pack, int4_store):
+    layers = sorted({layer for layer, _ in pack.expert_ids})
+    deep = [(layers[-1], e, FMT) for e in range(8)]  # the fill is shallow layers first: these are on NVMe
+    with StoreClient(int4_store, transport="shm") as client:
+        m = client.manifest()
+        assert m.shm_segment_name and m.shm_directory_name
+        requests = lambda: client.store_stats().fetch_requests  # noqa: E731  # FetchExperts + FetchExpertsShm
+        before = requests()
+        blobs = client.fetch(deep)  # not resident: one FetchExpertsShm promotes all eight
+        assert requests() == before + 1
+        assert client.counters.shm_directory_hits == 0 and {b.tier for b in blobs} == {"nvme"}
+        before = requests()
+        again = client.fetch(deep) + client.fetch(deep[:3], priority="prefetch")  # now resident
+        assert requests() == before  # no RPC at all
+        assert client.counters.shm_directory_hits == len(again)
+        assert all(bytes(b.data) == bytes(pack.expert_blob(*b.key)) for b in blobs + again)
+        assert {b.transport for b in again} == {"shm"} and {b.tier for b in again} == {"ram"}

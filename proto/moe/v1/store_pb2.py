@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12moe/v1/store.proto\x12\x06moe.v1\"P\n\tExpertKey\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12$\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x14.moe.v1.ExpertFormat\"u\n\tDataChunk\x12\x14\n\x0coffset_bytes\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12(\n\x0b\x63ompression\x18\x03 \x01(\x0e\x32\x13.moe.v1.Compression\x12\x1a\n\x12uncompressed_bytes\x18\x04 \x01(\x04\"\x14\n\x12GetManifestRequest\"b\n\x10\x45xpertFormatInfo\x12$\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x14.moe.v1.ExpertFormat\x12\x14\n\x0c\x65xpert_bytes\x18\x02 \x01(\x04\x12\x12\n\ngroup_size\x18\x03 \x01(\r\"\xf3\x02\n\x13GetManifestResponse\x12\x0f\n\x07pack_id\x18\x01 \x01(\t\x12\x1b\n\x13pack_format_version\x18\x02 \x01(\r\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x17\n\x0fmodel_args_json\x18\x04 \x01(\t\x12)\n\x07\x66ormats\x18\x05 \x03(\x0b\x32\x18.moe.v1.ExpertFormatInfo\x12\x16\n\x0enum_moe_layers\x18\x06 \x01(\r\x12\x13\n\x0bnum_experts\x18\x07 \x01(\r\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\x13\n\x0b\x64\x65nse_bytes\x18\t \x01(\x04\x12\x17\n\x0ftokenizer_files\x18\n \x03(\t\x12\x15\n\rmanifest_json\x18\x0b \x01(\x0c\x12\x13\n\x0bshm_enabled\x18\x14 \x01(\x08\x12\x13\n\x0bshm_host_id\x18\x15 \x01(\t\x12\x16\n\x0eram_tier_bytes\x18\x16 \x01(\x04\x12\x17\n\x0fmax_chunk_bytes\x18\x17 \x01(\r\"b\n\x12StreamDenseRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\r\x12(\n\x0b\x63ompression\x18\x03 \x01(\x0e\x32\x13.moe.v1.Compression\"a\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\t\"p\n\nDenseChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x06header\x18\x02 \x01(\x0b\x32\x14.moe.v1.TensorHeader\x12 \n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x11.moe.v1.DataChunk\x12\x0c\n\x04last\x18\x04 \x01(\x08\"8\n\x12StreamFilesRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\r\"^\n\tFileChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12 \n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x11.moe.v1.DataChunk\x12\x0c\n\x04last\x18\x04 \x01(\x08\"\xb4\x01\n\x13\x46\x65tchExpertsRequest\x12\"\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x11.moe.v1.ExpertKey\x12\'\n\x08priority\x18\x02 \x01(\x0e\x32\x15.moe.v1.FetchPriority\x12(\n\x0b\x63ompression\x18\x03 \x01(\x0e\x32\x13.moe.v1.Compression\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\r\x12\x11\n\tclient_id\x18\x05 \x01(\t\"\xb4\x01\n\x0b\x45xpertChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x1e\n\x03key\x18\x02 \x01(\x0b\x32\x11.moe.v1.ExpertKey\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12 \n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x11.moe.v1.DataChunk\x12\x0c\n\x04last\x18\x05 \x01(\x08\x12\x1f\n\x04tier\x18\x06 \x01(\x0e\x32\x11.moe.v1.StoreTier\x12\x10\n\x08\x63hecksum\x18\x07 \x01(\t\"\x8e\x01\n\x16\x46\x65tchExpertsShmRequest\x12\"\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x11.moe.v1.ExpertKey\x12\'\n\x08priority\x18\x02 \x01(\x0e\x32\x15.moe.v1.FetchPriority\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x14\n\x0clease_ttl_ms\x18\x04 \x01(\r\"\x86\x02\n\rShmDescriptor\x12\r\n\x05index\x18\x01 \x01(\r\x12\x1e\n\x03key\x18\x02 \x01(\x0b\x32\x11.moe.v1.ExpertKey\x12\x14\n\x0csegment_name\x18\x03 \x01(\t\x12\x15\n\rsegment_bytes\x18\x04 \x01(\x04\x12\x14\n\x0coffset_bytes\x18\x05 \x01(\x04\x12\x14\n\x0clength_bytes\x18\x06 \x01(\x04\x12\x10\n\x08lease_id\x18\x07 \x01(\x04\x12\x12\n\ngeneration\x18\x08 \x01(\x04\x12\x14\n\x0clease_ttl_ms\x18\t \x01(\r\x12\x1f\n\x04tier\x18\n \x01(\x0e\x32\x11.moe.v1.StoreTier\x12\x10\n\x08\x63hecksum\x18\x0b \x01(\t\"b\n\x17\x46\x65tchExpertsShmResponse\x12*\n\x0b\x64\x65scriptors\x18\x01 \x03(\x0b\x32\x15.moe.v1.ShmDescriptor\x12\x1b\n\x13unavailable_indices\x18\x02 \x03(\r\"I\n\x14ReleaseLeasesRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x11\n\tlease_ids\x18\x02 \x03(\x04\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\"F\n\x15ReleaseLeasesResponse\x12\x16\n\x0ereleased_count\x18\x01 \x01(\r\x12\x15\n\runknown_count\x18\x02 \x01(\r\"H\n\x0fPrefetchRequest\x12\"\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x11.moe.v1.ExpertKey\x12\x11\n\tclient_id\x18\x02 \x01(\t\"a\n\x10PrefetchResponse\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x01 \x01(\r\x12\x1e\n\x16\x61lready_resident_count\x18\x02 \x01(\r\x12\x15\n\rdropped_count\x18\x03 \x01(\r\"\x16\n\x14GetStoreStatsRequest\"\xaa\x01\n\x0eStoreTierStats\x12\x1f\n\x04tier\x18\x01 \x01(\x0e\x32\x11.moe.v1.StoreTier\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x18\n\x10resident_experts\x18\x04 \x01(\r\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x12\n\nbytes_read\x18\x06 \x01(\x04\x12\x0f\n\x07read_ns\x18\x07 \x01(\x04\"\xd0\x03\n\nStoreStats\x12\x0f\n\x07pack_id\x18\x01 \x01(\t\x12\x11\n\tuptime_ms\x18\x02 \x01(\x04\x12%\n\x05tiers\x18\x03 \x03(\x0b\x32\x16.moe.v1.StoreTierStats\x12\x16\n\x0e\x66\x65tch_requests\x18\n \x01(\x04\x12\x1b\n\x13\x65xperts_served_grpc\x18\x0b \x01(\x04\x12\x1a\n\x12\x65xperts_served_shm\x18\x0c \x01(\x04\x12\x19\n\x11\x62ytes_served_grpc\x18\r \x01(\x04\x12\x17\n\x0f\x62ytes_sent_wire\x18\x0e \x01(\x04\x12\x18\n\x10\x62ytes_served_shm\x18\x0f \x01(\x04\x12\x1a\n\x12\x64\x65nse_bytes_served\x18\x10 \x01(\x04\x12\x12\n\npromotions\x18\x14 \x01(\x04\x12\x11\n\tevictions\x18\x15 \x01(\x04\x12\x16\n\x0eleases_granted\x18\x16 \x01(\x04\x12\x15\n\rleases_active\x18\x17 \x01(\x04\x12\x16\n\x0eleases_expired\x18\x18 \x01(\x04\x12\x16\n\x0eprefetch_hints\x18\x19 \x01(\x04\x12\x1b\n\x13prefetch_promotions\x18\x1a \x01(\x04\x12\x19\n\x11\x63hecksum_failures\x18\x1b \x01(\x04*\x8d\x01\n\x0c\x45xpertFormat\x12\x1d\n\x19\x45XPERT_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45XPERT_FORMAT_BF16\x10\x01\x12\x16\n\x12\x45XPERT_FORMAT_INT8\x10\x02\x12\x16\n\x12\x45XPERT_FORMAT_INT4\x10\x03\x12\x16\n\x12\x45XPERT_FORMAT_INT2\x10\x04*9\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01*P\n\tStoreTier\x12\x1a\n\x16STORE_TIER_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTORE_TIER_RAM\x10\x01\x12\x13\n\x0fSTORE_TIER_NVME\x10\x02*G\n\rFetchPriority\x12\x19\n\x15\x46\x45TCH_PRIORITY_DEMAND\x10\x00\x12\x1b\n\x17\x46\x45TCH_PRIORITY_PREFETCH\x10\x01\x32\xb9\x04\n\x0b\x45xpertStore\x12\x46\n\x0bGetManifest\x12\x1a.moe.v1.GetManifestRequest\x1a\x1b.moe.v1.GetManifestResponse\x12?\n\x0bStreamDense\x12\x1a.moe.v1.StreamDenseRequest\x1a\x12.moe.v1.DenseChunk0\x01\x12>\n\x0bStreamFiles\x12\x1a.moe.v1.StreamFilesRequest\x1a\x11.moe.v1.FileChunk0\x01\x12\x42\n\x0c\x46\x65tchExperts\x12\x1b.moe.v1.FetchExpertsRequest\x1a\x13.moe.v1.ExpertChunk0\x01\x12R\n\x0f\x46\x65tchExpertsShm\x12\x1e.moe.v1.FetchExpertsShmRequest\x1a\x1f.moe.v1.FetchExpertsShmResponse\x12L\n\rReleaseLeases\x12\x1c.moe.v1.ReleaseLeasesRequest\x1a\x1d.moe.v1.ReleaseLeasesResponse\x12=\n\x08Prefetch\x12\x17.moe.v1.PrefetchRequest\x1a\x18.moe.v1.PrefetchResponse\x12<\n\x08GetStats\x12\x1c.moe.v1.GetStoreStatsRequest\x1a\x12.moe.v1.StoreStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12moe/v1/store.proto\x12\x06moe.v1\"P\n\tExpertKey\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12$\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x14.moe.v1.ExpertFormat\"u\n\tDataChunk\x12\x14\n\x0coffset_bytes\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12(\n\x0b\x63ompression\x18\x03 \x01(\x0e\x32\x13.moe.v1.Compression\x12\x1a\n\x12uncompressed_bytes\x18\x04 \x01(\x04\"\x14\n\x12GetManifestRequest\"b\n\x10\x45xpertFormatInfo\x12$\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x14.moe.v1.ExpertFormat\x12\x14\n\x0c\x65xpert_bytes\x18\x02 \x01(\x04\x12\x12\n\ngroup_size\x18\x03 \x01(\r\"\xa9\x03\n\x13GetManifestResponse\x12\x0f\n\x07pack_id\x18\x01 \x01(\t\x12\x1b\n\x13pack_format_version\x18\x02 \x01(\r\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x17\n\x0fmodel_args_json\x18\x04 \x01(\t\x12)\n\x07\x66ormats\x18\x05 \x03(\x0b\x32\x18.moe.v1.ExpertFormatInfo\x12\x16\n\x0enum_moe_layers\x18\x06 \x01(\r\x12\x13\n\x0bnum_experts\x18\x07 \x01(\r\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\x13\n\x0b\x64\x65nse_bytes\x18\t \x01(\x04\x12\x17\n\x0ftokenizer_files\x18\n \x03(\t\x12\x15\n\rmanifest_json\x18\x0b \x01(\x0c\x12\x13\n\x0bshm_enabled\x18\x14 \x01(\x08\x12\x13\n\x0bshm_host_id\x18\x15 \x01(\t\x12\x16\n\x0eram_tier_bytes\x18\x16 \x01(\x04\x12\x17\n\x0fmax_chunk_bytes\x18\x17 \x01(\r\x12\x18\n\x10shm_segment_name\x18\x18 \x01(\t\x12\x1a\n\x12shm_directory_name\x18\x19 \x01(\t\"b\n\x12StreamDenseRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\r\x12(\n\x0b\x63ompression\x18\x03 \x01(\x0e\x32\x13.moe.v1.Compression\"a\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\t\"p\n\nDenseChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x06header\x18\x02 \x01(\x0b\x32\x14.moe.v1.TensorHeader\x12 \n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x11.moe.v1.DataChunk\x12\x0c\n\x04last\x18\x04 \x01(\x08\"8\n\x12StreamFilesRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\r\"^\n\tFileChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12 \n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x11.moe.v1.DataChunk\x12\x0c\n\x04last\x18\x04 \x01(\x08\"\xb4\x01\n\x13\x46\x65tchExpertsRequest\x12\"\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x11.moe.v1.ExpertKey\x12\'\n\x08priority\x18\x02 \x01(\x0e\x32\x15.moe.v1.FetchPriority\x12(\n\x0b\x63ompression\x18\x03 \x01(\x0e\x32\x13.moe.v1.Compression\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\r\x12\x11\n\tclient_id\x18\x05 \x01(\t\"\xb4\x01\n\x0b\x45xpertChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x1e\n\x03key\x18\x02 \x01(\x0b\x32\x11.moe.v1.ExpertKey\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12 \n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x11.moe.v1.DataChunk\x12\x0c\n\x04last\x18\x05 \x01(\x08\x12\x1f\n\x04tier\x18\x06 \x01(\x0e\x32\x11.moe.v1.StoreTier\x12\x10\n\x08\x63hecksum\x18\x07 \x01(\t\"\x8e\x01\n\x16\x46\x65tchExpertsShmRequest\x12\"\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x11.moe.v1.ExpertKey\x12\'\n\x08priority\x18\x02 \x01(\x0e\x32\x15.moe.v1.FetchPriority\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x14\n\x0clease_ttl_ms\x18\x04 \x01(\r\"\x86\x02\n\rShmDescriptor\x12\r\n\x05index\x18\x01 \x01(\r\x12\x1e\n\x03key\x18\x02 \x01(\x0b\x32\x11.moe.v1.ExpertKey\x12\x14\n\x0csegment_name\x18\x03 \x01(\t\x12\x15\n\rsegment_bytes\x18\x04 \x01(\x04\x12\x14\n\x0coffset_bytes\x18\x05 \x01(\x04\x12\x14\n\x0clength_bytes\x18\x06 \x01(\x04\x12\x10\n\x08lease_id\x18\x07 \x01(\x04\x12\x12\n\ngeneration\x18\x08 \x01(\x04\x12\x14\n\x0clease_ttl_ms\x18\t \x01(\r\x12\x1f\n\x04tier\x18\n \x01(\x0e\x32\x11.moe.v1.StoreTier\x12\x10\n\x08\x63hecksum\x18\x0b \x01(\t\"b\n\x17\x46\x65tchExpertsShmResponse\x12*\n\x0b\x64\x65scriptors\x18\x01 \x03(\x0b\x32\x15.moe.v1.ShmDescriptor\x12\x1b\n\x13unavailable_indices\x18\x02 \x03(\r\"I\n\x14ReleaseLeasesRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x11\n\tlease_ids\x18\x02 \x03(\x04\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\"F\n\x15ReleaseLeasesResponse\x12\x16\n\x0ereleased_count\x18\x01 \x01(\r\x12\x15\n\runknown_count\x18\x02 \x01(\r\"H\n\x0fPrefetchRequest\x12\"\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x11.moe.v1.ExpertKey\x12\x11\n\tclient_id\x18\x02 \x01(\t\"a\n\x10PrefetchResponse\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x01 \x01(\r\x12\x1e\n\x16\x61lready_resident_count\x18\x02 \x01(\r\x12\x15\n\rdropped_count\x18\x03 \x01(\r\"\x16\n\x14GetStoreStatsRequest\"\xaa\x01\n\x0eStoreTierStats\x12\x1f\n\x04tier\x18\x01 \x01(\x0e\x32\x11.moe.v1.StoreTier\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x18\n\x10resident_experts\x18\x04 \x01(\r\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x12\n\nbytes_read\x18\x06 \x01(\x04\x12\x0f\n\x07read_ns\x18\x07 \x01(\x04\"\xd0\x03\n\nStoreStats\x12\x0f\n\x07pack_id\x18\x01 \x01(\t\x12\x11\n\tuptime_ms\x18\x02 \x01(\x04\x12%\n\x05tiers\x18\x03 \x03(\x0b\x32\x16.moe.v1.StoreTierStats\x12\x16\n\x0e\x66\x65tch_requests\x18\n \x01(\x04\x12\x1b\n\x13\x65xperts_served_grpc\x18\x0b \x01(\x04\x12\x1a\n\x12\x65xperts_served_shm\x18\x0c \x01(\x04\x12\x19\n\x11\x62ytes_served_grpc\x18\r \x01(\x04\x12\x17\n\x0f\x62ytes_sent_wire\x18\x0e \x01(\x04\x12\x18\n\x10\x62ytes_served_shm\x18\x0f \x01(\x04\x12\x1a\n\x12\x64\x65nse_bytes_served\x18\x10 \x01(\x04\x12\x12\n\npromotions\x18\x14 \x01(\x04\x12\x11\n\tevictions\x18\x15 \x01(\x04\x12\x16\n\x0eleases_granted\x18\x16 \x01(\x04\x12\x15\n\rleases_active\x18\x17 \x01(\x04\x12\x16\n\x0eleases_expired\x18\x18 \x01(\x04\x12\x16\n\x0eprefetch_hints\x18\x19 \x01(\x04\x12\x1b\n\x13prefetch_promotions\x18\x1a \x01(\x04\x12\x19\n\x11\x63hecksum_failures\x18\x1b \x01(\x04*\x8d\x01\n\x0c\x45xpertFormat\x12\x1d\n\x19\x45XPERT_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45XPERT_FORMAT_BF16\x10\x01\x12\x16\n\x12\x45XPERT_FORMAT_INT8\x10\x02\x12\x16\n\x12\x45XPERT_FORMAT_INT4\x10\x03\x12\x16\n\x12\x45XPERT_FORMAT_INT2\x10\x04*9\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01*P\n\tStoreTier\x12\x1a\n\x16STORE_TIER_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTORE_TIER_RAM\x10\x01\x12\x13\n\x0fSTORE_TIER_NVME\x10\x02*G\n\rFetchPriority\x12\x19\n\x15\x46\x45TCH_PRIORITY_DEMAND\x10\x00\x12\x1b\n\x17\x46\x45TCH_PRIORITY_PREFETCH\x10\x01\x32\xb9\x04\n\x0b\x45xpertStore\x12\x46\n\x0bGetManifest\x12\x1a.moe.v1.GetManifestRequest\x1a\x1b.moe.v1.GetManifestResponse\x12?\n\x0bStreamDense\x12\x1a.moe.v1.StreamDenseRequest\x1a\x12.moe.v1.DenseChunk0\x01\x12>\n\x0bStreamFiles\x12\x1a.moe.v1.StreamFilesRequest\x1a\x11.moe.v1.FileChunk0\x01\x12\x42\n\x0c\x46\x65tchExperts\x12\x1b.moe.v1.FetchExpertsRequest\x1a\x13.moe.v1.ExpertChunk0\x01\x12R\n\x0f\x46\x65tchExpertsShm\x12\x1e.moe.v1.FetchExpertsShmRequest\x1a\x1f.moe.v1.FetchExpertsShmResponse\x12L\n\rReleaseLeases\x12\x1c.moe.v1.ReleaseLeasesRequest\x1a\x1d.moe.v1.ReleaseLeasesResponse\x12=\n\x08Prefetch\x12\x17.moe.v1.PrefetchRequest\x1a\x18.moe.v1.PrefetchResponse\x12<\n\x08GetStats\x12\x1c.moe.v1.GetStoreStatsRequest\x1a\x12.moe.v1.StoreStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moe.v1.store_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EXPERTFORMAT']._serialized_start=3055
-  _globals['_EXPERTFORMAT']._serialized_end=3196
-  _globals['_COMPRESSION']._serialized_start=3198
-  _globals['_COMPRESSION']._serialized_end=3255
-  _globals['_STORETIER']._serialized_start=3257
-  _globals['_STORETIER']._serialized_end=3337
-  _globals['_FETCHPRIORITY']._serialized_start=3339
-  _globals['_FETCHPRIORITY']._serialized_end=3410
+  _globals['_EXPERTFORMAT']._serialized_start=3109
+  _globals['_EXPERTFORMAT']._serialized_end=3250
+  _globals['_COMPRESSION']._serialized_start=3252
+  _globals['_COMPRESSION']._serialized_end=3309
+  _globals['_STORETIER']._serialized_start=3311
+  _globals['_STORETIER']._serialized_end=3391
+  _globals['_FETCHPRIORITY']._serialized_start=3393
+  _globals['_FETCHPRIORITY']._serialized_end=3464
   _globals['_EXPERTKEY']._serialized_start=30
   _globals['_EXPERTKEY']._serialized_end=110
   _globals['_DATACHUNK']._serialized_start=112
@@ -48,41 +48,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPERTFORMATINFO']._serialized_start=253
   _globals['_EXPERTFORMATINFO']._serialized_end=351
   _globals['_GETMANIFESTRESPONSE']._serialized_start=354
-  _globals['_GETMANIFESTRESPONSE']._serialized_end=725
-  _globals['_STREAMDENSEREQUEST']._serialized_start=727
-  _globals['_STREAMDENSEREQUEST']._serialized_end=825
-  _globals['_TENSORHEADER']._serialized_start=827
-  _globals['_TENSORHEADER']._serialized_end=924
-  _globals['_DENSECHUNK']._serialized_start=926
-  _globals['_DENSECHUNK']._serialized_end=1038
-  _globals['_STREAMFILESREQUEST']._serialized_start=1040
-  _globals['_STREAMFILESREQUEST']._serialized_end=1096
-  _globals['_FILECHUNK']._serialized_start=1098
-  _globals['_FILECHUNK']._serialized_end=1192
-  _globals['_FETCHEXPERTSREQUEST']._serialized_start=1195
-  _globals['_FETCHEXPERTSREQUEST']._serialized_end=1375
-  _globals['_EXPERTCHUNK']._serialized_start=1378
-  _globals['_EXPERTCHUNK']._serialized_end=1558
-  _globals['_FETCHEXPERTSSHMREQUEST']._serialized_start=1561
-  _globals['_FETCHEXPERTSSHMREQUEST']._serialized_end=1703
-  _globals['_SHMDESCRIPTOR']._serialized_start=1706
-  _globals['_SHMDESCRIPTOR']._serialized_end=1968
-  _globals['_FETCHEXPERTSSHMRESPONSE']._serialized_start=1970
-  _globals['_FETCHEXPERTSSHMRESPONSE']._serialized_end=2068
-  _globals['_RELEASELEASESREQUEST']._serialized_start=2070
-  _globals['_RELEASELEASESREQUEST']._serialized_end=2143
-  _globals['_RELEASELEASESRESPONSE']._serialized_start=2145
-  _globals['_RELEASELEASESRESPONSE']._serialized_end=2215
-  _globals['_PREFETCHREQUEST']._serialized_start=2217
-  _globals['_PREFETCHREQUEST']._serialized_end=2289
-  _globals['_PREFETCHRESPONSE']._serialized_start=2291
-  _globals['_PREFETCHRESPONSE']._serialized_end=2388
-  _globals['_GETSTORESTATSREQUEST']._serialized_start=2390
-  _globals['_GETSTORESTATSREQUEST']._serialized_end=2412
-  _globals['_STORETIERSTATS']._serialized_start=2415
-  _globals['_STORETIERSTATS']._serialized_end=2585
-  _globals['_STORESTATS']._serialized_start=2588
-  _globals['_STORESTATS']._serialized_end=3052
-  _globals['_EXPERTSTORE']._serialized_start=3413
-  _globals['_EXPERTSTORE']._serialized_end=3982
+  _globals['_GETMANIFESTRESPONSE']._serialized_end=779
+  _globals['_STREAMDENSEREQUEST']._serialized_start=781
+  _globals['_STREAMDENSEREQUEST']._serialized_end=879
+  _globals['_TENSORHEADER']._serialized_start=881
+  _globals['_TENSORHEADER']._serialized_end=978
+  _globals['_DENSECHUNK']._serialized_start=980
+  _globals['_DENSECHUNK']._serialized_end=1092
+  _globals['_STREAMFILESREQUEST']._serialized_start=1094
+  _globals['_STREAMFILESREQUEST']._serialized_end=1150
+  _globals['_FILECHUNK']._serialized_start=1152
+  _globals['_FILECHUNK']._serialized_end=1246
+  _globals['_FETCHEXPERTSREQUEST']._serialized_start=1249
+  _globals['_FETCHEXPERTSREQUEST']._serialized_end=1429
+  _globals['_EXPERTCHUNK']._serialized_start=1432
+  _globals['_EXPERTCHUNK']._serialized_end=1612
+  _globals['_FETCHEXPERTSSHMREQUEST']._serialized_start=1615
+  _globals['_FETCHEXPERTSSHMREQUEST']._serialized_end=1757
+  _globals['_SHMDESCRIPTOR']._serialized_start=1760
+  _globals['_SHMDESCRIPTOR']._serialized_end=2022
+  _globals['_FETCHEXPERTSSHMRESPONSE']._serialized_start=2024
+  _globals['_FETCHEXPERTSSHMRESPONSE']._serialized_end=2122
+  _globals['_RELEASELEASESREQUEST']._serialized_start=2124
+  _globals['_RELEASELEASESREQUEST']._serialized_end=2197
+  _globals['_RELEASELEASESRESPONSE']._serialized_start=2199
+  _globals['_RELEASELEASESRESPONSE']._serialized_end=2269
+  _globals['_PREFETCHREQUEST']._serialized_start=2271
+  _globals['_PREFETCHREQUEST']._serialized_end=2343
+  _globals['_PREFETCHRESPONSE']._serialized_start=2345
+  _globals['_PREFETCHRESPONSE']._serialized_end=2442
+  _globals['_GETSTORESTATSREQUEST']._serialized_start=2444
+  _globals['_GETSTORESTATSREQUEST']._serialized_end=2466
+  _globals['_STORETIERSTATS']._serialized_start=2469
+  _globals['_STORETIERSTATS']._serialized_end=2639
+  _globals['_STORESTATS']._serialized_start=2642
+  _globals['_STORESTATS']._serialized_end=3106
+  _globals['_EXPERTSTORE']._serialized_start=3467
+  _globals['_EXPERTSTORE']._serialized_end=4036
 # @@protoc_insertion_point(module_scope)

@@ -80,7 +80,7 @@ class ExpertFormatInfo(_message.Message):
     def __init__(self, format: _Optional[_Union[ExpertFormat, str]] = ..., expert_bytes: _Optional[int] = ..., group_size: _Optional[int] = ...) -> None: ...
 
 class GetManifestResponse(_message.Message):
-    __slots__ = ("pack_id", "pack_format_version", "family", "model_args_json", "formats", "num_moe_layers", "num_experts", "top_k", "dense_bytes", "tokenizer_files", "manifest_json", "shm_enabled", "shm_host_id", "ram_tier_bytes", "max_chunk_bytes")
+    __slots__ = ("pack_id", "pack_format_version", "family", "model_args_json", "formats", "num_moe_layers", "num_experts", "top_k", "dense_bytes", "tokenizer_files", "manifest_json", "shm_enabled", "shm_host_id", "ram_tier_bytes", "max_chunk_bytes", "shm_segment_name", "shm_directory_name")
     PACK_ID_FIELD_NUMBER: _ClassVar[int]
     PACK_FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,8 @@ class GetManifestResponse(_message.Message):
     SHM_HOST_ID_FIELD_NUMBER: _ClassVar[int]
     RAM_TIER_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHM_SEGMENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    SHM_DIRECTORY_NAME_FIELD_NUMBER: _ClassVar[int]
     pack_id: str
     pack_format_version: int
     family: str
@@ -111,7 +113,9 @@ class GetManifestResponse(_message.Message):
     shm_host_id: str
     ram_tier_bytes: int
     max_chunk_bytes: int
-    def __init__(self, pack_id: _Optional[str] = ..., pack_format_version: _Optional[int] = ..., family: _Optional[str] = ..., model_args_json: _Optional[str] = ..., formats: _Optional[_Iterable[_Union[ExpertFormatInfo, _Mapping]]] = ..., num_moe_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., dense_bytes: _Optional[int] = ..., tokenizer_files: _Optional[_Iterable[str]] = ..., manifest_json: _Optional[bytes] = ..., shm_enabled: _Optional[bool] = ..., shm_host_id: _Optional[str] = ..., ram_tier_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+    shm_segment_name: str
+    shm_directory_name: str
+    def __init__(self, pack_id: _Optional[str] = ..., pack_format_version: _Optional[int] = ..., family: _Optional[str] = ..., model_args_json: _Optional[str] = ..., formats: _Optional[_Iterable[_Union[ExpertFormatInfo, _Mapping]]] = ..., num_moe_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., dense_bytes: _Optional[int] = ..., tokenizer_files: _Optional[_Iterable[str]] = ..., manifest_json: _Optional[bytes] = ..., shm_enabled: _Optional[bool] = ..., shm_host_id: _Optional[str] = ..., ram_tier_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., shm_segment_name: _Optional[str] = ..., shm_directory_name: _Optional[str] = ...) -> None: ...
 
 class StreamDenseRequest(_message.Message):
     __slots__ = ("names", "chunk_bytes", "compression")
