@@ -50,7 +50,7 @@ class WorkerSpec:
     """lfu_decay: the per-step decay factor."""
     allocation: str = "uniform"
     """uniform, shallow_favoring or learned:PATH."""
-    full_layers: int = 4
+    full_layers: int | None = None
     """shallow_favoring: MoE layers kept whole."""
     staging_slots: int = 0
     """Budget units kept out of the allocation for prefetched experts."""
