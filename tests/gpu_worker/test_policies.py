@@ -227,7 +227,7 @@ def test_shallow_favoring_whole_layers_follow_budget_and_layer_count():
     assert [a.whole_layers(t, 8, 16, 2) for t in (16, 32, 64, 96, 128)] == [0, 1, 3, 5, 8]
     # the same budget share over more layers keeps the same share of them whole, not a constant
     assert a.whole_layers(64 * 2, 16, 16, 2) == 2 * a.whole_layers(64, 8, 16, 2)
-    # below top-k everywhere: an even split (no layer is starved for another's whole residency)
-    assert a.slots(12, list(range(8)), 16, 2) == {0: 1, 1: 1, 2: 1, 3: 1, 4: 1, 5: 1, 6: 1, 7: 1}
+    # below top-k everywhere: an even split, shallowest first (no layer starved for another's whole residency)
+    assert a.slots(12, list(range(8)), 16, 2) == {0: 2, 1: 2, 2: 2, 3: 2, 4: 1, 5: 1, 6: 1, 7: 1}
     # an explicit count keeps the old behavior
     assert ShallowFavoringAllocation(4).whole_layers(32, 8, 16, 2) == 4
