@@ -124,6 +124,11 @@ class WorkerConfig:
     lookahead: Annotated[int, Choices((1, 2))] = 1
     """Layers ahead the predictor proposes: 1 (layer l + 1 from layer l's gate input) or 2 (also l + 2)."""
 
+    store_hint_lookahead: int = 2
+    """Layers ahead whose predicted experts (not resident here) are sent to the store as one batched,
+    one-way hint per MoE layer, so it promotes them from its NVMe tier into RAM before the worker asks:
+    layers l + 1 .. l + N from layer l; 0: no hints (also off with predictor none)."""
+
     throttle: bool = True
     """Narrow the measured width when prefetched experts go unused or the prefetch queue backs up."""
 
@@ -212,6 +217,7 @@ class WorkerConfig:
               "must be >= 1")
         check(1 <= self.threads <= 256, "threads", self.threads, "must be 1..256")
         check(0.0 < self.lfu_decay <= 1.0, "lfu_decay", self.lfu_decay, "must be in (0, 1]")
+        check(self.store_hint_lookahead >= 0, "store_hint_lookahead", self.store_hint_lookahead, "must be >= 0")
         check(self.full_layers is None or self.full_layers >= 0, "full_layers", self.full_layers, "must be >= 0")
         check(self.staging_slots == "auto" or (isinstance(self.staging_slots, int) and self.staging_slots >= 0),
               "staging_slots", self.staging_slots, 'must be "auto" or a count >= 0')
