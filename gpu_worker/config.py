@@ -104,7 +104,7 @@ class WorkerConfig:
     layer at least its top-k, then as many shallow layers fully resident as the rest buys), or
     learned:PATH (a fate-allocation/1 file written by `python -m gpu_worker analyze`)."""
 
-    full_layers: int | None = None
+    full_layers: CountOrAuto = "auto"
     """shallow_favoring: MoE layers kept fully resident before the others get anything; "auto" (the
     default) derives it from the budget, the layer count and the top-k, never leaving a layer under
     top-k when the budget allows top-k everywhere."""
@@ -218,7 +218,8 @@ class WorkerConfig:
         check(1 <= self.threads <= 256, "threads", self.threads, "must be 1..256")
         check(0.0 < self.lfu_decay <= 1.0, "lfu_decay", self.lfu_decay, "must be in (0, 1]")
         check(self.store_hint_lookahead >= 0, "store_hint_lookahead", self.store_hint_lookahead, "must be >= 0")
-        check(self.full_layers is None or self.full_layers >= 0, "full_layers", self.full_layers, "must be >= 0")
+        check(self.full_layers == "auto" or (isinstance(self.full_layers, int) and self.full_layers >= 0),
+              "full_layers", self.full_layers, 'must be "auto" or a count >= 0')
         check(self.staging_slots == "auto" or (isinstance(self.staging_slots, int) and self.staging_slots >= 0),
               "staging_slots", self.staging_slots, 'must be "auto" or a count >= 0')
         check(self.prefetch_width >= 0, "prefetch_width", self.prefetch_width, "must be >= 0 (0: measured)")

@@ -183,7 +183,8 @@ def load_runtime(cfg: WorkerConfig) -> WorkerRuntime:
         transport = store.transport  # decided now: a worker asked for shm that cannot have it stops here
         t0 = time.perf_counter()
         spec = WorkerSpec(fmt=fmt, budget_bytes=budget, form=form, policy=cfg.policy, lfu_decay=cfg.lfu_decay,
-                          allocation=cfg.allocation, full_layers=cfg.full_layers, staging_slots=staging,
+                          allocation=cfg.allocation,
+                          full_layers=None if cfg.full_layers == "auto" else int(cfg.full_layers), staging_slots=staging,
                           tail_fmt=tail_fmt, predictor=cfg.predictor, prefetch_width=cfg.prefetch_width,
                           lookahead=cfg.lookahead, store_hint_lookahead=cfg.store_hint_lookahead, throttle=cfg.throttle, int2_tail_share=cfg.int2_tail,
                           prefetch_sync=cfg.prefetch_sync, trace_dir=cfg.trace_dir, trace_every=cfg.trace_every,
