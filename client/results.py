@@ -207,6 +207,11 @@ class WorkerStats(_Rates):
     int2_bytes: int = 0
     demand_bytes: int = 0
     steps_total: int = 0
+    store_hints_sent: int = 0
+    store_hint_experts: int = 0
+    store_hint_errors: int = 0
+    fetched_tier_ram: int = 0
+    fetched_tier_nvme: int = 0
 
     @property
     def prefetch_precision(self) -> float:

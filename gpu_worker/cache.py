@@ -174,7 +174,8 @@ class ExpertCache:
         self.staging_slots = min(int(staging_slots), self.total_slots)
         self.allocation = make_allocation(allocation) if isinstance(allocation, str) else allocation
         new_policy = make_policy_factory(policy) if isinstance(policy, str) else policy  # slots -> policy
-        slots = self.allocation.slots(self.total_slots - self.staging_slots, args.moe_layers, args.num_experts)
+        slots = self.allocation.slots(self.total_slots - self.staging_slots, args.moe_layers, args.num_experts,
+                                     args.top_k)
         if set(slots) != set(args.moe_layers) or any(not 0 <= s <= args.num_experts for s in slots.values()) \
                 or sum(slots.values()) > self.total_slots - self.staging_slots:
             raise CacheBudgetError(f"allocation {self.allocation.name!r} gave slots {slots} that do not fit "

@@ -100,12 +100,14 @@ class WorkerConfig:
     """lfu_decay's factor: every count is multiplied by it at each forward step, in (0, 1]."""
 
     allocation: Annotated[str, Choices(ALLOCATION_NAMES, ("learned:PATH",))] = "uniform"
-    """How the budget's slots are split across MoE layers: uniform, shallow_favoring (Fate: the first
-    `full_layers` MoE layers fully resident, the rest split evenly over the deeper ones), or
+    """How the budget's slots are split across MoE layers: uniform, shallow_favoring (Fate: every MoE
+    layer at least its top-k, then as many shallow layers fully resident as the rest buys), or
     learned:PATH (a fate-allocation/1 file written by `python -m gpu_worker analyze`)."""
 
-    full_layers: int = 4
-    """shallow_favoring: MoE layers kept fully resident (capped by the budget: fewer fit, fewer are)."""
+    full_layers: CountOrAuto = "auto"
+    """shallow_favoring: MoE layers kept fully resident before the others get anything; "auto" (the
+    default) derives it from the budget, the layer count and the top-k, never leaving a layer under
+    top-k when the budget allows top-k everywhere."""
 
     staging_slots: CountOrAuto = "auto"
     """Expert units of the budget set aside for prefetched experts not used yet (and a layer's misses beyond
@@ -121,6 +123,11 @@ class WorkerConfig:
 
     lookahead: Annotated[int, Choices((1, 2))] = 1
     """Layers ahead the predictor proposes: 1 (layer l + 1 from layer l's gate input) or 2 (also l + 2)."""
+
+    store_hint_lookahead: int = 2
+    """Layers ahead whose predicted experts (not resident here) are sent to the store as one batched,
+    one-way hint per MoE layer, so it promotes them from its NVMe tier into RAM before the worker asks:
+    layers l + 1 .. l + N from layer l; 0: no hints (also off with predictor none)."""
 
     throttle: bool = True
     """Narrow the measured width when prefetched experts go unused or the prefetch queue backs up."""
@@ -210,7 +217,9 @@ class WorkerConfig:
               "must be >= 1")
         check(1 <= self.threads <= 256, "threads", self.threads, "must be 1..256")
         check(0.0 < self.lfu_decay <= 1.0, "lfu_decay", self.lfu_decay, "must be in (0, 1]")
-        check(self.full_layers >= 0, "full_layers", self.full_layers, "must be >= 0")
+        check(self.store_hint_lookahead >= 0, "store_hint_lookahead", self.store_hint_lookahead, "must be >= 0")
+        check(self.full_layers == "auto" or (isinstance(self.full_layers, int) and self.full_layers >= 0),
+              "full_layers", self.full_layers, 'must be "auto" or a count >= 0')
         check(self.staging_slots == "auto" or (isinstance(self.staging_slots, int) and self.staging_slots >= 0),
               "staging_slots", self.staging_slots, 'must be "auto" or a count >= 0')
         check(self.prefetch_width >= 0, "prefetch_width", self.prefetch_width, "must be >= 0 (0: measured)")

@@ -23,6 +23,13 @@ prefill): their proposals, counted over all prompt tokens, rank the fetch by pop
 The rows' proposals are merged into one ranked list per layer: experts in more rows'
 top-k first, then in more rows' lists, then by best rank, then by id.
 
+Store hints (`StoreHinter`, with a store client): at each MoE layer m the controller also names
+the predicted experts of layers m + 1 .. m + `store_lookahead` that are not resident here, in one
+batch, to the store's Prefetch RPC, which promotes them from its NVMe tier into its RAM tier
+(demand reads first) so that the worker's miss finds them there. The hint thread sends them;
+`submit` never blocks the compute thread: batches queued while a call is in flight are merged
+into the next one, and errors are counted, not raised.
+
 Throttle (on unless fixed width): every `THROTTLE_EVERY` steps, with EWMAs over steps of
 precision (prefetched experts used / prefetched experts landed) and backlog (experts of
 jobs dropped stale / experts queued), the width is narrowed by one (not below top_k)
@@ -46,6 +53,7 @@ import torch
 from expert_store.model_args import ModelArgs
 
 from .policy.predictors import Predictor, int2_tail, merge_ranked
+from .store_hints import BlobKey, StoreHinter, StoreHintStats
 
 if TYPE_CHECKING:
     from .cache import ExpertCache, StepOutcome
@@ -285,6 +293,8 @@ class ControllerStats:
     lookahead: int
     layers: dict[int, LayerPredictionCounts]
     prefetcher: PrefetcherStats
+    store_lookahead: int = 0
+    store_hints: StoreHintStats = field(default_factory=StoreHintStats)
 
 
 class PrefetchController:
@@ -292,10 +302,12 @@ class PrefetchController:
 
     def __init__(self, args: ModelArgs, cache: "ExpertCache", predictor: Predictor, *, width: int = 0,
                  lookahead: int = 1, throttle: bool = True, int2_tail_share: float = 0.0,
-                 start_thread: bool = True, synchronous: bool = False):
+                 start_thread: bool = True, synchronous: bool = False,
+                 store_hints: StoreHinter | None = None, store_lookahead: int = 0):
         """synchronous: no thread; each prefetch runs to completion on the compute thread when it is
         proposed (before layer m's experts run): the hit rate of an infinitely fast link, for analysis
-        and deterministic tests (the tokens are the same either way)."""
+        and deterministic tests (the tokens are the same either way). store_hints: where the predicted
+        experts of layers m + 1 .. m + store_lookahead go as store hints (None or 0: none)."""
         if lookahead not in (1, 2):
             raise ValueError(f"lookahead must be 1 or 2, got {lookahead}")
         a = args
@@ -310,6 +322,11 @@ class PrefetchController:
         self.enabled = predictor.name != "none"
         self.synchronous = synchronous
         self.prefetcher = Prefetcher(cache, self.width) if self.enabled and start_thread and not synchronous else None
+        if store_lookahead < 0:
+            raise ValueError(f"store_lookahead must be >= 0, got {store_lookahead}")
+        self.store_lookahead = store_lookahead if self.enabled and store_hints is not None else 0
+        self.store_hints = store_hints if self.store_lookahead else None
+        self._hinted: set[tuple[int, int]] = set()  # (decoder layer, expert) hinted this step
         self._rids: list[int] = []
         self._prefill: list[bool] = []
         self._any_prefill = False
@@ -344,6 +361,7 @@ class PrefetchController:
         self._counts = StepPredictions()
         self._t_gate = None
         self._queued = 0
+        self._hinted.clear()
 
     def end_step(self, outcome: "StepOutcome | None" = None) -> StepPredictions:
         out, self._counts = self._counts, StepPredictions()
@@ -358,6 +376,8 @@ class PrefetchController:
     def close(self) -> None:
         if self.prefetcher is not None:
             self.prefetcher.close()
+        if self.store_hints is not None:
+            self.store_hints.close()
 
     def stats(self) -> ControllerStats:
         with self._lock:
@@ -366,7 +386,9 @@ class PrefetchController:
         w = self.width
         return ControllerStats(w.width if self.enabled else 0, w.measured if self.enabled else 0, w.layer_ns or 0.0,
                                w.expert_ns or 0.0, self.lookahead, layers,
-                               PrefetcherStats(**vars(self.prefetcher.stats)) if self.prefetcher else PrefetcherStats())
+                               PrefetcherStats(**vars(self.prefetcher.stats)) if self.prefetcher else PrefetcherStats(),
+                               self.store_lookahead,
+                               StoreHintStats(**vars(self.store_hints.stats)) if self.store_hints else StoreHintStats())
 
     # -- RoutingObserver -----------------------------------------------------------------------------
 
@@ -382,6 +404,7 @@ class PrefetchController:
         k = self.args.top_k
         w = self.width.width
         call_width = max(w if self._any_decode else 0, k if self._any_prefill else 0)
+        predicted: dict[int, list[list[int]]] = {}
         for d in range(1, self.lookahead + 1):
             t = m + d
             if t >= len(self.moe_layers):
@@ -390,6 +413,7 @@ class PrefetchController:
                                            gate_input if self.predictor.needs_gate_input else None)
             if self._any_prefill:
                 lists = [row[:k] if pre else row for row, pre in zip(lists, self._prefill)]
+            predicted[t] = lists
             if d == 1:
                 self._preds[t] = lists
             ranked = merge_ranked(lists, k)
@@ -403,6 +427,33 @@ class PrefetchController:
                 t0 = time.perf_counter_ns()
                 self.cache.prefetch(self.moe_layers[t], ranked, step=self._step)
                 self._sync_ns += time.perf_counter_ns() - t0
+        if self.store_hints is not None:
+            self._hint_store(m, predicted, call_width, gate_input)
+
+    def _hint_store(self, m: int, predicted: dict[int, list[list[int]]], width: int,
+                    gate_input: torch.Tensor) -> None:
+        """One batch of store hints: the predicted experts of layers m + 1 .. m + store_lookahead not
+        resident here and not hinted yet this step. Layers beyond the prefetch lookahead are predicted
+        with the bare predictor (a trace records only what the prefetches used)."""
+        k = self.args.top_k
+        bare = getattr(self.predictor, "inner", self.predictor)
+        keys: list[BlobKey] = []
+        for d in range(1, self.store_lookahead + 1):
+            t = m + d
+            if t >= len(self.moe_layers):
+                break
+            lists = predicted.get(t)
+            if lists is None:
+                lists = bare.predict(t, self._rids, width, gate_input if bare.needs_gate_input else None)
+                if self._any_prefill:
+                    lists = [row[:k] if pre else row for row, pre in zip(lists, self._prefill)]
+            layer = self.moe_layers[t]
+            resident = set(self.cache.resident(layer))
+            for e in merge_ranked(lists, k):
+                if e not in resident and (layer, e) not in self._hinted:
+                    self._hinted.add((layer, e))
+                    keys.append((layer, e, self.cache.fmt))
+        self.store_hints.submit(keys)  # type: ignore[union-attr]
 
     def on_routing(self, layer: int, expert_ids: torch.Tensor, weights: torch.Tensor) -> None:
         m = self._moe_index[layer]

@@ -183,9 +183,10 @@ def load_runtime(cfg: WorkerConfig) -> WorkerRuntime:
         transport = store.transport  # decided now: a worker asked for shm that cannot have it stops here
         t0 = time.perf_counter()
         spec = WorkerSpec(fmt=fmt, budget_bytes=budget, form=form, policy=cfg.policy, lfu_decay=cfg.lfu_decay,
-                          allocation=cfg.allocation, full_layers=cfg.full_layers, staging_slots=staging,
+                          allocation=cfg.allocation,
+                          full_layers=None if cfg.full_layers == "auto" else int(cfg.full_layers), staging_slots=staging,
                           tail_fmt=tail_fmt, predictor=cfg.predictor, prefetch_width=cfg.prefetch_width,
-                          lookahead=cfg.lookahead, throttle=cfg.throttle, int2_tail_share=cfg.int2_tail,
+                          lookahead=cfg.lookahead, store_hint_lookahead=cfg.store_hint_lookahead, throttle=cfg.throttle, int2_tail_share=cfg.int2_tail,
                           prefetch_sync=cfg.prefetch_sync, trace_dir=cfg.trace_dir, trace_every=cfg.trace_every,
                           model_name=m.family, max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
                           threads=cfg.threads)
@@ -340,6 +341,9 @@ def stats_to_pb(rt: WorkerRuntime, include_layers: bool) -> pb.WorkerStats:
         predictions=sum(v[0] for v in preds.values()), predictions_exact=sum(v[1] for v in preds.values()),
         predicted_routed=sum(v[2] for v in preds.values()), int2_misses=t.int2_misses, int2_bytes=t.int2_bytes,
         demand_bytes=t.demand_bytes, steps_total=e.steps_total,
+        store_hints_sent=p.store_hints.sends if p else 0, store_hint_experts=p.store_hints.experts if p else 0,
+        store_hint_errors=p.store_hints.errors if p else 0, fetched_tier_ram=getattr(f, "tier_ram", 0),
+        fetched_tier_nvme=getattr(f, "tier_nvme", 0),
     )  # fmt: skip
     if include_layers:
         for layer, ls in sorted(c.layers.items()):

@@ -27,6 +27,7 @@ from .model import MoEModel, WeightsError
 from .policy import make_allocation, make_policy_factory
 from .predictors import Predictor, make_predictor
 from .prefetch import PrefetchController, measure_width_inputs
+from .store_hints import StoreHinter
 from .store_client import ExpertFetcher
 from .tokenizer import TextTokenizer
 from .traces import RecordingPredictor, TraceRecorder, recorder_for
@@ -50,7 +51,7 @@ class WorkerSpec:
     """lfu_decay: the per-step decay factor."""
     allocation: str = "uniform"
     """uniform, shallow_favoring or learned:PATH."""
-    full_layers: int = 4
+    full_layers: int | None = None
     """shallow_favoring: MoE layers kept whole."""
     staging_slots: int = 0
     """Budget units kept out of the allocation for prefetched experts."""
@@ -64,6 +65,8 @@ class WorkerSpec:
     """Experts proposed per row and layer; 0: measured at start-up and throttled."""
     lookahead: int = 1
     """Layers ahead the controller predicts (1 or 2)."""
+    store_hint_lookahead: int = 2
+    """Layers ahead whose predicted experts go to the store as hints (0: none; only with a store client)."""
     throttle: bool = True
     """Narrow the width when predictions go unused."""
     int2_tail_share: float = 0.0
@@ -128,10 +131,14 @@ def build_worker(args: ModelArgs, dense: Mapping[str, torch.Tensor] | Callable[[
                                 expert_bytes=expert_bytes, cache=cache, predictor_name=predictor.name)
         predictor = RecordingPredictor(predictor, recorder)  # type: ignore[assignment]
         log.info("recording expert-activation traces into %s", spec.trace_dir)
+    send_hint = getattr(fetcher, "prefetch_hint", None)  # a store client; a pack reader has no store
+    hints = StoreHinter(send_hint) if send_hint is not None and spec.store_hint_lookahead > 0 \
+        and predictor.name != "none" else None
     controller = PrefetchController(args, cache, predictor, width=spec.prefetch_width, lookahead=spec.lookahead,
                                     throttle=spec.throttle,
                                     int2_tail_share=spec.int2_tail_share if spec.tail_fmt else 0.0,
-                                    synchronous=spec.prefetch_sync)
+                                    synchronous=spec.prefetch_sync, store_hints=hints,
+                                    store_lookahead=spec.store_hint_lookahead if hints else 0)
     if controller.enabled and not spec.prefetch_width and spec.measure_width:
         layer_ns, expert_ns = measure_width_inputs(model, cache)
         controller.width.observe_layer_ns(layer_ns)

@@ -157,7 +157,9 @@ def test_fate_worker_reports_predictions_prefetches_and_layers(cluster, prompts,
     assert 0 < s.prefetch_bytes + s.demand_bytes <= s.bytes_fetched_shm + s.bytes_fetched_grpc
     assert sum(l.prefetches_issued for l in s.layers) == s.prefetches_issued
     assert sum(l.predictions for l in s.layers) == s.predictions
-    assert [l.slots for l in s.layers][:2] == [16, 0] or s.layers[0].slots == 16  # shallow-favoring
+    slots = [l.slots for l in s.layers]  # shallow-favoring: no layer under top-k, shallow layers first
+    assert min(slots) >= s.top_k and slots == sorted(slots, reverse=True)
+    assert s.store_hints_sent > 0 and s.store_hint_errors == 0 and s.fetched_tier_ram + s.fetched_tier_nvme > 0
     env = dict(os.environ, PYTHONPATH=str(REPO))
     out = subprocess.run([sys.executable, "-m", "client", "stats", "--address", addresses["fate-shm-25"], "--layers"],
                          capture_output=True, text=True, timeout=CALL_TIMEOUT_S, env=env, cwd=REPO)

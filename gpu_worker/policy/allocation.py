@@ -1,8 +1,9 @@
 """Allocations: a cache budget in expert slots split into resident slots per MoE layer.
 
-`make_allocation` is the one factory: "uniform", "shallow_favoring" (Fate's: the first
-`full_layers` MoE layers whole, the rest split evenly) or "learned:PATH", a per-layer split
-learned offline from traces (`python -m gpu_worker analyze`) and read from a file.
+`make_allocation` is the one factory: "uniform", "shallow_favoring" (Fate's: every layer at least
+its top-k, then as many shallow MoE layers whole as the rest of the budget buys, the remainder
+split evenly) or "learned:PATH", a per-layer split learned offline from traces
+(`python -m gpu_worker analyze`) and read from a file.
 
 File format `fate-allocation/1` (JSON):
     {"format": "fate-allocation/1",
@@ -36,8 +37,10 @@ class Allocation(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def slots(self, total_slots: int, moe_layers: Sequence[int], num_experts: int) -> dict[int, int]:
-        """Slots for every layer of moe_layers (0..num_experts each)."""
+    def slots(self, total_slots: int, moe_layers: Sequence[int], num_experts: int,
+              top_k: int = 1) -> dict[int, int]:
+        """Slots for every layer of moe_layers (0..num_experts each); top_k is the experts a token
+        uses per layer (an allocation may keep every layer at least that many)."""
 
 
 class UniformAllocation(Allocation):
@@ -46,7 +49,8 @@ class UniformAllocation(Allocation):
 
     name = "uniform"
 
-    def slots(self, total_slots: int, moe_layers: Sequence[int], num_experts: int) -> dict[int, int]:
+    def slots(self, total_slots: int, moe_layers: Sequence[int], num_experts: int,
+              top_k: int = 1) -> dict[int, int]:
         n = len(moe_layers)
         if n == 0:
             return {}
@@ -55,28 +59,48 @@ class UniformAllocation(Allocation):
 
 
 class ShallowFavoringAllocation(Allocation):
-    """Fate's allocation: the first `full_layers` MoE layers entirely resident; the rest of
-    the budget split evenly over the deeper layers. When fewer than `full_layers` whole
-    layers fit, layers are filled from the shallowest and the deeper ones get nothing.
-    (Shallow layers are the least predictable by the cross-layer gate and the first one
-    cannot be predicted at all, so the budget buys most there.)"""
+    """Fate's allocation. Shallow layers are the least predictable by the cross-layer gate (the
+    first cannot be predicted at all), so the budget buys most there; but a layer with fewer
+    resident slots than its top-k refetches experts every step, which costs more bytes than the
+    shallow layers save.
+
+    With `full_layers` None (the default) every MoE layer first gets min(top_k, budget / layers)
+    slots; what is left makes as many of the shallowest layers whole as it pays for, and the
+    remainder is split evenly over the deeper layers (shallowest first). The number of whole
+    layers follows from the budget, the layer count and the top-k.
+
+    An explicit `full_layers` keeps that many shallowest layers whole before anything else and
+    splits the rest evenly over the deeper layers (which may leave them under top-k, or empty)."""
 
     name = "shallow_favoring"
 
-    def __init__(self, full_layers: int = 4) -> None:
-        if full_layers < 0:
+    def __init__(self, full_layers: int | None = None) -> None:
+        if full_layers is not None and full_layers < 0:
             raise PolicyError(f"shallow_favoring: full_layers must be >= 0, got {full_layers}")
         self.full_layers = full_layers
 
-    def slots(self, total_slots: int, moe_layers: Sequence[int], num_experts: int) -> dict[int, int]:
+    def whole_layers(self, total_slots: int, n_layers: int, num_experts: int, top_k: int = 1) -> int:
+        """How many of the shallowest layers are kept whole for this budget."""
+        if self.full_layers is not None:
+            return min(n_layers, self.full_layers)
+        if n_layers == 0 or num_experts <= 0:
+            return 0
+        floor = min(top_k, num_experts, max(0, total_slots) // n_layers)
+        if floor == num_experts:
+            return min(n_layers, max(0, total_slots) // num_experts)
+        extra = max(0, total_slots) - floor * n_layers
+        return min(n_layers, extra // (num_experts - floor))
+
+    def slots(self, total_slots: int, moe_layers: Sequence[int], num_experts: int,
+              top_k: int = 1) -> dict[int, int]:
         left = max(0, total_slots)
+        n = len(moe_layers)
+        whole = self.whole_layers(left, n, num_experts, top_k)
         out: dict[int, int] = {}
-        head = list(moe_layers[: self.full_layers])
-        for l in head:
+        for l in moe_layers[:whole]:
             out[l] = min(num_experts, left)
             left -= out[l]
-        tail = list(moe_layers[len(head):])
-        out |= UniformAllocation().slots(left, tail, num_experts)
+        out |= UniformAllocation().slots(left, list(moe_layers[whole:]), num_experts)
         return out
 
 
@@ -141,7 +165,8 @@ class LearnedAllocation(Allocation):
         tmp.replace(path)
         return path
 
-    def slots(self, total_slots: int, moe_layers: Sequence[int], num_experts: int) -> dict[int, int]:
+    def slots(self, total_slots: int, moe_layers: Sequence[int], num_experts: int,
+              top_k: int = 1) -> dict[int, int]:
         missing = [layer for layer in moe_layers if layer not in self.learned]
         if missing:
             raise AllocationFileError(f"{self.path}: slots: no entry for MoE layer(s) {missing} (the file has "
@@ -174,8 +199,9 @@ def _scale(want: dict[int, int], learned_total: int, total: int, num_experts: in
     return out
 
 
-def make_allocation(spec: str, full_layers: int = 4) -> Allocation:
-    """An allocation by name: "uniform", "shallow_favoring" (with `full_layers`) or "learned:PATH"."""
+def make_allocation(spec: str, full_layers: int | None = None) -> Allocation:
+    """An allocation by name: "uniform", "shallow_favoring" (`full_layers` None: derived from the
+    budget, the layer count and the top-k) or "learned:PATH"."""
     if spec.startswith("learned:"):
         return LearnedAllocation.load(spec[len("learned:"):])
     if spec == "uniform":

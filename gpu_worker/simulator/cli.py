@@ -44,6 +44,18 @@ def _say(*args: object) -> None:
         os.close(devnull)
 
 
+def _full_layers(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or 'auto', got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
 def _split(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -65,7 +77,8 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
                    help="worker: the ExpertCache's step semantics (default); flat: (token, expert) accesses")
     p.add_argument("--pin", default="reference", choices=PIN_MODES, help="flat semantics: current-token pinning")
     p.add_argument("--lfu-decay", type=float, default=0.9)
-    p.add_argument("--full-layers", type=int, default=4, help="shallow_favoring: MoE layers kept whole")
+    p.add_argument("--full-layers", type=_full_layers, default=None,
+                   help="shallow_favoring: MoE layers kept whole (default auto: from the budget, layers and top-k)")
     p.add_argument("--hardware", default="this-machine",
                    help=f"cost model profile: {', '.join(PROFILES)}, or a JSON file (from --measure)")
     p.add_argument("--format", default="int4", help="expert format whose bytes the link moves (meta.expert_bytes)")

@@ -52,7 +52,7 @@ class SimConfig:
     """Budget units kept out of the allocation for prefetched experts (the cache's staging_slots)."""
 
     lfu_decay: float = 0.9
-    full_layers: int = 4
+    full_layers: int | None = None
     slots_override: tuple[tuple[int, int], ...] | None = None
     """(MoE column, slots) pairs used instead of the allocation (the worker's recorded slots)."""
 

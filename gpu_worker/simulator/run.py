@@ -32,7 +32,7 @@ from .config import PIN_MODES, SEMANTICS, SIM_POLICIES, SimConfig, SimResult, Si
 from .replay import Replay
 
 
-def make_sim_allocation(name: str, full_layers: int = 4) -> Allocation:
+def make_sim_allocation(name: str, full_layers: int | None = None) -> Allocation:
     try:
         return make_allocation(name, full_layers)
     except PolicyError as e:
@@ -47,7 +47,8 @@ def layer_slots(replay: Replay, cfg: SimConfig) -> list[int]:
         return [int(d.get(c, 0)) for c in range(replay.L)]
     alloc = make_sim_allocation(cfg.allocation, cfg.full_layers)
     ids = replay.trace.layer_ids
-    slots = alloc.slots(max(0, cfg.total_slots - min(cfg.staging_slots, cfg.total_slots)), ids, replay.E)
+    slots = alloc.slots(max(0, cfg.total_slots - min(cfg.staging_slots, cfg.total_slots)), ids, replay.E,
+                        replay.trace.top_k)
     return [int(slots.get(layer, 0)) for layer in ids]
 
 

@@ -204,3 +204,30 @@ def test_shallow_favoring_allocation():
     assert make_allocation("shallow_favoring", 2).slots(6, [0, 1, 2], 4) == {0: 4, 1: 2, 2: 0}
     with pytest.raises(PolicyError):
         make_allocation("deep_favoring")
+
+
+@pytest.mark.parametrize("layers,experts,top_k", [(8, 16, 2), (4, 8, 2), (24, 60, 4), (6, 64, 8)])
+def test_shallow_favoring_never_leaves_a_layer_under_top_k(layers, experts, top_k):
+    a = make_allocation("shallow_favoring")  # full_layers derived
+    ids = list(range(layers))
+    for total in range(top_k * layers, experts * layers + 1):
+        s = a.slots(total, ids, experts, top_k)
+        assert set(s) == set(ids) and sum(s.values()) <= total
+        assert min(s.values()) >= top_k, (total, s)
+        assert all(s[ids[i]] >= s[ids[i + 1]] for i in range(layers - 1)), (total, s)  # shallow first
+        if top_k * layers + experts - top_k <= total < experts * layers:  # a whole layer fits above the floor
+            assert s[ids[0]] > s[ids[-1]], (total, s)
+
+
+def test_shallow_favoring_whole_layers_follow_budget_and_layer_count():
+    a = ShallowFavoringAllocation()
+    # tiny-mixtral: 8 layers x 16 experts, top-2. 25% = 32 slots: 16 above the floor buy one whole layer
+    assert a.slots(32, list(range(8)), 16, 2) == {0: 16, 1: 3, 2: 3, 3: 2, 4: 2, 5: 2, 6: 2, 7: 2}
+    assert a.slots(64, list(range(8)), 16, 2) == {0: 16, 1: 16, 2: 16, 3: 4, 4: 3, 5: 3, 6: 3, 7: 3}
+    assert [a.whole_layers(t, 8, 16, 2) for t in (16, 32, 64, 96, 128)] == [0, 1, 3, 5, 8]
+    # the same budget share over more layers keeps the same share of them whole, not a constant
+    assert a.whole_layers(64 * 2, 16, 16, 2) == 2 * a.whole_layers(64, 8, 16, 2)
+    # below top-k everywhere: an even split, shallowest first (no layer starved for another's whole residency)
+    assert a.slots(12, list(range(8)), 16, 2) == {0: 2, 1: 2, 2: 2, 3: 2, 4: 1, 5: 1, 6: 1, 7: 1}
+    # an explicit count keeps the old behavior
+    assert ShallowFavoringAllocation(4).whole_layers(32, 8, 16, 2) == 4
