@@ -378,7 +378,6 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     # -- model info for front ends (the HTTP gateway): read once from the pack's tokenizer files ----
     _model_info: pb.ModelInfo | None = None
 
-    @_map_errors
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext):
         if self._model_info is None:
             rt, m = self.rt, self.rt.manifest
@@ -393,7 +392,6 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 default_max_new_tokens=rt.config.default_max_new_tokens, **t.special_tokens)
         return self._model_info
 
-    @_map_errors
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext):
         if self.rt.tokenizer is None:
             raise TokenizerError("this model has no tokenizer: send token ids")
