@@ -87,6 +87,8 @@ class Gateway:
 
 def _gone(gw: Gateway, endpoint: str) -> Response:
     """What is "sent" to a client that has gone: nothing reaches it; 499 as nginx counts it."""
+    log.info("%s: the client closed its connection before the response started: its request is cancelled on the "
+             "worker", endpoint)
     gw.metrics.requests.labels(endpoint, "499").inc()
     gw.metrics.cancelled.inc()
     return Response(status_code=499)
@@ -199,7 +201,11 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-        client_left = gone.done() and not task.done()
+        if not task.done() and not gone.cancelled() and gone.exception() is not None:
+            # the watch failed (not an http.disconnect): that says nothing about the client; the work decides
+            log.warning("cannot watch the client's connection (%r): the request goes on", gone.exception())
+            await asyncio.wait({task})
+        client_left = not task.done()  # only an http.disconnect ends the watch first
     finally:
         for t in (task, gone):
             if not t.done():

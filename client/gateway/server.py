@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
@@ -49,6 +50,12 @@ def uvicorn_config(settings: GatewaySettings) -> uvicorn.Config:
 
 def run(settings: GatewaySettings) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    faulthandler.enable()  # a crash in native code (grpc) leaves its Python stack in the log
+    if hasattr(signal, "SIGPIPE"):
+        # a server gets EPIPE as an error on the one connection: `python -m client` sets SIGPIPE to its
+        # default for the CLI's pipes, under which a write to a closed socket (a client gone, a killed
+        # worker's gRPC connection) would end the whole gateway silently, with every open request
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     server = _Server(uvicorn_config(settings))
     server.run()
     return 0 if server.started else 1

@@ -151,6 +151,15 @@ def test_health_and_models(cluster):
     assert [m.id for m in models.data] == [MODEL]
 
 
+def test_gateway_ignores_sigpipe(cluster):
+    """A write to a closed socket (a client gone, a killed worker) is an error on that connection, not
+    the end of the gateway: `python -m client gateway` runs with SIGPIPE ignored."""
+    services, _, _ = cluster
+    status = Path(f"/proc/{services['gw1'].pid}/status").read_text()
+    ignored = int(re.search(r"^SigIgn:\s*([0-9a-f]+)$", status, re.M).group(1), 16)
+    assert ignored & (1 << (signal.SIGPIPE - 1))
+
+
 def test_worker_model_info_and_tokenize(cluster, tiny_mixtral_dir):
     from tokenizers import Tokenizer
 
@@ -408,6 +417,8 @@ async def test_killing_a_worker_loses_no_request_that_had_not_started(cluster):
     results = await asyncio.gather(*(one(i) for i in range(16)), killer(), return_exceptions=True)
     await client.close()
     services["b"].proc.wait(30)
+    gw2 = services["gw2"].proc
+    assert gw2.poll() is None, f"gw2 exited {gw2.returncode}:\n{services['gw2'].output()[-12000:]}"
     bad = [i for i, res in enumerate(results[:16]) if isinstance(res, BaseException) and not started[i]]
     if bad:
         time.sleep(3)

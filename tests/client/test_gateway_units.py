@@ -3,6 +3,7 @@ OpenAI request parsing and refusals, settings and the deploy files, the pool's r
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -232,6 +233,50 @@ def test_ties_rotate():
     for w in pool.workers:
         w.serving = True
     assert [pool.pick().address for _ in range(4)] == ["a:1", "b:1", "a:1", "b:1"]
+
+
+# -- watching the client while a request waits --------------------------------------------------
+
+
+def _request(receive):
+    from starlette.requests import Request
+
+    return Request({"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}, receive)
+
+
+async def test_a_failing_connection_watch_does_not_drop_the_request():
+    from client.gateway.app import _unless_disconnected
+
+    async def receive():
+        raise RuntimeError("the server's receive channel failed")
+
+    async def work():
+        await asyncio.sleep(0.05)
+        return "first token"
+
+    assert await _unless_disconnected(_request(receive), work()) == "first token"
+
+
+async def test_only_a_disconnect_is_a_client_gone_and_it_cancels_the_work():
+    from client.gateway.app import _ClientGone, _unless_disconnected
+
+    messages = [{"type": "http.request", "body": b"", "more_body": False}, {"type": "http.disconnect"}]
+    cancelled = asyncio.Event()
+
+    async def receive():
+        await asyncio.sleep(0)
+        return messages.pop(0)
+
+    async def work():
+        try:
+            await asyncio.Event().wait()  # a queued request: no token comes
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    with pytest.raises(_ClientGone):
+        await _unless_disconnected(_request(receive), work())
+    assert cancelled.is_set() and messages == []
 
 
 # -- settings and deploy --------------------------------------------------------------------------
