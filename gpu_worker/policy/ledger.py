@@ -25,6 +25,8 @@ Demand path, per MoE layer L per forward step (gpu_worker.cache's docstring tell
  3. `end_call(L)`: while L holds more residents than its slots, evict L's victim among its unpinned
     residents ("trim": the scratch goes back to the free units).
  4. `end_step()` calls `on_step()` on every layer's policy, in layer order.
+A replay (`replay_steps`) runs a call whose misses fit in one wave through the policy's batch methods
+(`on_hits`, `admit`, `evict_victims`): the same calls in the same order, one Python call per demand call.
 Prefetch path (`reserve_prefetch`): in rank order, a free unit, else one of L's unpinned residents
 outside the prefetch's own list; never another layer's expert, never a pinned one.
 """
