@@ -25,6 +25,8 @@ Demand path, per MoE layer L per forward step (gpu_worker.cache's docstring tell
  3. `end_call(L)`: while L holds more residents than its slots, evict L's victim among its unpinned
     residents ("trim": the scratch goes back to the free units).
  4. `end_step()` calls `on_step()` on every layer's policy, in layer order.
+A replay (`replay_steps`) runs a call whose misses fit in one wave through the policy's batch methods
+(`on_hits`, `admit`, `evict_victims`): the same calls in the same order, one Python call per demand call.
 Prefetch path (`reserve_prefetch`): in rank order, a free unit, else one of L's unpinned residents
 outside the prefetch's own list; never another layer's expert, never a pinned one.
 """
@@ -432,28 +434,79 @@ class CacheLedger:
             L.stats.hits += len(ids) - (len(remaining) if remaining else 0)
         waves = self._replay_misses(L, remaining) if remaining else 0
         if len(R) > L.slots:
-            self.trim(L)
+            self._replay_trim(L)
         L.done_step = self.step_seq
         L.active = False
         return (len(remaining) if remaining else 0), waves
 
     def _replay_misses(self, L: LayerLedger, remaining: list[int]) -> int:
-        """Step 2 of a replayed demand call: the misses in waves, each reserved and inserted; the waves."""
-        R = L.resident
-        on_insert = L.policy.on_insert
-        L.stats.misses += len(remaining)
+        """Step 2 of a replayed demand call: the misses in waves, each reserved and inserted; the waves.
+        `reserve` and `insert` inlined for a layer without pins (every replay): the same calls, in order."""
+        R, pol = L.resident, L.policy
+        on_insert, on_miss, victim, on_evict = pol.on_insert, L.on_miss, pol.victim, pol.on_evict
+        on_inserts, evict_victims = pol.on_inserts, pol.evict_victims
+        st, P, total = L.stats, L.prefetched, self.total_slots
+        st.misses += len(remaining)
         waves = 0
         while remaining:
-            wave = self.reserve(L, remaining, borrow=True)
-            if not wave:
-                raise CacheBudgetError(f"layer {L.layer}: no room for one expert in {self.total_slots} units")
-            self.reserved -= len(wave)  # insert(L, e, None) for each: demand, unpinned, no payload
-            for e in wave:
+            if L.pins or self.total_slots - self.used + len(R) == 0:
+                wave = self.reserve(L, remaining, borrow=True)  # pins, or borrowing from other layers
+                if not wave:
+                    raise CacheBudgetError(f"layer {L.layer}: no room for one expert in {self.total_slots} units")
+                self.reserved -= len(wave)
+            elif on_miss is None and not P:  # the same, each eviction's victim chosen from what is left
+                wave = remaining[:total - self.used + len(R)]
+                n = self.used + len(wave) - total
+                if n > 0:
+                    evict_victims(R, n)
+                    st.evictions += n
+                self.used += len(wave) - max(n, 0)
+                if self.used > self.high_water:
+                    self.high_water = self.used
+                for e in wave:
+                    R[e] = None
+                on_inserts(wave)
+                remaining = remaining[len(wave):]
+                waves += 1
+                continue
+            else:  # reserve(L, remaining, borrow=True) with room = free units + L's residents
+                wave = remaining[:total - self.used + len(R)]
+                used = self.used
+                for e in wave:
+                    if on_miss is not None:
+                        on_miss(e, False)
+                    if used >= total:  # evict(L, victim(R)), its unit taken at once
+                        v = victim(R)
+                        del R[v]
+                        on_evict(v)
+                        st.evictions += 1
+                        if P and v in P:
+                            nbytes = P.pop(v)
+                            st.prefetch_unused_evictions += 1
+                            st.prefetch_wasted_bytes += nbytes
+                            if self.step is not None:
+                                self.step.prefetch_wasted_bytes += nbytes
+                    else:
+                        used += 1
+                self.used = used
+                if used > self.high_water:
+                    self.high_water = used
+            for e in wave:  # insert(L, e, None) for each: demand, unpinned, no payload
                 R[e] = None
                 on_insert(e, False)
             remaining = remaining[len(wave):]
             waves += 1
         return waves
+
+    def _replay_trim(self, L: LayerLedger) -> None:
+        """`trim(L)`, inlined for a layer without pins or prefetched experts (the load-on-demand replay)."""
+        if L.pins or L.prefetched:
+            self.trim(L)
+            return
+        n = len(L.resident) - L.slots
+        L.policy.evict_victims(L.resident, n)
+        L.stats.evictions += n
+        self.used -= n
 
     def replay_steps(self, steps: Sequence[Sequence[Sequence[int]]], clock: Callable[[int], None] | None = None
                      ) -> list[tuple[int, int, int, int]]:
@@ -464,35 +517,42 @@ class CacheLedger:
         layers = self._order
         events: list[tuple[int, int, int, int]] = []
         ages = any(type(L.policy).on_step is not ReplacementPolicy.on_step for L in layers)
-        hooks = [(L, L.resident, L.stats, L.policy.on_hit) for L in layers]
-        misses_of = self._replay_misses
+        agers = [L.policy.on_step for L in layers] if ages else []
+        hooks = [(L, L.resident, L.stats, L.policy.on_hits) for L in layers]
+        misses_of, trim, total = self._replay_misses, self._replay_trim, self.total_slots
         for s, step_ids in enumerate(steps):
             if clock is not None:
                 clock(s)
             for j, ids in enumerate(step_ids):
                 if not ids:
                     continue
-                L, R, st, on_hit = hooks[j]
-                remaining = None
-                for e in ids:
-                    if e in R:
-                        on_hit(e)
-                    elif remaining is None:
-                        remaining = [e]
-                    else:
-                        remaining.append(e)
+                L, R, st, on_hits = hooks[j]
                 n = len(ids)
                 st.lookups += n
-                if remaining is None:
+                remaining = [e for e in ids if e not in R]
+                if not remaining:
                     st.hits += n
+                    on_hits(ids)
                     continue  # nothing inserted: the layer is within its slots still
                 m = len(remaining)
-                st.hits += n - m
-                events.append((s, j, m, misses_of(L, remaining)))
+                if m < n:
+                    st.hits += n - m
+                    on_hits([e for e in ids if e in R])
+                free = total - self.used
+                if m > free + len(R) or L.pins or L.prefetched:
+                    events.append((s, j, m, misses_of(L, remaining)))  # waves, or borrowing
+                else:  # one wave within L's residents and the free units (_replay_misses' first wave)
+                    st.misses += m
+                    k = L.policy.admit(R, remaining, free)
+                    st.evictions += k
+                    self.used += m - k
+                    if self.used > self.high_water:
+                        self.high_water = self.used
+                    events.append((s, j, m, 1))
                 if len(R) > L.slots:
-                    self.trim(L)
-            if ages:
-                self.end_step()
+                    trim(L)
+            for on_step in agers:  # end_step() without a StepOutcome to hand back
+                on_step()
             self.step_seq += 1
         for L in layers:
             L.done_step = self.step_seq

@@ -14,6 +14,7 @@ How a cache drives a policy, for one layer (expert ids are ints within the layer
 
 from __future__ import annotations
 
+import heapq
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from typing import Callable, ClassVar, Collection
@@ -34,6 +35,12 @@ class ReplacementPolicy(ABC):
     def on_hit(self, expert: int) -> None:
         """A resident expert was used."""
 
+    def on_hits(self, experts: list[int]) -> None:
+        """`on_hit` for each of `experts`, in order (one call for a demand call's hits)."""
+        on_hit = self.on_hit
+        for e in experts:
+            on_hit(e)
+
     def on_miss(self, expert: int, prefetch: bool = False) -> None:
         """`expert` is about to be brought in (before any victim is chosen for it)."""
 
@@ -51,6 +58,44 @@ class ReplacementPolicy(ABC):
 
     def on_step(self) -> None:
         """A forward step ended (for policies that age their counts)."""
+
+    def on_inserts(self, experts: list[int]) -> None:
+        """`on_insert(e)` (demand) for each of `experts`, in order."""
+        on_insert = self.on_insert
+        for e in experts:
+            on_insert(e, False)
+
+    def admit(self, resident: dict[int, object], wave: list[int], free: int) -> int:
+        """A wave of demand misses (none resident; nothing in `resident` pinned): for each expert in order,
+        `on_miss`, then, past the first `free` ones, one eviction as `evict_victims(resident, 1)`; then each
+        is added to `resident` (payload None) and `on_insert`. Returns the evictions."""
+        n = 0
+        on_miss, victim, on_evict = self.on_miss, self.victim, self.on_evict
+        for e in wave:
+            on_miss(e, False)
+            if free > 0:
+                free -= 1
+                continue
+            v = victim(resident)
+            del resident[v]
+            on_evict(v)
+            n += 1
+        for e in wave:
+            resident[e] = None
+        self.on_inserts(wave)
+        return n
+
+    def evict_victims(self, resident: dict[int, object], n: int) -> list[int]:
+        """`n` evictions from `resident` (every entry a candidate, none pinned), one after another: each the
+        `victim` of what is left, deleted from `resident`, then `on_evict`. Returns them in that order."""
+        out = []
+        victim, on_evict = self.victim, self.on_evict
+        for _ in range(n):
+            v = victim(resident)
+            del resident[v]
+            on_evict(v)
+            out.append(v)
+        return out
 
 
 def _first_in(order: Collection[int], candidates: Collection[int], who: str) -> int:
@@ -87,6 +132,34 @@ class LRUPolicy(ReplacementPolicy):
     def on_evict(self, expert: int) -> None:
         self._order.pop(expert, None)
 
+    def on_inserts(self, experts: list[int]) -> None:
+        order = self._order
+        for e in experts:
+            if e in order:
+                order.move_to_end(e)
+            else:
+                order[e] = None
+
+    def evict_victims(self, resident: dict[int, object], n: int) -> list[int]:
+        order = self._order
+        if len(resident) != len(order):
+            return super().evict_victims(resident, n)
+        out = []
+        for _ in range(n):  # the oldest, each time
+            v = order.popitem(last=False)[0]
+            del resident[v]
+            out.append(v)
+        return out
+
+    def admit(self, resident: dict[int, object], wave: list[int], free: int) -> int:
+        n = len(wave) - free  # no on_miss to interleave: the evictions first, then the inserts
+        if n > 0:
+            self.evict_victims(resident, n)
+        for e in wave:
+            resident[e] = None
+        self.on_inserts(wave)
+        return max(n, 0)
+
 
 class LFUPolicy(ReplacementPolicy):
     """Least frequently used, counting every use since start-up (counts survive eviction, so
@@ -104,6 +177,12 @@ class LFUPolicy(ReplacementPolicy):
         count = self._count
         count[expert] = count.get(expert, 0.0) + self._inc
         self._recency.move_to_end(expert)
+
+    def on_hits(self, experts: list[int]) -> None:
+        count, inc, mte = self._count, self._inc, self._recency.move_to_end
+        for e in experts:
+            count[e] = count.get(e, 0.0) + inc
+            mte(e)
 
     def on_insert(self, expert: int, prefetch: bool = False) -> None:
         count = self._count
@@ -130,6 +209,35 @@ class LFUPolicy(ReplacementPolicy):
 
     def on_evict(self, expert: int) -> None:
         self._recency.pop(expert, None)
+
+    def on_inserts(self, experts: list[int]) -> None:
+        count, inc, recency = self._count, self._inc, self._recency
+        for e in experts:
+            count[e] = count.get(e, 0.0) + inc
+            recency[e] = None
+            recency.move_to_end(e)
+
+    def evict_victims(self, resident: dict[int, object], n: int) -> list[int]:
+        recency = self._recency
+        if len(resident) != len(recency):
+            return super().evict_victims(resident, n)
+        key = self._count.__getitem__
+        # n successive `victim`s of what is left = the n smallest counts, ties least recently used first
+        # (min() and nsmallest() both keep the first of equal keys)
+        out = [min(recency, key=key)] if n == 1 else heapq.nsmallest(n, recency, key=key)
+        for v in out:
+            del recency[v]
+            del resident[v]
+        return out
+
+    def admit(self, resident: dict[int, object], wave: list[int], free: int) -> int:
+        n = len(wave) - free  # no on_miss to interleave: the evictions first, then the inserts
+        if n > 0:
+            self.evict_victims(resident, n)
+        for e in wave:
+            resident[e] = None
+        self.on_inserts(wave)
+        return max(n, 0)
 
     def count(self, expert: int) -> float:
         """The (decayed) count in units of one use at the current step."""
@@ -191,6 +299,16 @@ class ARCPolicy(ReplacementPolicy):
             self.t1.pop(expert, None)
             t2[expert] = None
 
+    def on_hits(self, experts: list[int]) -> None:
+        t1, t2 = self.t1, self.t2
+        mte = t2.move_to_end
+        for e in experts:
+            if e in t2:
+                mte(e)
+            else:
+                t1.pop(e, None)
+                t2[e] = None
+
     def on_miss(self, expert: int, prefetch: bool = False) -> None:
         self._incoming = expert
         if expert in self.b1:
@@ -235,6 +353,55 @@ class ARCPolicy(ReplacementPolicy):
             self.t1[expert] = None
         self._incoming = self._incoming_from = None
         self._trim_ghosts()
+
+    def admit(self, resident: dict[int, object], wave: list[int], free: int) -> int:
+        """`ReplacementPolicy.admit` with on_miss, victim, on_evict, on_insert and the ghost trims inlined."""
+        t1, t2, b1, b2, c = self.t1, self.t2, self.b1, self.b2, self.c
+        if len(resident) != len(t1) + len(t2):
+            return super().admit(resident, wave, free)
+        n = 0
+        for e in wave:
+            self.on_miss(e)
+            if free > 0:
+                free -= 1
+                continue
+            # victim(resident): every resident expert is a candidate
+            nt1 = len(t1)
+            if nt1 >= 1 and ((self._incoming_from == "b2" and nt1 == self.p) or nt1 > self.p):
+                v = next(iter(t1))
+                del t1[v]
+                b1[v] = None
+            elif t2:
+                v = next(iter(t2))
+                del t2[v]
+                b2[v] = None
+            else:
+                v = next(iter(t1))
+                del t1[v]
+                b1[v] = None
+            del resident[v]
+            n += 1
+            self._trim_ghosts()
+        for e in wave:
+            resident[e] = None
+            if self._incoming != e:
+                self.on_miss(e)
+            if self._incoming_from is not None:
+                t2[e] = None
+            else:
+                t1[e] = None
+            self._incoming = self._incoming_from = None
+            if b1:
+                over = len(t1) + len(b1) - c
+                while over > 0 and b1:
+                    b1.popitem(last=False)
+                    over -= 1
+            if b2:
+                over = len(t1) + len(t2) + len(b1) + len(b2) - 2 * c
+                while over > 0 and b2:
+                    b2.popitem(last=False)
+                    over -= 1
+        return n
 
     def _trim_ghosts(self) -> None:
         # The directory holds at most c ids of L1 = T1 + B1 and 2c in all (the paper's invariants).
