@@ -105,7 +105,21 @@ def _first_in(order: Collection[int], candidates: Collection[int], who: str) -> 
     raise PolicyError(f"{who}: no victim among {sorted(candidates)}: they are not resident (a cache bug)")
 
 
-class LRUPolicy(ReplacementPolicy):
+class _EvictFirstAdmit:
+    """`admit` for policies whose on_miss does nothing: a wave's evictions at once, then its inserts
+    (the same calls `ReplacementPolicy.admit` makes, in an order that cannot matter to them)."""
+
+    def admit(self, resident: dict[int, object], wave: list[int], free: int) -> int:
+        n = len(wave) - free
+        if n > 0:
+            self.evict_victims(resident, n)
+        for e in wave:
+            resident[e] = None
+        self.on_inserts(wave)
+        return max(n, 0)
+
+
+class LRUPolicy(_EvictFirstAdmit, ReplacementPolicy):
     """Least recently used: the expert whose last hit or insert is oldest."""
 
     name = "lru"
@@ -151,17 +165,8 @@ class LRUPolicy(ReplacementPolicy):
             out.append(v)
         return out
 
-    def admit(self, resident: dict[int, object], wave: list[int], free: int) -> int:
-        n = len(wave) - free  # no on_miss to interleave: the evictions first, then the inserts
-        if n > 0:
-            self.evict_victims(resident, n)
-        for e in wave:
-            resident[e] = None
-        self.on_inserts(wave)
-        return max(n, 0)
 
-
-class LFUPolicy(ReplacementPolicy):
+class LFUPolicy(_EvictFirstAdmit, ReplacementPolicy):
     """Least frequently used, counting every use since start-up (counts survive eviction, so
     an expert that was popular and comes back is judged by its history); ties go to the
     least recently used. A prefetch is not a use."""
@@ -229,15 +234,6 @@ class LFUPolicy(ReplacementPolicy):
             del recency[v]
             del resident[v]
         return out
-
-    def admit(self, resident: dict[int, object], wave: list[int], free: int) -> int:
-        n = len(wave) - free  # no on_miss to interleave: the evictions first, then the inserts
-        if n > 0:
-            self.evict_victims(resident, n)
-        for e in wave:
-            resident[e] = None
-        self.on_inserts(wave)
-        return max(n, 0)
 
     def count(self, expert: int) -> float:
         """The (decayed) count in units of one use at the current step."""
