@@ -170,6 +170,38 @@ class DirectoryReader:
             self.retries += 1
         return None
 
+    def copy_into(self, key: tuple[int, int, str], dst: memoryview) -> int | None:
+        """As `copy`, into `dst` (at least the blob's length): the bytes copied, or None."""
+        i = self._rows.get(DirKey(*key))
+        if i is None or self._t is None:
+            return None
+        t, g = self._t, _at(i, GEN)
+        for _ in range(self.max_tries):
+            g1 = t[g]
+            off, n = t[g + OFFSET], t[g + NBYTES]
+            if g1 & 1 or n <= 0:
+                if not g1 & 1:
+                    self.misses += 1
+                    return None
+                continue
+            if n > len(dst):
+                return None
+            dst[:n] = self._data[off : off + n]
+            if self.after_copy is not None:
+                self.after_copy(key)
+            if t[g] == g1:
+                return n
+            self.retries += 1
+        return None
+
+    def is_resident(self, key: tuple[int, int, str]) -> bool:
+        """Does the directory show the blob resident now (a peek: `copy` may still find it gone)?"""
+        i = self._rows.get(DirKey(*key))
+        if i is None or self._t is None:
+            return False
+        g = _at(i, GEN)
+        return not self._t[g] & 1 and self._t[g + NBYTES] > 0
+
     def close(self) -> None:
         t, self._t, self._data = self._t, None, None
         if t is not None:

@@ -374,12 +374,14 @@ def _owned_copy(blob: BlobLike) -> Tensor:
     return as_uint8(blob).clone()
 
 
-def _cpu_fused_from_blob(fmt: str, blob: BlobLike, hidden: int, inter: int, layout: Int4Layout) -> Int4FusedExpert:
-    """The hot path, blob in this machine's kernel layout. int4: one copy of the blob into owned memory,
-    then strided views of it. int2: one table lookup per call expands the codes, scales_and_zeros copied."""
+def _cpu_fused_from_blob(fmt: str, blob: BlobLike, hidden: int, inter: int, layout: Int4Layout,
+                         copy: bool = True) -> Int4FusedExpert:
+    """The hot path, blob in this machine's kernel layout. int4: one copy of the blob into owned memory
+    (none with copy=False: the caller owns `blob`), then strided views of it. int2: one table lookup per
+    call expands the codes, scales_and_zeros copied."""
     total, fused, plan = _blob_plan(fmt, hidden, inter, layout.block_n)
     int4 = fmt == "int4"
-    data = _owned_copy(blob) if int4 else as_uint8(blob)  # int4: a shared-memory slot may be reused after this
+    data = _owned_copy(blob) if int4 and copy else as_uint8(blob)  # int4: a shm slot may be reused after this
     if data.numel() != total:
         raise CodecError(f"{fmt} expert blob for hidden={hidden} inter={inter} must be {total} bytes, "
                          f"got {data.numel()}")
@@ -389,9 +391,10 @@ def _cpu_fused_from_blob(fmt: str, blob: BlobLike, hidden: int, inter: int, layo
     group = FORMATS[fmt].group_size
     lin, copied = [], 0
     for code_off, code_bytes, n_pad, row, sz_off, sz_stride, n_groups, n, k, k_pad in plan:
-        sz = torch.as_strided(halves, (n_groups, n_pad, 2), (sz_stride, 2, 1), sz_off)
+        # as_strided's offsets count from the storage's start: `data` may be a view further in (an arena slot)
+        sz = torch.as_strided(halves, (n_groups, n_pad, 2), (sz_stride, 2, 1), halves.storage_offset() + sz_off)
         if int4:
-            weight = torch.as_strided(data, (n_pad, row), (row, 1), code_off)
+            weight = torch.as_strided(data, (n_pad, row), (row, 1), data.storage_offset() + code_off)
         else:
             weight = expand_int2(data[code_off:code_off + code_bytes]).view(n_pad, row)
         if not int4 or not sz.is_contiguous():  # int2, or gate and up apart: own copies
@@ -404,6 +407,22 @@ def _cpu_fused_from_blob(fmt: str, blob: BlobLike, hidden: int, inter: int, layo
     if fused:
         return Int4FusedExpert(lin[1], gate_up=lin[0], inter=inter, blob=keep, blob_nbytes=total)
     return Int4FusedExpert(lin[2], gate=lin[0], up=lin[1], blob=keep, blob_nbytes=total + copied)
+
+
+def int4_in_place(data: Tensor, hidden: int, inter: int) -> ExpertCompute | None:
+    """An int4 expert that computes straight from `data` (uint8 on the CPU, the blob's bytes), views only:
+    the caller may later overwrite `data` with another expert's blob of the same shape, and this object
+    then computes that expert (an arena slot's compute form is built once). None when this machine cannot
+    (no known kernel layout, a pack in another layout, or a shape whose scales need their own copy)."""
+    native = native_layout()
+    if native is None or _layout.pack_layout not in (None, native):
+        return None
+    c = _cpu_fused_from_blob("int4", data, hidden, inter, native, copy=False)
+    base = data.untyped_storage().data_ptr()
+    parts = [m for m in (c.gate, c.up, c.gate_up, c.down) if m is not None]
+    if any(t.untyped_storage().data_ptr() != base for m in parts for t in (m.weight, m.scales_and_zeros)):
+        return None
+    return c
 
 
 def make_expert_compute(fmt: str, blob: BlobLike, hidden: int, inter: int, form: str,

@@ -328,6 +328,28 @@ class StoreClient:
             raise
         return [results[i] for i in range(len(keys))]
 
+    def copy_source(self) -> tuple[str, str] | None:
+        """(slot directory segment, RAM tier segment) a copy engine on this host can read; None: no directory."""
+        if self.transport != "shm" or not self.use_directory:
+            return None
+        with self._lock:
+            if self._directory() is None or not self._dir_names:
+                return None
+            data, directory = self._dir_names
+            return directory, data
+
+    def blob_digest_of(self, key: BlobKey) -> int | None:
+        """The blob's xxh3_64 from the pack manifest (None: not known)."""
+        return self._crc32.get(key)
+
+    def in_memory(self, keys: Sequence[BlobKey]) -> list[bool]:
+        """Which of `keys` the slot directory shows resident in the store's RAM (copied with no RPC)."""
+        if self.transport != "shm" or self.pack_changed:
+            return [False] * len(keys)
+        with self._lock:
+            reader = self._directory()
+            return [reader.is_resident(k) for k in keys] if reader is not None else [False] * len(keys)
+
     def _fetch_grpc(self, keys: Sequence[BlobKey], indices: list[int], priority: Priority) -> dict[int, FetchedBlob]:
         t0 = time.perf_counter_ns()
         sub = [keys[i] for i in indices]

@@ -284,6 +284,10 @@ class ExpertFetcher(Protocol):
     def fetch(self, keys: Sequence[BlobKey], priority: Priority = "demand") -> list[FetchedBlob]:
         """The blobs of `keys`, in the order asked. Raises rather than return a bad blob."""
 
+    # Optional: `in_memory(keys) -> list[bool]`, which of `keys` a fetch would copy at memory speed
+    # (no round trip, no disk read). The prefetch controller copies those on the compute thread and
+    # leaves the rest to the prefetch thread; a fetcher without it has every prefetch go to the thread.
+
 
 @dataclass
 class FetchCounters:
