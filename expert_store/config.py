@@ -95,6 +95,11 @@ class StoreConfig:
     """After start-up, drop experts.bin from the page cache (posix_fadvise DONTNEED), so NVMe-tier
     reads are real disk reads: for honest cold measurements."""
 
+    nvme_uncached: bool = False
+    """Drop each blob's pages from the page cache right after the NVMe tier read it (posix_fadvise
+    DONTNEED), so every NVMe read stays a disk read, as on a host whose page cache cannot hold the
+    pack (`cold` empties it only once): for measurements of the disk tier."""
+
     grace_s: float = 5.0
     """On SIGTERM/SIGINT, how long in-flight RPCs get to finish before they are cancelled."""
 

@@ -101,6 +101,16 @@ class StoreCounters:
     prefetch_hints: int = 0
     prefetch_promotions: int = 0
     checksum_failures: int = 0
+    # Fetch RPCs by purpose (a cache miss: demand; a prefetch), per expert: was it in the RAM tier? The
+    # experts workers copy through the slot directory never reach here (`ram_hit_counts` adds them).
+    demand_ram_hits: int = 0
+    demand_ram_misses: int = 0  # read from NVMe (or waited for its promotion)
+    prefetch_ram_hits: int = 0
+    prefetch_ram_misses: int = 0
+
+    def count_fetch(self, priority: int, in_ram: bool) -> None:
+        name = f"{'demand' if priority == PRIORITY_DEMAND else 'prefetch'}_ram_{'hits' if in_ram else 'misses'}"
+        setattr(self, name, getattr(self, name) + 1)
 
 
 @dataclass
@@ -194,8 +204,9 @@ class StoreCore:
                         self.ram.capacity_bytes / 2**20, filled, self.preferred,
                         ", popularity profile order" if self.popularity else ", shallow layers first")
             self.ram.open_directory(self.nvme.keys())
-        if cfg.cold:
+        if cfg.cold or cfg.nvme_uncached:
             self.nvme.drop_page_cache()
+        self.nvme.uncached = cfg.nvme_uncached
         self._tasks.append(asyncio.create_task(self._sweep_leases(), name="lease-sweeper"))
         for i in range(min(2, cfg.io_threads)):
             self._tasks.append(asyncio.create_task(self._prefetch_worker(), name=f"prefetch-{i}"))
@@ -269,6 +280,7 @@ class StoreCore:
             n = self.blob_nbytes[key.fmt]
             p = _Planned(i, key, n, slot, accept_zstd and self.wire.should_try(key))
             p.tier = Tier.RAM if slot is not None else Tier.NVME
+            self.counters.count_fetch(priority, slot is not None)
             p.ranges = [(a, min(chunk, n - a)) for a in range(0, n, chunk)]
             plan.append(p)
         plan.sort(key=lambda p: p.slot is None)  # stable: RAM hits first, each group in request order
@@ -367,6 +379,7 @@ class StoreCore:
                     missing.append((i, key))
                 else:
                     self.ram.stats.add(slot.nbytes, 0)
+                    self.counters.count_fetch(priority, True)
                     grants.append(self._grant(i, key, slot, ttl, client_id, Tier.RAM))
             acquiring = [asyncio.ensure_future(self._acquire(key, priority)) for _, key in missing]
             try:
@@ -393,6 +406,7 @@ class StoreCore:
                     self.nvme.stats.add(0, 0)  # its bytes and read time were counted by the promotion
                 else:
                     self.ram.stats.add(slot.nbytes, 0)
+                self.counters.count_fetch(priority, not promoted)  # unavailable ones: their gRPC fetch counts
                 tier = Tier.NVME if promoted else Tier.RAM
                 grants.append(self._grant(i, key, slot, ttl, client_id, tier))
                 self.ram.unpin(slot)  # the lease holds it now
@@ -511,6 +525,15 @@ class StoreCore:
             await asyncio.sleep(_LEASE_SWEEP_S)
             if n := self.ram.expire_leases():
                 logger.debug("%d lease(s) expired", n)
+
+    def ram_hit_counts(self) -> dict[str, int]:
+        """Fetches by purpose that found the expert in RAM, the slot directory's copies included."""
+        c = self.counters
+        reads, demand = self.ram.directory.read_counts() if self.ram.directory is not None else (0, 0)
+        return {"directory_reads": reads, "directory_demand_reads": demand,
+                "demand_ram_hits": c.demand_ram_hits + demand, "demand_ram_misses": c.demand_ram_misses,
+                "prefetch_ram_hits": c.prefetch_ram_hits + reads - demand,
+                "prefetch_ram_misses": c.prefetch_ram_misses}
 
     def _chunk_size(self, asked: int) -> int:
         return max(4096, min(asked or self.config.chunk_bytes, self.config.max_chunk_bytes))

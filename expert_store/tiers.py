@@ -16,7 +16,7 @@ the largest 4 KiB-aligned blob among the served formats), each holding one
 expert blob of any format. A slot's generation increments every time it gets
 new contents. Slots are filled at start-up in a hotness order (`fill_order`),
 then promoted into on demand, evicting the least recently used slot that no
-one holds. Holding is counted in `pins`: every lease (a co-located worker
+one holds (recency counts the reads workers report in the slot directory, see `_victim`). Holding is counted in `pins`: every lease (a co-located worker
 copying the bytes) and every in-flight gRPC read of the slot pins it, and a
 pinned slot is never overwritten. With a slot directory (`open_directory`, slot_directory.py)
 workers also copy unpinned slots with no RPC: an eviction withdraws the blob's row before the
@@ -121,6 +121,7 @@ class NvmeTier:
         self.capacity_bytes = int(pack.manifest["experts_nbytes"])
         self.stats = TierStats()
         self._verified: set[BlobKey] = set()
+        self.uncached = False  # drop every read's pages from the page cache (StoreConfig.nvme_uncached)
         self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
 
     def keys(self) -> list[BlobKey]:
@@ -149,6 +150,7 @@ class NvmeTier:
         unless the blob was verified before."""
         ref = self.ref(key)
         self._pread_into(dest[: ref.nbytes], ref.offset)
+        self._forget(ref.offset, ref.nbytes)
         if verify:
             self._check(key, blob_digest(dest[: ref.nbytes]))
 
@@ -162,7 +164,13 @@ class NvmeTier:
             rest = bytearray(nbytes - len(data))
             self._pread_into(memoryview(rest), ref.offset + start + len(data))
             data += rest
+        self._forget(ref.offset + start, nbytes)
         return data
+
+    def _forget(self, offset: int, nbytes: int) -> None:
+        """With `uncached`: drop what was just read from the page cache (the next read is a disk read)."""
+        if self.uncached:
+            os.posix_fadvise(self._fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
 
     def verify_blob(self, key: BlobKey, piece: memoryview | None = None) -> None:
         """xxh3_64 of the blob as it is on disk now against the manifest; ChecksumError on a mismatch."""
@@ -267,6 +275,7 @@ class RamCounters:
     evictions: int = 0  # slots given to another blob
     leases_granted: int = 0
     leases_expired: int = 0  # ended by TTL rather than release
+    directory_refreshes: int = 0  # slots spared at eviction because a worker read them through the directory
 
 
 def slot_bytes_for(blob_nbytes: Iterable[int]) -> int:
@@ -372,13 +381,40 @@ class RamTier:
         if self._free:
             slot = self._free.pop()
         else:
-            slot = next((self.slots[i] for i in self._lru if self.slots[i].pins == 0), None)
+            slot = self._victim()
             if slot is None:
                 return None
             self._evict(slot)
             self.counters.evictions += 1
         slot.state, slot.key, slot.nbytes = SlotState.FILLING, key, 0
         return slot
+
+    def _victim(self) -> Slot | None:
+        """The least recently used unpinned READY slot, counting reads through the slot directory.
+
+        Workers copy resident blobs through the directory without telling the store, so recency
+        from `lookup` alone would evict the experts they use most. Second chance: walking from
+        the least recently used end, a slot a reader copied since the store last looked moves to
+        the most recently used end instead of being evicted (each read saves a slot once, so the
+        walk is amortised O(1) per eviction). When every unpinned slot was read, the least
+        recently used of them goes after all.
+        """
+        d, refreshed, victim = self.directory, [], None
+        for i in self._lru:
+            s = self.slots[i]
+            if s.pins:
+                continue
+            if d is not None and s.key is not None and d.read_since(s.key):
+                refreshed.append(i)
+                continue
+            victim = s
+            break
+        for i in refreshed:
+            self._lru.move_to_end(i)
+        self.counters.directory_refreshes += len(refreshed)
+        if victim is None and refreshed:
+            victim = next((self.slots[i] for i in self._lru if self.slots[i].pins == 0), None)
+        return victim
 
     def write(self, slot: Slot, src: memoryview | bytes) -> None:
         """Copy a blob into a FILLING slot (any thread); then `commit`."""

@@ -1,0 +1,57 @@
+"""How the store's RAM tier sees its readers: hits by purpose (demand, prefetch), the slot directory's
+copies among them, and replacement that spares the experts workers copy with no RPC."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moe.v1 import store_pb2 as pb
+from expert_store import shm
+from expert_store.packfile import Pack
+from expert_store.slot_directory import DirectoryReader
+
+from .test_server import blob, int4_slot_bytes, key, running_store
+
+
+def _tiers(reply: pb.FetchExpertsShmResponse) -> list[int]:
+    return [d.tier for d in sorted(reply.descriptors, key=lambda d: d.index)]
+
+
+async def test_hits_by_purpose_count_directory_reads_and_spare_what_workers_read(tiny_mixtral_pack: Path,
+                                                                                 tmp_path: Path):
+    slot = int4_slot_bytes(tiny_mixtral_pack)
+    # 4 slots, filled with layer 0's experts 0-3 (0 most recently used); every NVMe read bypasses the page cache
+    async with running_store(tiny_mixtral_pack, tmp_path, ram_bytes=4 * slot, formats=("int4",),
+                             nvme_uncached=True) as (store, stub, _):
+        async def shm_fetch(keys, priority=pb.FETCH_PRIORITY_DEMAND):
+            reply = await stub.FetchExpertsShm(pb.FetchExpertsShmRequest(experts=keys, priority=priority,
+                                                                         client_id="w"))
+            await stub.ReleaseLeases(pb.ReleaseLeasesRequest(client_id="w", all=True))
+            return _tiers(reply)
+
+        assert await shm_fetch([key(0, 0), key(5, 5)]) == [pb.STORE_TIER_RAM, pb.STORE_TIER_NVME]
+        assert await shm_fetch([key(0, 1), key(5, 6)], pb.FETCH_PRIORITY_PREFETCH) == [
+            pb.STORE_TIER_RAM, pb.STORE_TIER_NVME]
+        async for c in stub.FetchExperts(pb.FetchExpertsRequest(experts=[key(0, 0)])):
+            assert c.tier == pb.STORE_TIER_RAM
+        # store-side recency now, least recent first: (5,5) (0,1) (5,6) (0,0)
+        m = await stub.GetManifest(pb.GetManifestRequest())
+        data = shm.attach_segment(m.shm_segment_name)
+        reader = DirectoryReader(m.shm_directory_name, data)
+        try:
+            with Pack.open(tiny_mixtral_pack) as pack:
+                assert reader.copy((5, 5, "int4")) == blob(pack, key(5, 5))  # a cache miss, no RPC
+                assert reader.copy((0, 1, "int4"), demand=False) == blob(pack, key(0, 1))  # a prefetch
+        finally:
+            reader.close()
+            data.close()
+        s = await stub.GetStats(pb.GetStoreStatsRequest())
+        assert (s.demand_ram_hits, s.demand_ram_misses) == (3, 1)  # (0,0) shm, (0,0) gRPC, (5,5) directory
+        assert (s.prefetch_ram_hits, s.prefetch_ram_misses) == (2, 1)
+        assert (s.directory_reads, s.directory_demand_reads, s.directory_refreshes) == (2, 1, 0)
+
+        # (5,5) and (0,1) were read through the directory: the next promotion evicts (5,6) instead
+        assert await shm_fetch([key(6, 0)]) == [pb.STORE_TIER_NVME]
+        assert await shm_fetch([key(5, 5), key(0, 1), key(0, 0)]) == [pb.STORE_TIER_RAM] * 3
+        assert await shm_fetch([key(5, 6)]) == [pb.STORE_TIER_NVME]
+        assert (await stub.GetStats(pb.GetStoreStatsRequest())).directory_refreshes == 2
