@@ -5,9 +5,9 @@ chunks, or shared-memory grants under a lease), prefetch hints and stats; the gR
 in `server.py` converts to and from protobuf around it.
 
 I/O: every blocking read, copy and compression runs in a small thread pool fed by a
-priority queue (demand fetches, then prefetches, then background promotions), so the
-event loop never waits for a disk and a prefetch never delays a demand fetch that
-arrives after it.
+priority queue (demand fetches, then prefetches, then store hints, then background
+promotions), so the event loop never waits for a disk and a prefetch never delays a
+demand fetch that arrives after it; a promotion a more urgent fetch waits for is boosted.
 """
 
 
@@ -28,7 +28,7 @@ from . import sdnotify, shm
 from .config import StoreConfig
 from .dense import DenseFile, DenseTensor
 from .errors import ChecksumError, FateError, PackError
-from .io_scheduler import PRIORITY_BACKGROUND, PRIORITY_DEMAND, PRIORITY_PREFETCH, IoScheduler
+from .io_scheduler import PRIORITY_BACKGROUND, PRIORITY_DEMAND, PRIORITY_HINT, PRIORITY_PREFETCH, IoScheduler, Job
 from .packfile import Pack
 from .fill_order import fill_order, load_popularity, preferred_format
 from .tiers import BlobKey, LeaseLimitError, NvmeTier, RamTier, Slot, Tier, no_views_in_tracebacks, slot_bytes_for
@@ -39,9 +39,9 @@ logger = logging.getLogger(__name__)
 _LEASE_SWEEP_S = 1.0
 
 __all__ = [
-    "PRIORITY_BACKGROUND", "PRIORITY_DEMAND", "PRIORITY_PREFETCH", "Compression", "DenseTensor", "ExpertPiece",
-    "InvalidRequest", "IoScheduler", "LeaseLimitError", "ShmGrant", "StoreCore", "StoreUnavailable", "Tier",
-    "TooManyKeys", "WireCompression", "zstd_pays",
+    "PRIORITY_BACKGROUND", "PRIORITY_DEMAND", "PRIORITY_HINT", "PRIORITY_PREFETCH", "Compression", "DenseTensor",
+    "ExpertPiece", "InvalidRequest", "IoScheduler", "LeaseLimitError", "ShmGrant", "StoreCore", "StoreUnavailable",
+    "Tier", "TooManyKeys", "WireCompression", "zstd_pays",
 ]
 
 
@@ -101,8 +101,7 @@ class StoreCounters:
     prefetch_hints: int = 0
     prefetch_promotions: int = 0
     checksum_failures: int = 0
-    # Fetch RPCs by purpose (a cache miss: demand; a prefetch), per expert: was it in the RAM tier? The
-    # experts workers copy through the slot directory never reach here (`ram_hit_counts` adds them).
+    # per expert of a fetch RPC, by purpose: was it in RAM? (`ram_hit_counts` adds slot-directory copies)
     demand_ram_hits: int = 0
     demand_ram_misses: int = 0  # read from NVMe (or waited for its promotion)
     prefetch_ram_hits: int = 0
@@ -157,6 +156,7 @@ class StoreCore:
         self.stop_requested = threading.Event()  # read by start-up threads, so a SIGTERM ends them early
         self._moe_layers = set(self.args.moe_layers)
         self._promotions: dict[BlobKey, asyncio.Task[None]] = {}
+        self._jobs: dict[BlobKey, Job] = {}  # the I/O jobs of those promotions (boosted by more urgent waiters)
         self._prefetch_queue: asyncio.Queue[tuple[BlobKey, bool]] = asyncio.Queue(max(config.prefetch_queue, 1))
         self._queued: set[BlobKey] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -434,13 +434,16 @@ class StoreCore:
                 self.ram.pin(slot)
                 return slot, promoted
             task = self._promotions.get(key)
-            if task is None:
-                target = self.ram.reserve(key)
+            if task is None:  # a hint may not evict experts other hints brought in and no one read yet
+                target = self.ram.reserve(key, hint=priority == PRIORITY_HINT)
                 if target is None:
                     return None, promoted
-                task = asyncio.create_task(self._promote(key, target, priority))
+                self._jobs[key] = job = self.io.submit(priority, self._timed_load, key, target)
+                task = asyncio.create_task(self._promote(key, target, job))
                 self._promotions[key] = task
                 task.add_done_callback(functools.partial(self._promotion_done, key))
+            elif key in self._jobs:  # a demand waiting for a hint's promotion: it is not a hint's any more
+                self.io.boost(self._jobs[key], priority)
             await asyncio.shield(task)
             promoted = True
         return None, promoted
@@ -448,19 +451,20 @@ class StoreCore:
     def _promotion_done(self, key: BlobKey, task: asyncio.Task[None]) -> None:
         if self._promotions.get(key) is task:
             del self._promotions[key]
+            self._jobs.pop(key, None)
         if not task.cancelled() and isinstance(task.exception(), ChecksumError):
             self.corrupt(task.exception(), "not promoted into RAM")
 
-    async def _promote(self, key: BlobKey, slot: Slot, priority: int) -> None:
+    async def _promote(self, key: BlobKey, slot: Slot, job: Job) -> None:
         """Copy a blob from NVMe into its reserved slot (not cancelled by a requester going away)."""
         try:
-            ns = await self.io.run(priority, self._timed_load, key, slot)
+            ns = await job.future
         except asyncio.CancelledError:
             raise  # shutdown: the slot stays FILLING (a thread may still write it); the segment goes anyway
         except BaseException:
             self.ram.abort(slot)
             raise
-        self.ram.commit(slot)
+        self.ram.commit(slot, hinted=job.priority == PRIORITY_HINT)
         self.nvme.stats.add(slot.nbytes, ns, hits=0)  # the requesters count their hits
 
     def _timed_load(self, key: BlobKey, slot: Slot) -> int:
@@ -510,7 +514,7 @@ class StoreCore:
             key, background = await self._prefetch_queue.get()
             self._queued.discard(key)
             try:
-                slot, promoted = await self._acquire(key, PRIORITY_BACKGROUND if background else PRIORITY_PREFETCH)
+                slot, promoted = await self._acquire(key, PRIORITY_BACKGROUND if background else PRIORITY_HINT)
                 if slot is not None:
                     self.ram.unpin(slot)
                     if promoted and not background:

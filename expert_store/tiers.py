@@ -16,7 +16,9 @@ the largest 4 KiB-aligned blob among the served formats), each holding one
 expert blob of any format. A slot's generation increments every time it gets
 new contents. Slots are filled at start-up in a hotness order (`fill_order`),
 then promoted into on demand, evicting the least recently used slot that no
-one holds (recency counts the reads workers report in the slot directory, see `_victim`). Holding is counted in `pins`: every lease (a co-located worker
+one holds; recency counts the reads workers report in the slot directory, and a
+store hint's promotion may not evict a slot another hint filled that no one has
+read yet (see `_victim`). Holding is counted in `pins`: every lease (a co-located worker
 copying the bytes) and every in-flight gRPC read of the slot pins it, and a
 pinned slot is never overwritten. With a slot directory (`open_directory`, slot_directory.py)
 workers also copy unpinned slots with no RPC: an eviction withdraws the blob's row before the
@@ -257,6 +259,7 @@ class Slot:
     generation: int = 0  # incremented at every new content
     state: SlotState = SlotState.FREE
     pins: int = 0  # leases + in-flight reads; > 0: never overwritten
+    hinted: bool = False  # filled for a store hint and not read since: other hints may not evict it
 
 
 @dataclass
@@ -276,6 +279,7 @@ class RamCounters:
     leases_granted: int = 0
     leases_expired: int = 0  # ended by TTL rather than release
     directory_refreshes: int = 0  # slots spared at eviction because a worker read them through the directory
+    hints_refused: int = 0  # hint promotions given no slot: every unpinned one held an unread hinted expert
 
 
 def slot_bytes_for(blob_nbytes: Iterable[int]) -> int:
@@ -365,6 +369,7 @@ class RamTier:
         slot = self._where.get(key)
         if slot is not None:
             self._lru.move_to_end(slot.index)
+            slot.hinted = False
         return slot
 
     def pin(self, slot: Slot) -> None:
@@ -375,45 +380,54 @@ class RamTier:
             raise RuntimeError(f"slot {slot.index} unpinned more often than pinned")  # a bug
         slot.pins -= 1
 
-    def reserve(self, key: BlobKey) -> Slot | None:
-        """A slot to copy `key` into (FILLING): a free one, else the LRU unpinned one; None if all are held."""
+    def reserve(self, key: BlobKey, hint: bool = False) -> Slot | None:
+        """A slot to copy `key` into (FILLING): a free one, else the LRU unpinned one; None if all are held.
+        hint: for a store hint, which may not evict an unread hinted slot (None if only those are left)."""
         self.expire_leases()
         if self._free:
             slot = self._free.pop()
         else:
-            slot = self._victim()
+            slot = self._victim(hint)
             if slot is None:
+                self.counters.hints_refused += hint
                 return None
             self._evict(slot)
             self.counters.evictions += 1
         slot.state, slot.key, slot.nbytes = SlotState.FILLING, key, 0
         return slot
 
-    def _victim(self) -> Slot | None:
+    def _victim(self, hint: bool = False) -> Slot | None:
         """The least recently used unpinned READY slot, counting reads through the slot directory.
 
-        Workers copy resident blobs through the directory without telling the store, so recency
-        from `lookup` alone would evict the experts they use most. Second chance: walking from
-        the least recently used end, a slot a reader copied since the store last looked moves to
-        the most recently used end instead of being evicted (each read saves a slot once, so the
-        walk is amortised O(1) per eviction). When every unpinned slot was read, the least
-        recently used of them goes after all.
+        Workers copy resident blobs through the directory without telling the store, so recency from
+        `lookup` alone would evict the experts they use most. Second chance: walking from the least
+        recently used end, a slot read since the store last looked moves to the most recently used end
+        instead (each read saves a slot once: amortised O(1) per eviction); if every unpinned slot was
+        read, the least recently used of them goes. Hinted slots: a hint's walk passes over them; a
+        fetch's walk gives them one second chance, which ends their protection (wrong guesses age out).
         """
-        d, refreshed, victim = self.directory, [], None
+        d, refreshed, victim, moved_hinted = self.directory, [], None, 0
         for i in self._lru:
             s = self.slots[i]
             if s.pins:
                 continue
             if d is not None and s.key is not None and d.read_since(s.key):
                 refreshed.append(i)
+                s.hinted = False
+                continue
+            if s.hinted:
+                if not hint:
+                    refreshed.append(i)
+                    s.hinted = False
+                    moved_hinted += 1
                 continue
             victim = s
             break
         for i in refreshed:
             self._lru.move_to_end(i)
-        self.counters.directory_refreshes += len(refreshed)
+        self.counters.directory_refreshes += len(refreshed) - moved_hinted
         if victim is None and refreshed:
-            victim = next((self.slots[i] for i in self._lru if self.slots[i].pins == 0), None)
+            victim = next((s for s in map(self.slots.__getitem__, self._lru) if not s.pins and not s.hinted), None)
         return victim
 
     def write(self, slot: Slot, src: memoryview | bytes) -> None:
@@ -427,12 +441,12 @@ class RamTier:
             raise RuntimeError(f"slot {slot.index}: filled in state {slot.state}")  # a bug
         return self._buf[slot.offset : slot.offset + self.slot_bytes]
 
-    def commit(self, slot: Slot, promotion: bool = True) -> None:
+    def commit(self, slot: Slot, promotion: bool = True, hinted: bool = False) -> None:
         """The copy into `slot` is complete: it becomes visible (new generation, most recently used)."""
         if slot.state is not SlotState.FILLING or slot.key is None or not 0 < slot.nbytes <= self.slot_bytes:
             raise RuntimeError(f"slot {slot.index}: commit in state {slot.state} with {slot.nbytes} bytes")  # a bug
         slot.generation += 1
-        slot.state = SlotState.READY
+        slot.state, slot.hinted = SlotState.READY, hinted
         self._where[slot.key] = slot
         self._lru[slot.index] = None
         self._lru.move_to_end(slot.index)

@@ -1,14 +1,19 @@
 """How the store's RAM tier sees its readers: hits by purpose (demand, prefetch), the slot directory's
-copies among them, and replacement that spares the experts workers copy with no RPC."""
+copies among them, replacement that spares the experts workers copy with no RPC, and store hints that
+never evict each other's unread promotions."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 
 from moe.v1 import store_pb2 as pb
 from expert_store import shm
+from expert_store.io_scheduler import PRIORITY_DEMAND, PRIORITY_HINT, PRIORITY_PREFETCH, IoScheduler
 from expert_store.packfile import Pack
 from expert_store.slot_directory import DirectoryReader
+from expert_store.tiers import BlobKey, RamTier
 
 from .test_server import blob, int4_slot_bytes, key, running_store
 
@@ -55,3 +60,62 @@ async def test_hits_by_purpose_count_directory_reads_and_spare_what_workers_read
         assert await shm_fetch([key(5, 5), key(0, 1), key(0, 0)]) == [pb.STORE_TIER_RAM] * 3
         assert await shm_fetch([key(5, 6)]) == [pb.STORE_TIER_NVME]
         assert (await stub.GetStats(pb.GetStoreStatsRequest())).directory_refreshes == 2
+
+
+# -- store hints in the RAM tier ---------------------------------------------------------------------------
+
+SLOT = 4096
+
+
+def _load(key: BlobKey, dest: memoryview) -> int:
+    dest[:100] = bytes([key.expert]) * 100
+    return 100
+
+
+def _promote(ram: RamTier, key: BlobKey, hint: bool = False) -> bool:
+    slot = ram.reserve(key, hint=hint)
+    if slot is None:
+        return False
+    slot.nbytes = _load(key, ram.fill_view(slot))
+    ram.commit(slot, hinted=hint)
+    return True
+
+
+def test_a_hint_never_evicts_an_unread_hinted_expert_and_wrong_guesses_age_out():
+    k = [BlobKey(1, i, "int4") for i in range(7)]
+    ram = RamTier.create(2 * SLOT, SLOT, max_slots=10)
+    try:
+        ram.fill(k[:2], _load)  # 0 most recently used
+        ram.open_directory(k)
+        reader = DirectoryReader(ram.directory.segment, ram.segment)
+        assert _promote(ram, k[2], hint=True) and _promote(ram, k[3], hint=True)  # 1 then 0 make room
+        assert not _promote(ram, k[4], hint=True)  # only unread hinted slots are left: the hint is dropped
+        assert ram.counters.hints_refused == 1 and ram.resident(k[2]) and ram.resident(k[3])
+        assert reader.copy(k[2]) is not None  # the worker used 2: its protection ends (one second chance)
+        assert _promote(ram, k[4], hint=True)
+        assert not ram.resident(k[2]) and ram.resident(k[3]) and ram.resident(k[4])
+        assert _promote(ram, k[5])  # a fetch may evict unread hinted slots: 3 and 4 get one chance, 3 goes
+        assert not ram.resident(k[3]) and ram.resident(k[4])
+        assert _promote(ram, k[6], hint=True)  # 4 was passed over once: no longer protected
+        assert not ram.resident(k[4]) and ram.resident(k[5]) and ram.resident(k[6])
+        reader.close()
+    finally:
+        ram.close()
+
+
+async def test_a_queued_job_a_more_urgent_caller_waits_for_is_boosted_and_runs_once():
+    io = IoScheduler(threads=1)
+    gate, order = threading.Event(), []
+    try:
+        blocker = asyncio.ensure_future(io.run(PRIORITY_DEMAND, gate.wait))  # holds the only thread until set
+        await asyncio.sleep(0)
+        hint = io.submit(PRIORITY_HINT, order.append, "hint")
+        prefetch = io.submit(PRIORITY_PREFETCH, order.append, "prefetch")
+        io.boost(hint, PRIORITY_DEMAND)
+        io.boost(prefetch, PRIORITY_HINT)  # a less urgent waiter changes nothing
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(blocker, hint.future, prefetch.future), 20)
+        assert order == ["hint", "prefetch"]
+    finally:
+        gate.set()
+        await io.close()
