@@ -161,7 +161,9 @@ def figures(r: dict[str, Any], blob_bytes: int) -> dict[str, Any]:
         "store_demand_ram_rate": sd_hits / (sd_hits + sd_miss) if sd_hits + sd_miss else None,
         "disk_reads": sd.get("nvme_bytes_read", 0) / blob_bytes, "disk_bytes": sd.get("nvme_bytes_read", 0),
         "promotions": sd.get("promotions", 0), "hints": sd.get("prefetch_hints", 0),
-        "hint_promotions": sd.get("prefetch_promotions", 0), "directory_refreshes": sd.get("directory_refreshes", 0),
+        "hint_promotions": sd.get("prefetch_promotions", 0), "hints_used": sd.get("hints_used", 0),
+        "hints_refused": sd.get("hints_refused", 0), "nvme_ms_per_read": sd.get("nvme_read_ns", 0) / 1e6 / max(
+            1, sd.get("promotions", 0)), "directory_refreshes": sd.get("directory_refreshes", 0),
     }  # fmt: skip
 
 
@@ -171,14 +173,15 @@ def _pct(x: float | None) -> str:
 
 def table(rows: list[dict[str, Any]], mode: str) -> str:
     head = ("| config | decode tok/s | vs LRU | worker hits | miss found store RAM (worker / store) | "
-            "disk reads (experts, MiB) | promotions | hints (promoted) |\n|---|---|---|---|---|---|---|---|")
+            "NVMe reads (experts, MiB, ms each) | hints: sent, promoted, used, refused |\n|---|---|---|---|---|---|---|")
     lines = [head]
     for row in (x for x in rows if x["mode"] == mode):
         lines.append(
             f"| {row['config']} | {row['decode_tokens_per_s']:.1f} | {row['vs_lru']:.2f}x | {_pct(row['hit_rate'])} | "
             f"{_pct(row['worker_demand_ram_rate'])} / {_pct(row['store_demand_ram_rate'])} of "
-            f"{row['worker_demand_fetches']} | {row['disk_reads']:.0f}, {row['disk_bytes'] / 2**20:.1f} | "
-            f"{row['promotions']} | {row['hints']} ({row['hint_promotions']}) |")
+            f"{row['worker_demand_fetches']} | {row['disk_reads']:.0f}, {row['disk_bytes'] / 2**20:.1f}, "
+            f"{row['nvme_ms_per_read']:.2f} | {row['hints']}, {row['hint_promotions']}, {row['hints_used']}, "
+            f"{row['hints_refused']} |")
     return "\n".join(lines)
 
 

@@ -16,9 +16,8 @@ the largest 4 KiB-aligned blob among the served formats), each holding one
 expert blob of any format. A slot's generation increments every time it gets
 new contents. Slots are filled at start-up in a hotness order (`fill_order`),
 then promoted into on demand, evicting the least recently used slot that no
-one holds; recency counts the reads workers report in the slot directory, and a
-store hint's promotion may not evict a slot another hint filled that no one has
-read yet (see `_victim`). Holding is counted in `pins`: every lease (a co-located worker
+one holds; recency counts the reads workers report in the slot directory, and a store
+hint's promotion may not evict a slot another hint filled that no one read yet (`_victim`). Holding is counted in `pins`: every lease (a co-located worker
 copying the bytes) and every in-flight gRPC read of the slot pins it, and a
 pinned slot is never overwritten. With a slot directory (`open_directory`, slot_directory.py)
 workers also copy unpinned slots with no RPC: an eviction withdraws the blob's row before the
@@ -142,9 +141,6 @@ class NvmeTier:
         """The blob's checksum as the protocol writes it: "xxh3_64:<16 hex digits>"."""
         return blob_checksum(self.ref(key).xxh3_64)
 
-    def is_verified(self, key: BlobKey) -> bool:
-        return key in self._verified
-
     # -- reads (blocking: run them in I/O threads) ---------------------------------------------
 
     def read_into(self, key: BlobKey, dest: memoryview, verify: bool = True) -> None:
@@ -260,6 +256,7 @@ class Slot:
     state: SlotState = SlotState.FREE
     pins: int = 0  # leases + in-flight reads; > 0: never overwritten
     hinted: bool = False  # filled for a store hint and not read since: other hints may not evict it
+    hint_unread: bool = False  # filled for a store hint, not read yet (counts `hints_used`; never ages)
 
 
 @dataclass
@@ -280,6 +277,7 @@ class RamCounters:
     leases_expired: int = 0  # ended by TTL rather than release
     directory_refreshes: int = 0  # slots spared at eviction because a worker read them through the directory
     hints_refused: int = 0  # hint promotions given no slot: every unpinned one held an unread hinted expert
+    hints_used: int = 0  # slots filled for a hint that a fetch or a directory copy then read
 
 
 def slot_bytes_for(blob_nbytes: Iterable[int]) -> int:
@@ -369,8 +367,12 @@ class RamTier:
         slot = self._where.get(key)
         if slot is not None:
             self._lru.move_to_end(slot.index)
-            slot.hinted = False
+            self._was_read(slot)
         return slot
+
+    def _was_read(self, slot: Slot) -> None:
+        self.counters.hints_used += slot.hint_unread
+        slot.hinted = slot.hint_unread = False
 
     def pin(self, slot: Slot) -> None:
         slot.pins += 1
@@ -406,27 +408,24 @@ class RamTier:
         read, the least recently used of them goes. Hinted slots: a hint's walk passes over them; a
         fetch's walk gives them one second chance, which ends their protection (wrong guesses age out).
         """
-        d, refreshed, victim, moved_hinted = self.directory, [], None, 0
+        d, refreshed, victim, aged = self.directory, [], None, []
         for i in self._lru:
             s = self.slots[i]
             if s.pins:
                 continue
             if d is not None and s.key is not None and d.read_since(s.key):
                 refreshed.append(i)
-                s.hinted = False
-                continue
-            if s.hinted:
-                if not hint:
-                    refreshed.append(i)
-                    s.hinted = False
-                    moved_hinted += 1
-                continue
-            victim = s
-            break
-        for i in refreshed:
+                self._was_read(s)
+            elif s.hinted:
+                aged += [] if hint else [i]  # a hint passes over it; a fetch gives it its last chance
+            else:
+                victim = s
+                break
+        for i in refreshed + aged:
             self._lru.move_to_end(i)
-        self.counters.directory_refreshes += len(refreshed) - moved_hinted
-        if victim is None and refreshed:
+            self.slots[i].hinted = False
+        self.counters.directory_refreshes += len(refreshed)
+        if victim is None and refreshed + aged:
             victim = next((s for s in map(self.slots.__getitem__, self._lru) if not s.pins and not s.hinted), None)
         return victim
 
@@ -446,7 +445,7 @@ class RamTier:
         if slot.state is not SlotState.FILLING or slot.key is None or not 0 < slot.nbytes <= self.slot_bytes:
             raise RuntimeError(f"slot {slot.index}: commit in state {slot.state} with {slot.nbytes} bytes")  # a bug
         slot.generation += 1
-        slot.state, slot.hinted = SlotState.READY, hinted
+        slot.state, slot.hinted, slot.hint_unread = SlotState.READY, hinted, hinted
         self._where[slot.key] = slot
         self._lru[slot.index] = None
         self._lru.move_to_end(slot.index)

@@ -94,6 +94,7 @@ def test_a_hint_never_evicts_an_unread_hinted_expert_and_wrong_guesses_age_out()
         assert reader.copy(k[2]) is not None  # the worker used 2: its protection ends (one second chance)
         assert _promote(ram, k[4], hint=True)
         assert not ram.resident(k[2]) and ram.resident(k[3]) and ram.resident(k[4])
+        assert ram.counters.hints_used == 1  # 2's read, seen by the walk
         assert _promote(ram, k[5])  # a fetch may evict unread hinted slots: 3 and 4 get one chance, 3 goes
         assert not ram.resident(k[3]) and ram.resident(k[4])
         assert _promote(ram, k[6], hint=True)  # 4 was passed over once: no longer protected
