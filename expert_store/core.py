@@ -429,7 +429,7 @@ class StoreCore:
         """(the blob's slot, pinned; or None when every slot is held, promoted: it came from NVMe now)."""
         promoted = False
         for _ in range(4):  # a slot promoted for us can be evicted before we run again: look once more
-            slot = self.ram.lookup(key)
+            slot = self.ram.lookup(key, read=priority != PRIORITY_HINT)
             if slot is not None:
                 self.ram.pin(slot)
                 return slot, promoted

@@ -362,12 +362,14 @@ class RamTier:
 
     # -- slots --------------------------------------------------------------------------------
 
-    def lookup(self, key: BlobKey) -> Slot | None:
-        """The READY slot holding `key` (now most recently used), or None."""
+    def lookup(self, key: BlobKey, read: bool = True) -> Slot | None:
+        """The READY slot holding `key` (now most recently used), or None. read=False: not for a reader
+        (a hint's own promotion), so a hinted slot stays protected and unread."""
         slot = self._where.get(key)
         if slot is not None:
             self._lru.move_to_end(slot.index)
-            self._was_read(slot)
+            if read:
+                self._was_read(slot)
         return slot
 
     def _was_read(self, slot: Slot) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 from moe.v1 import store_pb2 as pb
@@ -60,6 +61,21 @@ async def test_hits_by_purpose_count_directory_reads_and_spare_what_workers_read
         assert await shm_fetch([key(5, 5), key(0, 1), key(0, 0)]) == [pb.STORE_TIER_RAM] * 3
         assert await shm_fetch([key(5, 6)]) == [pb.STORE_TIER_NVME]
         assert (await stub.GetStats(pb.GetStoreStatsRequest())).directory_refreshes == 2
+
+
+async def test_a_hinted_expert_counts_as_used_only_when_a_worker_reads_it(tiny_mixtral_pack: Path, tmp_path: Path):
+    slot = int4_slot_bytes(tiny_mixtral_pack)
+    async with running_store(tiny_mixtral_pack, tmp_path, ram_bytes=4 * slot, formats=("int4",)) as (store, stub, _):
+        await stub.Prefetch(pb.PrefetchRequest(experts=[key(6, 1), key(6, 2)], client_id="w"))
+        deadline = time.monotonic() + 20
+        while (s := await stub.GetStats(pb.GetStoreStatsRequest())).prefetch_promotions < 2:
+            assert time.monotonic() < deadline, "hinted experts never reached the RAM tier"
+            await asyncio.sleep(0.02)
+        assert s.hints_used == 0  # the hint's own promotion is not a read
+        reply = await stub.FetchExpertsShm(pb.FetchExpertsShmRequest(experts=[key(6, 1)], client_id="w"))
+        assert _tiers(reply) == [pb.STORE_TIER_RAM]
+        s = await stub.GetStats(pb.GetStoreStatsRequest())
+        assert (s.hints_used, s.demand_ram_hits) == (1, 1)
 
 
 # -- store hints in the RAM tier ---------------------------------------------------------------------------
