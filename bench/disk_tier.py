@@ -16,6 +16,7 @@ fresh per run, as in `python -m bench run`):
 
 Configurations (every one without the INT2 prefill tail, so the store serves int4 alone):
 
+  all_resident  (not run by default) worker budget 100%: the ceiling once the warm-up filled it
   lru           LRU per layer, uniform allocation, no predictor (no hints: nothing to predict)
   fate          cross_layer + shallow_favoring + ARC, store hints with --lookahead layers ahead
   fate_nohints  the same with store_hint_lookahead 0
@@ -49,6 +50,7 @@ from .harness import HarnessSettings, measure_workload, store_command, worker_co
 from .plan import CONFIGURATIONS, TINY_MIXTRAL, BenchError, Configuration, RunSpec, Transport, load_prompts
 
 CONFIGS: dict[str, Configuration] = {
+    "all_resident": CONFIGURATIONS["all_resident"],  # not by default: the ceiling (worker budget 100%)
     "lru": CONFIGURATIONS["lru"],
     "fate": Configuration("fate", "Fate (hints on)", dict(CONFIGURATIONS["fate_int4"].worker), "sweep",
                           "cross_layer + shallow_favoring + ARC, store hints on"),
@@ -100,7 +102,8 @@ def run_cell(config: Configuration, mode: str, repeat: int, a: argparse.Namespac
     transport = Transport(mode, MODES[mode], {"transport": "shm"})
     if config.name == "fate":
         config = dataclasses.replace(config, worker={**config.worker, "store_hint_lookahead": str(a.lookahead)})
-    spec = RunSpec(config, f"{a.budget:g}%", f"{a.budget:g}%", a.budget, transport, repeat)
+    budget = 100.0 if config.budgets == "full" else a.budget
+    spec = RunSpec(config, f"{budget:g}%", f"{budget:g}%", budget, transport, repeat)
     tmp = Path(tempfile.mkdtemp(prefix="fdt-"))
     store_addr, worker_addr = f"unix:{tmp}/store.sock", f"unix:{tmp}/worker.sock"
     r: dict[str, Any] = {"config": config.name, "mode": mode, "repeat": repeat, "status": "ok"}
@@ -213,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=25.0, help="worker budget, %% of expert bytes (default 25)")
     ap.add_argument("--workload", default="decode:8:64", help="decode:CONCURRENT:TOKENS (default decode:8:64)")
     ap.add_argument("--modes", default="uncached,cold", help=f"from {', '.join(MODES)} (default: %(default)s)")
-    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"from {', '.join(CONFIGS)} (default: all)")
+    ap.add_argument("--configs", default="lru,fate,fate_nohints",
+                    help=f"from {', '.join(CONFIGS)} (default: %(default)s)")
     ap.add_argument("--lookahead", type=int, default=2, help="fate's store_hint_lookahead (default 2)")
     ap.add_argument("--repeats", type=int, default=1, help="repeats, interleaved (default 1)")
     ap.add_argument("--warmup-tokens", type=int, default=64, help="warm-up prompt length (default 64)")
