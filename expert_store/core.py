@@ -30,6 +30,7 @@ from .dense import DenseFile, DenseTensor
 from .errors import ChecksumError, FateError, PackError
 from .io_scheduler import PRIORITY_BACKGROUND, PRIORITY_DEMAND, PRIORITY_HINT, PRIORITY_PREFETCH, IoScheduler, Job
 from .packfile import Pack
+from .promotions import PromotionQueue
 from .fill_order import fill_order, load_popularity, preferred_format
 from .tiers import BlobKey, LeaseLimitError, NvmeTier, RamTier, Slot, Tier, no_views_in_tracebacks, slot_bytes_for
 from .wire import Compression, WireCompression, zstd_pays
@@ -101,6 +102,7 @@ class StoreCounters:
     prefetch_hints: int = 0
     prefetch_promotions: int = 0
     checksum_failures: int = 0
+    hints_refused: int = 0  # hints dropped after waiting hint_wait_ms for a slot (promotions.py)
     # per expert of a fetch RPC, by purpose: was it in RAM? (`ram_hit_counts` adds slot-directory copies)
     demand_ram_hits: int = 0
     demand_ram_misses: int = 0  # read from NVMe (or waited for its promotion)
@@ -157,8 +159,8 @@ class StoreCore:
         self._moe_layers = set(self.args.moe_layers)
         self._promotions: dict[BlobKey, asyncio.Task[None]] = {}
         self._jobs: dict[BlobKey, Job] = {}  # the I/O jobs of those promotions (boosted by more urgent waiters)
-        self._prefetch_queue: asyncio.Queue[tuple[BlobKey, bool]] = asyncio.Queue(max(config.prefetch_queue, 1))
-        self._queued: set[BlobKey] = set()
+        self.promotions = PromotionQueue(self._acquire, self.ram, self.counters, config.prefetch_queue,
+                                         config.hint_wait_ms / 1000)
         self._tasks: list[asyncio.Task[None]] = []
 
     @staticmethod
@@ -208,8 +210,8 @@ class StoreCore:
             self.nvme.drop_page_cache()
         self.nvme.uncached = cfg.nvme_uncached
         self._tasks.append(asyncio.create_task(self._sweep_leases(), name="lease-sweeper"))
-        for i in range(min(2, cfg.io_threads)):
-            self._tasks.append(asyncio.create_task(self._prefetch_worker(), name=f"prefetch-{i}"))
+        self.promotions.ram = self.ram
+        self._tasks += self.promotions.start(min(2, cfg.io_threads))
         self.ready = not self.stop_requested.is_set()
         logger.debug("start-up took %.2f s", time.perf_counter() - t0)
 
@@ -500,29 +502,7 @@ class StoreCore:
     def _enqueue_promotion(self, key: BlobKey, background: bool) -> bool:
         if not self.ram.enabled or self.config.prefetch_queue == 0:
             return False
-        if key in self._queued or key in self._promotions:
-            return True
-        try:
-            self._prefetch_queue.put_nowait((key, background))
-        except asyncio.QueueFull:
-            return False
-        self._queued.add(key)
-        return True
-
-    async def _prefetch_worker(self) -> None:
-        while True:
-            key, background = await self._prefetch_queue.get()
-            self._queued.discard(key)
-            try:
-                slot, promoted = await self._acquire(key, PRIORITY_BACKGROUND if background else PRIORITY_HINT)
-                if slot is not None:
-                    self.ram.unpin(slot)
-                    if promoted and not background:
-                        self.counters.prefetch_promotions += 1
-            except FateError as e:
-                logger.warning("promotion of layer %d expert %d %s failed: %s", key.layer, key.expert, key.fmt, e)
-            except Exception:
-                logger.exception("promotion of %s failed (a bug)", key)
+        return key in self._promotions or self.promotions.put(key, background)
 
     async def _sweep_leases(self) -> None:
         while True:

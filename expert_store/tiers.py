@@ -276,7 +276,6 @@ class RamCounters:
     leases_granted: int = 0
     leases_expired: int = 0  # ended by TTL rather than release
     directory_refreshes: int = 0  # slots spared at eviction because a worker read them through the directory
-    hints_refused: int = 0  # hint promotions given no slot: every unpinned one held an unread hinted expert
     hints_used: int = 0  # slots filled for a hint that a fetch or a directory copy then read
 
 
@@ -393,7 +392,6 @@ class RamTier:
         else:
             slot = self._victim(hint)
             if slot is None:
-                self.counters.hints_refused += hint
                 return None
             self._evict(slot)
             self.counters.evictions += 1

@@ -78,6 +78,54 @@ async def test_a_hinted_expert_counts_as_used_only_when_a_worker_reads_it(tiny_m
         assert (s.hints_used, s.demand_ram_hits) == (1, 1)
 
 
+async def _until(what: str, cond, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await cond():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.01)
+
+
+async def test_a_hint_with_no_slot_waits_for_the_worker_to_read_the_earlier_ones(tiny_mixtral_pack: Path,
+                                                                               tmp_path: Path):
+    slot = int4_slot_bytes(tiny_mixtral_pack)
+    async with running_store(tiny_mixtral_pack, tmp_path, ram_bytes=2 * slot, formats=("int4",),
+                             hint_wait_ms=300) as (store, stub, _):
+        async def stats():
+            return await stub.GetStats(pb.GetStoreStatsRequest())
+
+        await stub.Prefetch(pb.PrefetchRequest(experts=[key(6, 1), key(6, 2)], client_id="w"))
+        await _until("the first hints were not promoted", lambda: _ge(stats(), "prefetch_promotions", 2))
+        await stub.Prefetch(pb.PrefetchRequest(experts=[key(6, 3)], client_id="w"))
+        await _until("the third hint did not wait", lambda: _true(store.core.promotions.waiting == 1))
+        assert (await stats()).prefetch_promotions == 2  # it may not evict 6:1 or 6:2: no one read them
+        m = await stub.GetManifest(pb.GetManifestRequest())
+        data = shm.attach_segment(m.shm_segment_name)
+        reader = DirectoryReader(m.shm_directory_name, data)
+        try:
+            assert reader.copy((6, 1, "int4"), demand=False) is not None  # the worker reaches layer 6's first
+        finally:
+            reader.close()
+            data.close()
+        await _until("the waiting hint was not promoted", lambda: _ge(stats(), "prefetch_promotions", 3))
+        reply = await stub.FetchExpertsShm(pb.FetchExpertsShmRequest(experts=[key(6, 2), key(6, 3)], client_id="w"))
+        assert _tiers(reply) == [pb.STORE_TIER_RAM] * 2  # 6:1 (read) made room, 6:2 (unread) stayed
+        await stub.ReleaseLeases(pb.ReleaseLeasesRequest(client_id="w", all=True))
+        for n, e in ((4, 4), (5, 5)):  # 6:2 and 6:3 were read: these two take their slots
+            await stub.Prefetch(pb.PrefetchRequest(experts=[key(6, e)], client_id="w"))
+            await _until("a hint with room was not promoted", lambda: _ge(stats(), "prefetch_promotions", n))
+        await stub.Prefetch(pb.PrefetchRequest(experts=[key(6, 6)], client_id="w"))  # 6:4, 6:5 are never read
+        await _until("a hint past hint_wait_ms was not dropped", lambda: _ge(stats(), "hints_refused", 1))
+        assert (await stats()).prefetch_promotions == 5 and store.core.promotions.waiting == 0
+
+
+async def _ge(stats, field: str, n: int) -> bool:
+    return getattr(await stats, field) >= n
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
 # -- store hints in the RAM tier ---------------------------------------------------------------------------
 
 SLOT = 4096
@@ -105,8 +153,8 @@ def test_a_hint_never_evicts_an_unread_hinted_expert_and_wrong_guesses_age_out()
         ram.open_directory(k)
         reader = DirectoryReader(ram.directory.segment, ram.segment)
         assert _promote(ram, k[2], hint=True) and _promote(ram, k[3], hint=True)  # 1 then 0 make room
-        assert not _promote(ram, k[4], hint=True)  # only unread hinted slots are left: the hint is dropped
-        assert ram.counters.hints_refused == 1 and ram.resident(k[2]) and ram.resident(k[3])
+        assert not _promote(ram, k[4], hint=True)  # only unread hinted slots are left: no slot for this hint
+        assert ram.resident(k[2]) and ram.resident(k[3])
         assert reader.copy(k[2]) is not None  # the worker used 2: its protection ends (one second chance)
         assert _promote(ram, k[4], hint=True)
         assert not ram.resident(k[2]) and ram.resident(k[3]) and ram.resident(k[4])
