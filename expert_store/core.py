@@ -103,6 +103,7 @@ class StoreCounters:
     prefetch_promotions: int = 0
     checksum_failures: int = 0
     hints_refused: int = 0  # hints dropped after waiting hint_wait_ms for a slot (promotions.py)
+    hints_skipped: int = 0  # hints not promoted: the measured use of hints admits only a share
     # per expert of a fetch RPC, by purpose: was it in RAM? (`ram_hit_counts` adds slot-directory copies)
     demand_ram_hits: int = 0
     demand_ram_misses: int = 0  # read from NVMe (or waited for its promotion)

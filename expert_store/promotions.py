@@ -10,6 +10,12 @@ tier refuses: those are predictions for nearer layers, not used yet). Such a hin
 than being lost: the oldest waiting hint is retried every `RETRY_S` (a worker's copies free the
 slots as it reaches those layers), until `hint_wait_s` passed since it was first refused; then
 it is dropped and counted in `hints_refused`. An expert resident by then leaves the wait.
+
+Admission follows the hints' measured use: `admit` is the recent share of hint promotions a worker
+read before they were evicted (an average over windows of `ADMIT_WINDOW` outcomes, at least
+`ADMIT_FLOOR`), and only that share of new hints is promoted (evenly spread, the rest counted in
+`hints_skipped`). A RAM tier too small for the predicted window would otherwise fill with hints
+that evict each other and the experts workers fetch; one that holds them admits every hint.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from .io_scheduler import PRIORITY_BACKGROUND, PRIORITY_HINT
 logger = logging.getLogger(__name__)
 
 RETRY_S = 0.002  # how often the oldest waiting hint tries again
+ADMIT_WINDOW = 16  # hint outcomes (read, or evicted unread) per update of `admit`
+ADMIT_FLOOR = 0.1  # the least share of hints promoted (so their use keeps being measured)
 
 
 class PromotionQueue:
@@ -35,7 +43,8 @@ class PromotionQueue:
     def __init__(self, acquire: Callable[[Any, int], Awaitable[tuple[Any, bool]]], ram: Any, counters: Any,
                  capacity: int, hint_wait_s: float, clock: Callable[[], float] = time.monotonic):
         """acquire: StoreCore._acquire (slot pinned or None, promoted); ram: the RamTier (replaced when
-        the store creates its segment); counters: where `prefetch_promotions` and `hints_refused` count."""
+        the store creates its segment); counters: where `prefetch_promotions`, `hints_refused` and
+        `hints_skipped` count."""
         self._acquire, self.ram, self._counters = acquire, ram, counters
         self.capacity, self.hint_wait_s, self._clock = capacity, hint_wait_s, clock
         self._queue: collections.deque[tuple[Any, bool]] = collections.deque()
@@ -43,6 +52,9 @@ class PromotionQueue:
         self._waiting: collections.OrderedDict[Any, float] = collections.OrderedDict()  # key -> first refused
         self._retry_at = 0.0
         self._wake = asyncio.Event()
+        self.admit = 1.0  # share of new hints promoted (module docstring)
+        self._credit = 0.0
+        self._outcomes = (0, 0)  # the RAM tier's (hints_used, hints_wasted) at the last update of `admit`
 
     def __contains__(self, key: Any) -> bool:
         return key in self._queued or key in self._waiting
@@ -96,6 +108,9 @@ class PromotionQueue:
                     pass
                 continue
             key, background, since = item
+            if not background and since is None and not self._admitted():
+                self._counters.hints_skipped += 1
+                continue
             try:
                 slot, promoted = await self._acquire(key, PRIORITY_BACKGROUND if background else PRIORITY_HINT)
                 if slot is not None:
@@ -108,6 +123,19 @@ class PromotionQueue:
                 logger.warning("promotion of layer %d expert %d %s failed: %s", key.layer, key.expert, key.fmt, e)
             except Exception:
                 logger.exception("promotion of %s failed (a bug)", key)
+
+    def _admitted(self) -> bool:
+        """Whether this new hint is promoted: `admit` of them are, evenly spread."""
+        c = self.ram.counters
+        used, wasted = c.hints_used - self._outcomes[0], c.hints_wasted - self._outcomes[1]
+        if used + wasted >= ADMIT_WINDOW:
+            self.admit = max(ADMIT_FLOOR, (self.admit + used / (used + wasted)) / 2)
+            self._outcomes = (c.hints_used, c.hints_wasted)
+        self._credit += self.admit
+        if self._credit < 1.0:
+            return False
+        self._credit -= 1.0
+        return True
 
     def _wait(self, key: Any, since: float | None) -> None:
         """A hint that got no slot: into the wait (a retried one back at its front: it stays the oldest),

@@ -256,7 +256,7 @@ class Slot:
     state: SlotState = SlotState.FREE
     pins: int = 0  # leases + in-flight reads; > 0: never overwritten
     hinted: bool = False  # filled for a store hint and not read since: other hints may not evict it
-    hint_unread: bool = False  # filled for a store hint, not read yet (counts `hints_used`; never ages)
+    hint_unread: bool = False  # filled for a store hint, not read yet (counts hints_used, hints_wasted)
 
 
 @dataclass
@@ -277,6 +277,7 @@ class RamCounters:
     leases_expired: int = 0  # ended by TTL rather than release
     directory_refreshes: int = 0  # slots spared at eviction because a worker read them through the directory
     hints_used: int = 0  # slots filled for a hint that a fetch or a directory copy then read
+    hints_wasted: int = 0  # slots filled for a hint that were evicted before anyone read them
 
 
 def slot_bytes_for(blob_nbytes: Iterable[int]) -> int:
@@ -469,7 +470,8 @@ class RamTier:
             if self.directory is not None:  # before any byte of the slot changes: readers notice the reuse
                 self.directory.withdraw(slot.key)
         self._lru.pop(slot.index, None)
-        slot.state, slot.key, slot.nbytes = SlotState.FREE, None, 0
+        self.counters.hints_wasted += slot.hint_unread
+        slot.state, slot.key, slot.nbytes, slot.hinted, slot.hint_unread = SlotState.FREE, None, 0, False, False
 
     def fill(self, keys: Iterable[BlobKey], load: Callable[[BlobKey, memoryview], int],
              should_stop: Callable[[], bool] = lambda: False) -> int:

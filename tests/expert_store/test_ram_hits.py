@@ -184,3 +184,44 @@ async def test_a_queued_job_a_more_urgent_caller_waits_for_is_boosted_and_runs_o
     finally:
         gate.set()
         await io.close()
+
+
+async def test_hints_are_admitted_as_often_as_recent_ones_were_used():
+    from types import SimpleNamespace
+
+    from expert_store.promotions import ADMIT_WINDOW, PromotionQueue
+
+    ram = SimpleNamespace(counters=SimpleNamespace(hints_used=0, hints_wasted=0), resident=lambda key: False,
+                          unpin=lambda slot: None)
+    counters = SimpleNamespace(prefetch_promotions=0, hints_refused=0, hints_skipped=0)
+    promoted: list[BlobKey] = []
+
+    async def acquire(key, priority):
+        assert priority == PRIORITY_HINT
+        promoted.append(key)
+        return object(), True
+
+    q = PromotionQueue(acquire, ram, counters, capacity=100, hint_wait_s=0.0)
+    tasks = q.start(1)
+
+    async def hint(n: int) -> int:
+        before = len(promoted)
+        for i in range(n):
+            assert q.put(BlobKey(3, len(promoted) + counters.hints_skipped + i, "int4"), background=False)
+        await _until("hints were not taken", lambda: _true(not q._queue), 5)
+        await asyncio.sleep(0)
+        return len(promoted) - before
+
+    try:
+        assert await hint(8) == 8 and q.admit == 1.0  # no outcome measured yet: every hint
+        ram.counters.hints_used, ram.counters.hints_wasted = 1, ADMIT_WINDOW - 1  # 1 in 16 was read
+        assert await hint(8) == 4 and counters.hints_skipped == 4  # admit (1 + 1/16) / 2: every other one
+        ram.counters.hints_wasted += 3 * ADMIT_WINDOW  # none read, three windows seen at once
+        assert await hint(20) == 5  # (0.53 + 0) / 2: one in four
+        ram.counters.hints_used += ADMIT_WINDOW  # all read again: it climbs back
+        await hint(1)
+        assert q.admit > 0.6 and counters.prefetch_promotions == len(promoted)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
