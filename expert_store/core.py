@@ -432,7 +432,7 @@ class StoreCore:
         """(the blob's slot, pinned; or None when every slot is held, promoted: it came from NVMe now)."""
         promoted = False
         for _ in range(4):  # a slot promoted for us can be evicted before we run again: look once more
-            slot = self.ram.lookup(key, read=priority != PRIORITY_HINT)
+            slot = self.ram.lookup(key, read=priority < PRIORITY_HINT)  # a hint's own look is not a read
             if slot is not None:
                 self.ram.pin(slot)
                 return slot, promoted

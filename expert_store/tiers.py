@@ -16,13 +16,14 @@ the largest 4 KiB-aligned blob among the served formats), each holding one
 expert blob of any format. A slot's generation increments every time it gets
 new contents. Slots are filled at start-up in a hotness order (`fill_order`),
 then promoted into on demand, evicting the least recently used slot that no
-one holds; recency counts the reads workers report in the slot directory, and a store
-hint's promotion may not evict a slot another hint filled that no one read yet (`_victim`). Holding is counted in `pins`: every lease (a co-located worker
-copying the bytes) and every in-flight gRPC read of the slot pins it, and a
-pinned slot is never overwritten. With a slot directory (`open_directory`, slot_directory.py)
-workers also copy unpinned slots with no RPC: an eviction withdraws the blob's row before the
-slot is reused, a commit publishes it, so such a copy detects a reuse. Leases expire after their TTL; lease ids are
-random 63-bit numbers, an owner holds at most `max_leases_per_client` at once.
+one holds; recency counts the reads workers report in the slot directory, and a
+store hint may not evict a slot another hint filled that no one read yet (`_victim`).
+Holding is counted in `pins`: every lease (a co-located worker copying the bytes)
+and every in-flight gRPC read of the slot pins it, and a pinned slot is never overwritten.
+With a slot directory (`open_directory`, slot_directory.py) workers also copy unpinned
+slots with no RPC: an eviction withdraws the blob's row before the slot is reused, a
+commit publishes it, so such a copy detects a reuse. Leases expire after their TTL; lease
+ids are random 63-bit numbers, an owner holds at most `max_leases_per_client` at once.
 
 Thread safety: RamTier's bookkeeping runs on the event loop thread only; the
 byte copies into a slot (`fill_view`, `write`) run in I/O threads while the
@@ -363,8 +364,7 @@ class RamTier:
     # -- slots --------------------------------------------------------------------------------
 
     def lookup(self, key: BlobKey, read: bool = True) -> Slot | None:
-        """The READY slot holding `key` (now most recently used), or None. read=False: not for a reader
-        (a hint's own promotion), so a hinted slot stays protected and unread."""
+        """The READY slot holding `key` (now most recently used), or None; read=False: a hint's own look."""
         slot = self._where.get(key)
         if slot is not None:
             self._lru.move_to_end(slot.index)
