@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from client.processes import Service, ServiceError
+from client.processes import Service
 
 from .harness import HarnessSettings, measure_workload, store_command, worker_command
 from .plan import CONFIGURATIONS, TINY_MIXTRAL, BenchError, Configuration, RunSpec, Transport, load_prompts
@@ -120,7 +120,7 @@ def run_cell(config: Configuration, mode: str, repeat: int, a: argparse.Namespac
         worker.wait_serving(worker_addr, s.start_timeout_s)
         asyncio.run(asyncio.wait_for(_drive(worker_addr, store_addr, worker, workload, prompts, s, experts_file,
                                             mode, r), timeout=s.run_timeout_s))
-    except (ServiceError, asyncio.TimeoutError, TimeoutError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - a failed run is a result (its logs kept), the others go on
         r["status"], r["error"] = "failed", f"{type(e).__name__}: {e}"
     finally:
         for svc in reversed(services):
