@@ -1,7 +1,7 @@
 """The store's disk tier driven by predictions: LRU against Fate with and without store hints.
 
     python -m bench.disk_tier [--pack PACK] [--out DIR] [--ram-pct 10] [--budget 25]
-                              [--workload decode:8:64] [--modes uncached,cold] [--repeats 1]
+                              [--workload decode:8:64] [--modes uncached[,cold]] [--repeats 1]
 
 The setting: the store's RAM tier holds `--ram-pct` of the expert bytes (int4 only, so every slot
 is one expert), the worker's cache `--budget` percent, shared-memory transport, one decode
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ram-pct", type=float, default=10.0, help="store RAM tier, %% of int4 expert bytes (default 10)")
     ap.add_argument("--budget", type=float, default=25.0, help="worker budget, %% of expert bytes (default 25)")
     ap.add_argument("--workload", default="decode:8:64", help="decode:CONCURRENT:TOKENS (default decode:8:64)")
-    ap.add_argument("--modes", default="uncached,cold", help=f"from {', '.join(MODES)} (default: %(default)s)")
+    ap.add_argument("--modes", default="uncached", help=f"from {', '.join(MODES)}, comma-separated (default: %(default)s)")
     ap.add_argument("--configs", default="lru,fate,fate_nohints",
                     help=f"from {', '.join(CONFIGS)} (default: %(default)s)")
     ap.add_argument("--lookahead", type=int, default=2, help="fate's store_hint_lookahead (default 2)")

@@ -46,7 +46,7 @@ def test_ratios_are_per_mode_and_repeat_and_rates_come_from_the_deltas():
 def test_a_small_run_yields_every_row(hf_tiny_mixtral_dir, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "bench.disk_tier", "--pack", str(hf_tiny_mixtral_dir), "--out", str(out),
-           "--configs", "lru,fate", "--workload", "decode:2:4", "--warmup-tokens", "8"]
+           "--configs", "lru,fate", "--modes", "uncached,cold", "--workload", "decode:2:4", "--warmup-tokens", "8"]
     r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                        check=False, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
