@@ -5,9 +5,9 @@ chunks, or shared-memory grants under a lease), prefetch hints and stats; the gR
 in `server.py` converts to and from protobuf around it.
 
 I/O: every blocking read, copy and compression runs in a small thread pool fed by a
-priority queue (demand fetches, then prefetches, then background promotions), so the
-event loop never waits for a disk and a prefetch never delays a demand fetch that
-arrives after it.
+priority queue (demand fetches, then prefetches, then store hints, then background
+promotions), so the event loop never waits for a disk and a prefetch never delays a
+demand fetch that arrives after it; a promotion a more urgent fetch waits for is boosted.
 """
 
 
@@ -28,8 +28,9 @@ from . import sdnotify, shm
 from .config import StoreConfig
 from .dense import DenseFile, DenseTensor
 from .errors import ChecksumError, FateError, PackError
-from .io_scheduler import PRIORITY_BACKGROUND, PRIORITY_DEMAND, PRIORITY_PREFETCH, IoScheduler
+from .io_scheduler import PRIORITY_BACKGROUND, PRIORITY_DEMAND, PRIORITY_HINT, PRIORITY_PREFETCH, IoScheduler, Job
 from .packfile import Pack
+from .promotions import PromotionQueue
 from .fill_order import fill_order, load_popularity, preferred_format
 from .tiers import BlobKey, LeaseLimitError, NvmeTier, RamTier, Slot, Tier, no_views_in_tracebacks, slot_bytes_for
 from .wire import Compression, WireCompression, zstd_pays
@@ -39,9 +40,9 @@ logger = logging.getLogger(__name__)
 _LEASE_SWEEP_S = 1.0
 
 __all__ = [
-    "PRIORITY_BACKGROUND", "PRIORITY_DEMAND", "PRIORITY_PREFETCH", "Compression", "DenseTensor", "ExpertPiece",
-    "InvalidRequest", "IoScheduler", "LeaseLimitError", "ShmGrant", "StoreCore", "StoreUnavailable", "Tier",
-    "TooManyKeys", "WireCompression", "zstd_pays",
+    "PRIORITY_BACKGROUND", "PRIORITY_DEMAND", "PRIORITY_HINT", "PRIORITY_PREFETCH", "Compression", "DenseTensor",
+    "ExpertPiece", "InvalidRequest", "IoScheduler", "LeaseLimitError", "ShmGrant", "StoreCore", "StoreUnavailable",
+    "Tier", "TooManyKeys", "WireCompression", "zstd_pays",
 ]
 
 
@@ -101,6 +102,17 @@ class StoreCounters:
     prefetch_hints: int = 0
     prefetch_promotions: int = 0
     checksum_failures: int = 0
+    hints_refused: int = 0  # hints dropped after waiting hint_wait_ms for a slot (promotions.py)
+    hints_skipped: int = 0  # hints not promoted: the measured use of hints admits only a share
+    # per expert of a fetch RPC, by purpose: was it in RAM? (`ram_hit_counts` adds slot-directory copies)
+    demand_ram_hits: int = 0
+    demand_ram_misses: int = 0  # read from NVMe (or waited for its promotion)
+    prefetch_ram_hits: int = 0
+    prefetch_ram_misses: int = 0
+
+    def count_fetch(self, priority: int, in_ram: bool) -> None:
+        name = f"{'demand' if priority == PRIORITY_DEMAND else 'prefetch'}_ram_{'hits' if in_ram else 'misses'}"
+        setattr(self, name, getattr(self, name) + 1)
 
 
 @dataclass
@@ -147,8 +159,9 @@ class StoreCore:
         self.stop_requested = threading.Event()  # read by start-up threads, so a SIGTERM ends them early
         self._moe_layers = set(self.args.moe_layers)
         self._promotions: dict[BlobKey, asyncio.Task[None]] = {}
-        self._prefetch_queue: asyncio.Queue[tuple[BlobKey, bool]] = asyncio.Queue(max(config.prefetch_queue, 1))
-        self._queued: set[BlobKey] = set()
+        self._jobs: dict[BlobKey, Job] = {}  # the I/O jobs of those promotions (boosted by more urgent waiters)
+        self.promotions = PromotionQueue(self._acquire, self.ram, self.counters, config.prefetch_queue,
+                                         config.hint_wait_ms / 1000)
         self._tasks: list[asyncio.Task[None]] = []
 
     @staticmethod
@@ -194,11 +207,12 @@ class StoreCore:
                         self.ram.capacity_bytes / 2**20, filled, self.preferred,
                         ", popularity profile order" if self.popularity else ", shallow layers first")
             self.ram.open_directory(self.nvme.keys())
-        if cfg.cold:
+        if cfg.cold or cfg.nvme_uncached:
             self.nvme.drop_page_cache()
+        self.nvme.uncached = cfg.nvme_uncached
         self._tasks.append(asyncio.create_task(self._sweep_leases(), name="lease-sweeper"))
-        for i in range(min(2, cfg.io_threads)):
-            self._tasks.append(asyncio.create_task(self._prefetch_worker(), name=f"prefetch-{i}"))
+        self.promotions.ram = self.ram
+        self._tasks += self.promotions.start(min(2, cfg.io_threads))
         self.ready = not self.stop_requested.is_set()
         logger.debug("start-up took %.2f s", time.perf_counter() - t0)
 
@@ -269,6 +283,7 @@ class StoreCore:
             n = self.blob_nbytes[key.fmt]
             p = _Planned(i, key, n, slot, accept_zstd and self.wire.should_try(key))
             p.tier = Tier.RAM if slot is not None else Tier.NVME
+            self.counters.count_fetch(priority, slot is not None)
             p.ranges = [(a, min(chunk, n - a)) for a in range(0, n, chunk)]
             plan.append(p)
         plan.sort(key=lambda p: p.slot is None)  # stable: RAM hits first, each group in request order
@@ -367,6 +382,7 @@ class StoreCore:
                     missing.append((i, key))
                 else:
                     self.ram.stats.add(slot.nbytes, 0)
+                    self.counters.count_fetch(priority, True)
                     grants.append(self._grant(i, key, slot, ttl, client_id, Tier.RAM))
             acquiring = [asyncio.ensure_future(self._acquire(key, priority)) for _, key in missing]
             try:
@@ -393,6 +409,7 @@ class StoreCore:
                     self.nvme.stats.add(0, 0)  # its bytes and read time were counted by the promotion
                 else:
                     self.ram.stats.add(slot.nbytes, 0)
+                self.counters.count_fetch(priority, not promoted)  # unavailable ones: their gRPC fetch counts
                 tier = Tier.NVME if promoted else Tier.RAM
                 grants.append(self._grant(i, key, slot, ttl, client_id, tier))
                 self.ram.unpin(slot)  # the lease holds it now
@@ -415,18 +432,21 @@ class StoreCore:
         """(the blob's slot, pinned; or None when every slot is held, promoted: it came from NVMe now)."""
         promoted = False
         for _ in range(4):  # a slot promoted for us can be evicted before we run again: look once more
-            slot = self.ram.lookup(key)
+            slot = self.ram.lookup(key, read=priority < PRIORITY_HINT)  # a hint's own look is not a read
             if slot is not None:
                 self.ram.pin(slot)
                 return slot, promoted
             task = self._promotions.get(key)
-            if task is None:
-                target = self.ram.reserve(key)
+            if task is None:  # a hint may not evict experts other hints brought in and no one read yet
+                target = self.ram.reserve(key, hint=priority == PRIORITY_HINT)
                 if target is None:
                     return None, promoted
-                task = asyncio.create_task(self._promote(key, target, priority))
+                self._jobs[key] = job = self.io.submit(priority, self._timed_load, key, target)
+                task = asyncio.create_task(self._promote(key, target, job))
                 self._promotions[key] = task
                 task.add_done_callback(functools.partial(self._promotion_done, key))
+            elif key in self._jobs:  # a demand waiting for a hint's promotion: it is not a hint's any more
+                self.io.boost(self._jobs[key], priority)
             await asyncio.shield(task)
             promoted = True
         return None, promoted
@@ -434,19 +454,20 @@ class StoreCore:
     def _promotion_done(self, key: BlobKey, task: asyncio.Task[None]) -> None:
         if self._promotions.get(key) is task:
             del self._promotions[key]
+            self._jobs.pop(key, None)
         if not task.cancelled() and isinstance(task.exception(), ChecksumError):
             self.corrupt(task.exception(), "not promoted into RAM")
 
-    async def _promote(self, key: BlobKey, slot: Slot, priority: int) -> None:
+    async def _promote(self, key: BlobKey, slot: Slot, job: Job) -> None:
         """Copy a blob from NVMe into its reserved slot (not cancelled by a requester going away)."""
         try:
-            ns = await self.io.run(priority, self._timed_load, key, slot)
+            ns = await job.future
         except asyncio.CancelledError:
             raise  # shutdown: the slot stays FILLING (a thread may still write it); the segment goes anyway
         except BaseException:
             self.ram.abort(slot)
             raise
-        self.ram.commit(slot)
+        self.ram.commit(slot, hinted=job.priority == PRIORITY_HINT)
         self.nvme.stats.add(slot.nbytes, ns, hits=0)  # the requesters count their hits
 
     def _timed_load(self, key: BlobKey, slot: Slot) -> int:
@@ -482,35 +503,22 @@ class StoreCore:
     def _enqueue_promotion(self, key: BlobKey, background: bool) -> bool:
         if not self.ram.enabled or self.config.prefetch_queue == 0:
             return False
-        if key in self._queued or key in self._promotions:
-            return True
-        try:
-            self._prefetch_queue.put_nowait((key, background))
-        except asyncio.QueueFull:
-            return False
-        self._queued.add(key)
-        return True
-
-    async def _prefetch_worker(self) -> None:
-        while True:
-            key, background = await self._prefetch_queue.get()
-            self._queued.discard(key)
-            try:
-                slot, promoted = await self._acquire(key, PRIORITY_BACKGROUND if background else PRIORITY_PREFETCH)
-                if slot is not None:
-                    self.ram.unpin(slot)
-                    if promoted and not background:
-                        self.counters.prefetch_promotions += 1
-            except FateError as e:
-                logger.warning("promotion of layer %d expert %d %s failed: %s", key.layer, key.expert, key.fmt, e)
-            except Exception:
-                logger.exception("promotion of %s failed (a bug)", key)
+        return key in self._promotions or self.promotions.put(key, background)
 
     async def _sweep_leases(self) -> None:
         while True:
             await asyncio.sleep(_LEASE_SWEEP_S)
             if n := self.ram.expire_leases():
                 logger.debug("%d lease(s) expired", n)
+
+    def ram_hit_counts(self) -> dict[str, int]:
+        """Fetches by purpose that found the expert in RAM, the slot directory's copies included."""
+        c = self.counters
+        reads, demand = self.ram.directory.read_counts() if self.ram.directory is not None else (0, 0)
+        return {"directory_reads": reads, "directory_demand_reads": demand,
+                "demand_ram_hits": c.demand_ram_hits + demand, "demand_ram_misses": c.demand_ram_misses,
+                "prefetch_ram_hits": c.prefetch_ram_hits + reads - demand,
+                "prefetch_ram_misses": c.prefetch_ram_misses}
 
     def _chunk_size(self, asked: int) -> int:
         return max(4096, min(asked or self.config.chunk_bytes, self.config.max_chunk_bytes))

@@ -309,6 +309,9 @@ def stats_to_pb(core: StoreCore) -> store_pb2.StoreStats:
         prefetch_hints=c.prefetch_hints,
         prefetch_promotions=c.prefetch_promotions,
         checksum_failures=c.checksum_failures,
+        directory_refreshes=ram.counters.directory_refreshes, hints_refused=c.hints_refused,
+        hints_used=ram.counters.hints_used, hints_wasted=ram.counters.hints_wasted, hints_skipped=c.hints_skipped,
+        **core.ram_hit_counts(),
     )
 
 

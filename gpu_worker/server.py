@@ -343,7 +343,8 @@ def stats_to_pb(rt: WorkerRuntime, include_layers: bool) -> pb.WorkerStats:
         demand_bytes=t.demand_bytes, steps_total=e.steps_total,
         store_hints_sent=p.store_hints.sends if p else 0, store_hint_experts=p.store_hints.experts if p else 0,
         store_hint_errors=p.store_hints.errors if p else 0, fetched_tier_ram=getattr(f, "tier_ram", 0),
-        fetched_tier_nvme=getattr(f, "tier_nvme", 0),
+        fetched_tier_nvme=getattr(f, "tier_nvme", 0), fetched_tier_ram_demand=getattr(f, "tier_ram_demand", 0),
+        fetched_tier_nvme_demand=getattr(f, "tier_nvme_demand", 0),
     )  # fmt: skip
     if include_layers:
         for layer, ls in sorted(c.layers.items()):

@@ -387,14 +387,14 @@ class StoreClient:
             c.bytes_fetched_grpc += sum(b.nbytes for b in out.values())
             c.bytes_wire_grpc += asm.wire_bytes
             c.fetch_ns_grpc += dt
-            self._count_tiers(out.values())
+            self._count_tiers(out.values(), priority)
         return out
 
     def _fetch_shm(self, keys: Sequence[BlobKey], priority: Priority) -> tuple[dict[int, FetchedBlob], list[int]]:
         """Resident experts through the slot directory (no RPC), the rest in one FetchExpertsShm (the store
         promotes them, we copy under leases); returns (blobs by index, indices left for gRPC)."""
         t0 = time.perf_counter_ns()
-        out, rest = self._copy_resident(keys), []
+        out, rest = self._copy_resident(keys, priority), []
         todo = [i for i in range(len(keys)) if i not in out]
         if todo:
             leased, left = self._fetch_leased([keys[i] for i in todo], priority)
@@ -410,16 +410,16 @@ class StoreClient:
             c.shm_directory_hits += len(keys) - len(todo)
             if self._dir is not None:
                 c.shm_directory_retries = self._dir.retries
-            self._count_tiers(out.values())
+            self._count_tiers(out.values(), priority)
         return out, rest
 
-    def _copy_resident(self, keys: Sequence[BlobKey]) -> dict[int, FetchedBlob]:
+    def _copy_resident(self, keys: Sequence[BlobKey], priority: Priority) -> dict[int, FetchedBlob]:
         """The experts the slot directory shows resident, copied and verified with no RPC."""
         with self._lock:  # the lock keeps a re-attach from closing the segment mid-copy
             reader = self._directory()
             if reader is None:
                 return {}
-            copies = [(i, reader.copy(k)) for i, k in enumerate(keys)]
+            copies = [(i, reader.copy(k, priority == "demand")) for i, k in enumerate(keys)]
         out: dict[int, FetchedBlob] = {}
         for i, blob in copies:
             if blob is not None:  # stable across the copy; the manifest's xxh3_64 is the final guard
@@ -533,12 +533,15 @@ class StoreClient:
             with self._lock:
                 self.counters.release_failures += 1
 
-    def _count_tiers(self, blobs: Iterable[FetchedBlob]) -> None:
+    def _count_tiers(self, blobs: Iterable[FetchedBlob], priority: Priority) -> None:
+        c, demand = self.counters, priority == "demand"
         for b in blobs:
             if b.tier == "ram":
-                self.counters.tier_ram += 1
+                c.tier_ram += 1
+                c.tier_ram_demand += demand
             elif b.tier == "nvme":
-                self.counters.tier_nvme += 1
+                c.tier_nvme += 1
+                c.tier_nvme_demand += demand
 
     # -- errors and retries --------------------------------------------------------------------
 

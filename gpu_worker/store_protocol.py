@@ -307,6 +307,8 @@ class FetchCounters:
     fetch_ns_local: int = 0
     tier_ram: int = 0  # experts the store served from its RAM tier
     tier_nvme: int = 0
+    tier_ram_demand: int = 0  # of tier_ram, fetched for a cache miss (not a prefetch)
+    tier_nvme_demand: int = 0
     shm_unavailable: int = 0  # experts the store could not lease (fetched over gRPC instead)
     retries: int = 0  # RPCs retried after UNAVAILABLE
     release_failures: int = 0  # ReleaseLeases calls that failed (the leases expire by TTL)

@@ -310,7 +310,7 @@ class StoreTierStats(_message.Message):
     def __init__(self, tier: _Optional[_Union[StoreTier, str]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., resident_experts: _Optional[int] = ..., hits: _Optional[int] = ..., bytes_read: _Optional[int] = ..., read_ns: _Optional[int] = ...) -> None: ...
 
 class StoreStats(_message.Message):
-    __slots__ = ("pack_id", "uptime_ms", "tiers", "fetch_requests", "experts_served_grpc", "experts_served_shm", "bytes_served_grpc", "bytes_sent_wire", "bytes_served_shm", "dense_bytes_served", "promotions", "evictions", "leases_granted", "leases_active", "leases_expired", "prefetch_hints", "prefetch_promotions", "checksum_failures")
+    __slots__ = ("pack_id", "uptime_ms", "tiers", "fetch_requests", "experts_served_grpc", "experts_served_shm", "bytes_served_grpc", "bytes_sent_wire", "bytes_served_shm", "dense_bytes_served", "promotions", "evictions", "leases_granted", "leases_active", "leases_expired", "prefetch_hints", "prefetch_promotions", "checksum_failures", "demand_ram_hits", "demand_ram_misses", "prefetch_ram_hits", "prefetch_ram_misses", "directory_reads", "directory_demand_reads", "directory_refreshes", "hints_refused", "hints_used", "hints_wasted", "hints_skipped")
     PACK_ID_FIELD_NUMBER: _ClassVar[int]
     UPTIME_MS_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
@@ -329,6 +329,17 @@ class StoreStats(_message.Message):
     PREFETCH_HINTS_FIELD_NUMBER: _ClassVar[int]
     PREFETCH_PROMOTIONS_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    DEMAND_RAM_HITS_FIELD_NUMBER: _ClassVar[int]
+    DEMAND_RAM_MISSES_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_RAM_HITS_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_RAM_MISSES_FIELD_NUMBER: _ClassVar[int]
+    DIRECTORY_READS_FIELD_NUMBER: _ClassVar[int]
+    DIRECTORY_DEMAND_READS_FIELD_NUMBER: _ClassVar[int]
+    DIRECTORY_REFRESHES_FIELD_NUMBER: _ClassVar[int]
+    HINTS_REFUSED_FIELD_NUMBER: _ClassVar[int]
+    HINTS_USED_FIELD_NUMBER: _ClassVar[int]
+    HINTS_WASTED_FIELD_NUMBER: _ClassVar[int]
+    HINTS_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     pack_id: str
     uptime_ms: int
     tiers: _containers.RepeatedCompositeFieldContainer[StoreTierStats]
@@ -347,4 +358,15 @@ class StoreStats(_message.Message):
     prefetch_hints: int
     prefetch_promotions: int
     checksum_failures: int
-    def __init__(self, pack_id: _Optional[str] = ..., uptime_ms: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[StoreTierStats, _Mapping]]] = ..., fetch_requests: _Optional[int] = ..., experts_served_grpc: _Optional[int] = ..., experts_served_shm: _Optional[int] = ..., bytes_served_grpc: _Optional[int] = ..., bytes_sent_wire: _Optional[int] = ..., bytes_served_shm: _Optional[int] = ..., dense_bytes_served: _Optional[int] = ..., promotions: _Optional[int] = ..., evictions: _Optional[int] = ..., leases_granted: _Optional[int] = ..., leases_active: _Optional[int] = ..., leases_expired: _Optional[int] = ..., prefetch_hints: _Optional[int] = ..., prefetch_promotions: _Optional[int] = ..., checksum_failures: _Optional[int] = ...) -> None: ...
+    demand_ram_hits: int
+    demand_ram_misses: int
+    prefetch_ram_hits: int
+    prefetch_ram_misses: int
+    directory_reads: int
+    directory_demand_reads: int
+    directory_refreshes: int
+    hints_refused: int
+    hints_used: int
+    hints_wasted: int
+    hints_skipped: int
+    def __init__(self, pack_id: _Optional[str] = ..., uptime_ms: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[StoreTierStats, _Mapping]]] = ..., fetch_requests: _Optional[int] = ..., experts_served_grpc: _Optional[int] = ..., experts_served_shm: _Optional[int] = ..., bytes_served_grpc: _Optional[int] = ..., bytes_sent_wire: _Optional[int] = ..., bytes_served_shm: _Optional[int] = ..., dense_bytes_served: _Optional[int] = ..., promotions: _Optional[int] = ..., evictions: _Optional[int] = ..., leases_granted: _Optional[int] = ..., leases_active: _Optional[int] = ..., leases_expired: _Optional[int] = ..., prefetch_hints: _Optional[int] = ..., prefetch_promotions: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., demand_ram_hits: _Optional[int] = ..., demand_ram_misses: _Optional[int] = ..., prefetch_ram_hits: _Optional[int] = ..., prefetch_ram_misses: _Optional[int] = ..., directory_reads: _Optional[int] = ..., directory_demand_reads: _Optional[int] = ..., directory_refreshes: _Optional[int] = ..., hints_refused: _Optional[int] = ..., hints_used: _Optional[int] = ..., hints_wasted: _Optional[int] = ..., hints_skipped: _Optional[int] = ...) -> None: ...
