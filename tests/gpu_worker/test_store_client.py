@@ -457,3 +457,22 @@ def test_resident_experts_need_no_rpc_and_misses_one_batched_request(pack, int4_
         assert client.counters.shm_directory_hits == len(again)
         assert all(bytes(b.data) == bytes(pack.expert_blob(*b.key)) for b in blobs + again)
         assert {b.transport for b in again} == {"shm"} and {b.tier for b in again} == {"ram"}
+
+
+@pytest.mark.slow
+def test_shared_memory_blobs_reach_the_build_in_one_copy(pack, int4_store):
+    """Out of the store's segment (leased, then through the slot directory) the blob is copied once, into
+    immutable bytes, and the CPU int4 build views those bytes rather than copying them again."""
+    from gpu_worker.expert_compute import make_expert_compute
+
+    layers = sorted({layer for layer, _ in pack.expert_ids})
+    keys = [(layers[-2], e, FMT) for e in range(4)]
+    a = pack.args
+    with StoreClient(int4_store, transport="shm") as client:
+        leased = client.fetch(keys)
+        direct = client.fetch(keys)
+        assert client.counters.shm_directory_hits == len(keys)
+        for b in leased + direct:
+            assert b.transport == "shm" and type(b.data) is bytes and b.data == bytes(pack.expert_blob(*b.key))
+            expert = make_expert_compute(FMT, b.data, a.hidden_size, a.expert_intermediate_size, "int4_fused")
+            assert expert.blob.data_ptr() == torch.frombuffer(b.data, dtype=torch.uint8).data_ptr()
