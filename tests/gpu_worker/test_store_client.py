@@ -476,3 +476,38 @@ def test_shared_memory_blobs_reach_the_build_in_one_copy(pack, int4_store):
             assert b.transport == "shm" and type(b.data) is bytes and b.data == bytes(pack.expert_blob(*b.key))
             expert = make_expert_compute(FMT, b.data, a.hidden_size, a.expert_intermediate_size, "int4_fused")
             assert expert.blob.data_ptr() == torch.frombuffer(b.data, dtype=torch.uint8).data_ptr()
+
+
+@pytest.mark.slow
+def test_a_blob_corrupted_on_disk_is_data_loss_over_grpc_and_the_rest_is_served(pack, tmp_path):
+    """The store reads the damaged blob for a batch, refuses it (DATA_LOSS naming it); the client raises
+    ChecksumError with that expert's key and never returns its bytes; other batches are served."""
+    import shutil
+
+    copy = tmp_path / "pack"
+    shutil.copytree(pack.path, copy)
+    addr = f"unix:{tmp_path}/s.sock"
+    stderr = open(tmp_path / "stderr", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "expert_store", "serve", str(copy), "--listen", addr,
+                             "--ram-bytes", "0", "--formats", FMT], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=stderr)
+    try:
+        with StoreClient(addr, transport="grpc") as client:
+            client.wait_ready(30)
+            ref = pack.blob_ref(4, 9, FMT)
+            with open(copy / "experts.bin", "r+b") as f:  # one byte flipped while the store runs
+                f.seek(ref.offset + 333)
+                b = f.read(1)
+                f.seek(ref.offset + 333)
+                f.write(bytes([b[0] ^ 0x21]))
+            batch = [(4, e, FMT) for e in range(8, 12)]
+            with pytest.raises(ChecksumError, match="layer 4 expert 9") as e:
+                client.fetch(batch)
+            assert (e.value.layer, e.value.expert, e.value.fmt) == (4, 9, FMT)
+            good = [k for k in batch if k[1] != 9]
+            assert [bytes(b.data) for b in client.fetch(good)] == [bytes(pack.expert_blob(*k)) for k in good]
+            assert client.store_stats().checksum_failures >= 1
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        stderr.close()
