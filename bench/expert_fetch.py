@@ -28,8 +28,10 @@ With --remote (only that): the remote worker's path. A store serving PACK on loo
 (127.0.0.1, its RAM tier holding every int4 expert) and a StoreClient with transport "grpc" (as
 on another host): GB/s of int4 expert bytes for batches of --batch experts, `fetch` (FetchExperts,
 parse, xxh3_64 verification) and `fetch + build` (the same, then make_expert_compute of every
-blob), medians over --reps calls, each call another batch of the model's experts. Target: >= 1.5
-GB/s for batches of 16. Experts come from PACK (any pack with int4 experts;
+blob), medians over --reps calls, each call another batch of the model's experts; for reference
+the same reply taken as bytes (what gRPC and the store cost) and the same bytes over a plain
+loopback TCP socket (the kernel's share), with the CPU time per call of store and client.
+Target: >= 1.5 GB/s for batches of 16. Experts come from PACK (any pack with int4 experts;
 default: tiny-mixtral's checkpoint weights, quantized here, or random weights without it).
 """
 
@@ -270,14 +272,57 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _tcp_floor(nbytes: int, reps: int) -> dict[str, float]:
+    """The same bytes as one reply over a plain loopback TCP socket (a thread answers 8-byte requests):
+    what the kernel costs, without gRPC."""
+    import socket
+    import threading
+
+    data = os.urandom(nbytes)
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+
+        def serve() -> None:
+            conn, _ = srv.accept()
+            with conn:
+                while conn.recv(8):
+                    conn.sendall(data)
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        with socket.create_connection(srv.getsockname()) as c:
+            view = memoryview(bytearray(nbytes))
+
+            def once(_: int) -> None:
+                c.sendall(b"8 bytes!")
+                got = 0
+                while got < nbytes:
+                    got += c.recv_into(view[got:])
+            row = _measure({"tcp": once}, reps, 1, warmup=10)["tcp"]
+        server.join(5)
+    return row
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def bench_remote(pack: Path, reps: int, batch: int) -> dict[str, Any]:
     """A store on 127.0.0.1 (RAM tier holding every int4 expert) and a StoreClient over gRPC, as a worker on
-    another host has it: GB/s of `batch` int4 experts per fetch, fetch (+ verify) and fetch + build."""
+    another host has it: GB/s of `batch` int4 experts per fetch, fetch (+ verify) and fetch + build; beside
+    them the same FetchExperts reply taken as bytes (gRPC and the store only) and plain loopback TCP."""
     import tempfile
 
+    import grpc
+    import grpc.experimental
+
     from client.processes import Service, ServiceError, module_command
+    from expert_store.edge import CLIENT_SECRET_HEADER
     from expert_store.packfile import Pack
     from gpu_worker.store_client import StoreClient
+    from moe.v1 import store_pb2 as pb
 
     with Pack.open(pack) as p:
         ids, a = list(p.expert_ids), p.args
@@ -300,20 +345,47 @@ def bench_remote(pack: Path, reps: int, batch: int) -> dict[str, Any]:
         batches = [keys[i * batch:(i + 1) * batch] for i in range(n_batches)]
         build = lambda b: make_expert_compute("int4", b.data, a.hidden_size, a.expert_intermediate_size,  # noqa: E731
                                               "int4_fused")
+        raw = grpc.insecure_channel(addr, options=[("grpc.max_receive_message_length", 256 << 20),
+                                                   (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)])
+        wire = raw.unary_stream("/moe.v1.ExpertStore/FetchExperts",  # replies as bytes: no parse, no verify
+                                request_serializer=pb.FetchExpertsRequest.SerializeToString)
+        fmt = pb.EXPERT_FORMAT_INT4
+        requests = [pb.FetchExpertsRequest(experts=[pb.ExpertKey(layer=l, expert=e, format=fmt) for l, e, _ in b],
+                                           max_reply_bytes=256 << 20) for b in batches]
+        secret = [(CLIENT_SECRET_HEADER, os.urandom(16).hex())]
         cases: dict[str, Callable[[int], Any]] = {
             f"fetch (+ verify), batch {batch}": lambda i: client.fetch(batches[i % n_batches]),
             f"fetch + build, batch {batch}": lambda i: [build(b) for b in client.fetch(batches[i % n_batches])],
+            f"reference: the reply as bytes (gRPC + store), batch {batch}":
+                lambda i: list(wire(requests[i % n_batches], metadata=secret, timeout=30)),
         }
+        calls = [0]
+
+        def counted(fn: Callable[[int], Any]) -> Callable[[int], Any]:
+            def call(i: int) -> Any:
+                calls[0] += 1
+                return fn(i)
+            return call
+        cases = {name: counted(fn) for name, fn in cases.items()}
+        before = _cpu_s(store.pid), os.times()
         rows = _measure(cases, reps, n_batches, warmup=10)
+        after = _cpu_s(store.pid), os.times()
+        n_calls = calls[0]
+        cpu = {"store_ms_per_call": (after[0] - before[0]) / n_calls * 1e3,
+               "client_ms_per_call": (after[1].user + after[1].system - before[1].user - before[1].system)
+               / n_calls * 1e3}
+        rows[f"reference: plain loopback TCP, {batch * nbytes} bytes"] = _tcp_floor(batch * nbytes, reps)
         for row in rows.values():
             for k in ("median_us", "p10_us", "p90_us"):
                 row[k.replace("_us", "_GBps")] = round(batch * nbytes / (row[k] * 1e3), 3)
         c = client.counters.snapshot()
+        raw.close()
     finally:
         client.close()
         store.stop()
     return {"address": addr, "batch": batch, "expert_bytes": nbytes, "batch_bytes": batch * nbytes, "rows": rows,
-            "experts_grpc": c.experts_grpc, "bytes_wire_grpc": c.bytes_wire_grpc}
+            "cpu": cpu, "experts_grpc": c.experts_grpc, "bytes_wire_grpc": c.bytes_wire_grpc,
+            "messages_grpc": getattr(c, "messages_grpc", None)}
 
 
 def _print_remote(r: dict[str, Any]) -> None:
@@ -325,7 +397,9 @@ def _print_remote(r: dict[str, Any]) -> None:
         print(f"| {name} | {row['median_GBps']:.2f} | {row['p90_GBps']:.2f} | {row['p10_GBps']:.2f} | "
               f"{row['median_us'] / 1e3:.2f} |")
     busy = sorted({row["others_busy"] for row in r["rows"].values()})
-    print(f"\nothers_busy: {', '.join(f'{b:.0%}' for b in busy)}")
+    print(f"\nothers_busy: {', '.join(f'{b:.0%}' for b in busy)}; CPU per gRPC call (the three paths alike): "
+          f"store {r['cpu']['store_ms_per_call']:.2f} ms, client {r['cpu']['client_ms_per_call']:.2f} ms; "
+          f"reply messages {r['messages_grpc']} for {r['experts_grpc']} experts")
     fetch = next(iter(r["rows"].values()))["median_GBps"]
     verdict = "met" if fetch >= REMOTE_TARGET_GBPS else "MISSED"
     print(f"target: >= {REMOTE_TARGET_GBPS} GB/s for batches of 16 over loopback gRPC (fetch + verify): "
