@@ -160,6 +160,26 @@ async def test_a_batch_larger_than_the_clients_limit_comes_in_several_messages(t
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at least" in e.value.details()
 
 
+def test_reply_plan_keeps_experts_whole_and_messages_under_the_limit():
+    from expert_store.grpc_fetch import InvalidFetch, max_payload_bytes, plan_messages
+
+    limit = 64 << 10
+    room = max_payload_bytes(limit)
+    sizes = [30_000, 30_000, 30_000, 5_000, 3 * room + 7, 100]
+    messages = plan_messages(sizes, limit)
+    flat = [part for m in messages for part in m]
+    assert [j for j, _, _ in flat] == sorted(j for j, _, _ in flat)  # experts in order, parts in order
+    for j, n in enumerate(sizes):
+        pieces = [(start, length) for k, start, length in flat if k == j]
+        assert sum(length for _, length in pieces) == n and pieces[0][0] == 0
+        assert all(a + la == b for (a, la), (b, _) in zip(pieces, pieces[1:]))  # consecutive
+        assert len(pieces) == (1 if n <= room else -(-n // room))  # split only when larger than a message
+    assert messages[0] == [(0, 0, 30_000), (1, 0, 30_000)]  # two fit, the third starts a message
+    assert all(sum(length + 192 for _, _, length in m) + 256 <= limit for m in messages)
+    with pytest.raises(InvalidFetch, match="at least"):
+        plan_messages(sizes, 1024)
+
+
 async def test_dense_and_tokenizer_files_stream_whole(tiny_mixtral_pack: Path, tmp_path: Path):
     async with running_store(tiny_mixtral_pack, tmp_path, ram_bytes=0) as (store, stub, _):
         got: dict[str, bytearray] = {}
