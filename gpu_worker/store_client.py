@@ -11,7 +11,8 @@ Both fetchers have one method the cache uses, `fetch(keys, priority) -> list[Fet
                   them and release the leases in one call. Experts the store could not lease,
                   and every expert for a remote worker, come over FetchExperts: one reply
                   message per batch (several only past the message limit), each expert a view
-                  of the received bytes (`zero_copy`; the build views it in turn), verified.
+                  of the received bytes (`zero_copy`; the build views it in turn, so a cached
+                  expert keeps its reply message alive; zero_copy=False copies each out once).
     PackFetcher   the same interface over an open `Pack` (tests, `generate`).
 
 Integrity: every blob is checked against its xxh3_64 (the manifest's, and the store's own
