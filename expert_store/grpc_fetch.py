@@ -116,13 +116,15 @@ async def fetch_batches(core: StoreCore, keys: Sequence[BlobKey], priority: int,
     plan.sort(key=lambda p: p.slot is None)  # stable: RAM hits first, each group in request order
     reads = collections.deque(j for j, p in enumerate(plan) if p.slot is None)  # NVMe ones, in reply order
     window = max(2, core.config.io_threads)  # NVMe blobs read (and held) ahead of the message being built
+    held = 0  # NVMe reads started and not yet sent
     try:
         with no_views_in_tracebacks():
             for message in plan_messages([p.nbytes for p in plan], limit):
                 needed = {j for j, _, _ in message}
-                while reads and (reads[0] in needed or sum(p.read is not None for p in plan) < window):
+                while reads and (reads[0] in needed or held < window):
                     p = plan[reads.popleft()]
                     p.read = asyncio.ensure_future(core.io.run(priority, _read_verified, core, p.key))
+                    held += 1
                 parts = [await _part(core, plan[j], start, n, priority) for j, start, n in message]
                 yield parts
                 del parts
@@ -133,7 +135,8 @@ async def fetch_batches(core: StoreCore, keys: Sequence[BlobKey], priority: int,
                         if p.slot is not None:
                             core.ram.unpin(p.slot)
                             p.slot = None
-                        p.read = None
+                        if p.read is not None:
+                            p.read, held = None, held - 1
     finally:
         for p in plan:
             if p.read is not None:
