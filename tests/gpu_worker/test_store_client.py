@@ -407,6 +407,16 @@ def test_real_store_sends_a_batch_as_one_reply_the_blobs_view(pack, store):
         assert all(isinstance(b.data, memoryview) for b in blobs)
         assert len({id(b.data.obj) for b in blobs}) == 1  # all views of that one received message
         assert all(bytes(b.data) == bytes(pack.expert_blob(*b.key)) for b in blobs)
+        from gpu_worker.expert_compute import make_expert_compute  # (spends torch's read-only warning)
+
+        message = blobs[0].data.obj
+        base = torch.frombuffer(message, dtype=torch.uint8).data_ptr()
+        for b in blobs[:3]:  # the CPU int4 build views the received bytes: nothing copied after grpc's receive
+            at = torch.frombuffer(b.data, dtype=torch.uint8).data_ptr()
+            assert base <= at < base + len(message)
+            expert = make_expert_compute(FMT, b.data, pack.args.hidden_size, pack.args.expert_intermediate_size,
+                                         "int4_fused")
+            assert expert.blob.data_ptr() == at
     with StoreClient(store, transport="grpc", zero_copy=False) as client:
         blobs = client.fetch(keys)
         assert all(type(b.data) is bytes and b.data == bytes(pack.expert_blob(*b.key)) for b in blobs)
