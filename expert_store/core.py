@@ -1,8 +1,8 @@
 """The store's domain: the pack, its tiers, I/O scheduling and counters, free of protobuf.
 
-`StoreCore` verifies and maps the pack, fills the RAM tier, and answers fetches (bytes in
-chunks, or shared-memory grants under a lease), prefetch hints and stats; the gRPC edge
-in `server.py` converts to and from protobuf around it.
+`StoreCore` verifies and maps the pack, fills the RAM tier, and answers fetches (shared-memory
+grants under a lease here; bytes in reply messages in grpc_fetch.py), prefetch hints and stats;
+the gRPC edge in `server.py` converts to and from protobuf around it.
 
 I/O: every blocking read, copy and compression runs in a small thread pool fed by a
 priority queue (demand fetches, then prefetches, then store hints, then background
@@ -14,14 +14,13 @@ demand fetch that arrives after it; a promotion a more urgent fetch waits for is
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
 import hashlib
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import sdnotify, shm
@@ -41,7 +40,7 @@ _LEASE_SWEEP_S = 1.0
 
 __all__ = [
     "PRIORITY_BACKGROUND", "PRIORITY_DEMAND", "PRIORITY_HINT", "PRIORITY_PREFETCH", "Compression", "DenseTensor",
-    "ExpertPiece", "InvalidRequest", "IoScheduler", "LeaseLimitError", "ShmGrant", "StoreCore", "StoreUnavailable",
+    "InvalidRequest", "IoScheduler", "LeaseLimitError", "ShmGrant", "StoreCore", "StoreUnavailable",
     "Tier", "TooManyKeys", "WireCompression", "zstd_pays",
 ]
 
@@ -59,22 +58,6 @@ class StoreUnavailable(FateError):
 
 
 # -- domain results (converted to protobuf at the edge) -----------------------------------------
-
-
-@dataclass(frozen=True)
-class ExpertPiece:
-    """One chunk of one expert of a FetchExperts reply."""
-
-    index: int
-    key: BlobKey
-    total_bytes: int
-    offset: int
-    data: bytes
-    compression: Compression
-    raw_nbytes: int
-    last: bool
-    tier: Tier
-    checksum: str  # on the last chunk only
 
 
 @dataclass(frozen=True)
@@ -113,22 +96,6 @@ class StoreCounters:
     def count_fetch(self, priority: int, in_ram: bool) -> None:
         name = f"{'demand' if priority == PRIORITY_DEMAND else 'prefetch'}_ram_{'hits' if in_ram else 'misses'}"
         setattr(self, name, getattr(self, name) + 1)
-
-
-@dataclass
-class _Planned:
-    """One expert of a FetchExperts request on its way out."""
-
-    index: int
-    key: BlobKey
-    nbytes: int
-    slot: Slot | None  # pinned RAM slot (until its last chunk is out), or None: read from NVMe
-    try_zstd: bool
-    tier: Tier = Tier.NVME
-    read_ns: int = 0
-    wire_bytes: int = 0
-    compressed_chunks: int = 0
-    ranges: list[tuple[int, int]] = field(default_factory=list)
 
 
 # -- the store ----------------------------------------------------------------------------------
@@ -266,100 +233,6 @@ class StoreCore:
             raise InvalidRequest(f"{where}: expert {key.expert} does not exist (layer {key.layer} has experts "
                                  f"0..{self.args.num_experts - 1})")
         return key
-
-    async def fetch(self, keys: Sequence[BlobKey], priority: int, accept_zstd: bool,
-                    chunk_bytes: int) -> AsyncIterator[ExpertPiece]:
-        """The blobs' bytes in chunks: RAM-tier hits first, then NVMe reads; a few chunks read ahead."""
-        self._require_ready()
-        if not keys:
-            raise InvalidRequest("no experts in the request")
-        self.counters.fetch_requests += 1
-        chunk = self._chunk_size(chunk_bytes)
-        plan: list[_Planned] = []
-        for i, key in enumerate(keys):
-            slot = self.ram.lookup(key) if self.ram.enabled else None
-            if slot is not None:
-                self.ram.pin(slot)
-            n = self.blob_nbytes[key.fmt]
-            p = _Planned(i, key, n, slot, accept_zstd and self.wire.should_try(key))
-            p.tier = Tier.RAM if slot is not None else Tier.NVME
-            self.counters.count_fetch(priority, slot is not None)
-            p.ranges = [(a, min(chunk, n - a)) for a in range(0, n, chunk)]
-            plan.append(p)
-        plan.sort(key=lambda p: p.slot is None)  # stable: RAM hits first, each group in request order
-        window = max(2, self.config.io_threads)
-        jobs = ((p, a, n) for p in plan for a, n in p.ranges)
-        pending: collections.deque[tuple[_Planned, int, int, asyncio.Future[tuple[bytes, Compression, int]]]] = (
-            collections.deque())
-        try:
-            while True:
-                while len(pending) < window:
-                    job = next(jobs, None)
-                    if job is None:
-                        break
-                    p, a, n = job
-                    pending.append((p, a, n, self._chunk_job(p, a, n, priority)))
-                if not pending:
-                    break
-                p, a, n, fut = pending.popleft()
-                try:
-                    data, compression, ns = await fut
-                except ChecksumError as e:
-                    self.corrupt(e, "the FetchExperts call answers DATA_LOSS")
-                    raise
-                p.read_ns += ns
-                p.wire_bytes += len(data)
-                p.compressed_chunks += compression == Compression.ZSTD
-                last = a + n == p.nbytes
-                if last:
-                    self._finish_grpc(p)
-                    if p.slot is not None:  # all its bytes are copied out: the slot may go
-                        self.ram.unpin(p.slot)
-                        p.slot = None
-                yield ExpertPiece(p.index, p.key, p.nbytes, a, data, compression, n, last, p.tier,
-                                  self.nvme.checksum(p.key) if last else "")
-        finally:
-            for _, _, _, fut in pending:
-                fut.cancel()
-            for p in plan:
-                if p.slot is not None:
-                    self.ram.unpin(p.slot)
-                    p.slot = None
-
-    def _chunk_job(self, p: _Planned, start: int, nbytes: int, priority: int) -> asyncio.Future[tuple[bytes, Compression, int]]:
-        if p.slot is not None and not p.try_zstd:  # a memcpy of resident bytes: no thread needed
-            fut = asyncio.get_running_loop().create_future()
-            fut.set_result(self._read_chunk(p.key, p.slot, start, nbytes, False))
-            return fut
-        return asyncio.ensure_future(self.io.run(priority, self._read_chunk, p.key, p.slot, start, nbytes, p.try_zstd))
-
-    def _read_chunk(self, key: BlobKey, slot: Slot | None, start: int, nbytes: int,
-                    try_zstd: bool) -> tuple[bytes, Compression, int]:
-        """(data, compression, read ns) of one chunk (an I/O thread, or the loop for RAM copies)."""
-        t0 = time.perf_counter_ns()
-        if slot is not None:
-            raw = bytes(self.ram.view(slot)[start : start + nbytes])
-        else:
-            if start == 0:
-                self.nvme.will_need(key)  # the kernel reads the rest of the blob ahead of our preads
-                self.nvme.verify_blob(key)  # before any of its bytes leave; no-op once verified
-            raw = self.nvme.read_range(key, start, nbytes)
-        ns = time.perf_counter_ns() - t0
-        if try_zstd:
-            data, compression = self.wire.encode(raw)
-            return data, compression, ns
-        return raw, Compression.NONE, ns
-
-    def _finish_grpc(self, p: _Planned) -> None:
-        tier = self.ram if p.tier == Tier.RAM else self.nvme
-        tier.stats.add(p.nbytes, p.read_ns)
-        self.counters.experts_served_grpc += 1
-        self.counters.bytes_served_grpc += p.nbytes
-        self.counters.bytes_sent_wire += p.wire_bytes
-        if p.try_zstd:
-            self.wire.record(p.key, p.compressed_chunks > 0)
-        if p.tier == Tier.NVME and self.ram.enabled and self.config.promote_on_grpc_miss:
-            self._enqueue_promotion(p.key, background=True)
 
     async def fetch_shm(self, keys: Sequence[BlobKey], priority: int, client_id: str,
                         ttl_ms: int) -> tuple[list[ShmGrant], list[int]]:

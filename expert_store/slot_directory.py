@@ -185,31 +185,13 @@ class DirectoryReader:
 
         A good copy is reported in the row's reader words (`demand`: a cache miss asked for it,
         not a prefetch), so the store's replacement and statistics see it."""
-        i = self._rows.get(DirKey(*key))
-        if i is None:
-            return None
-        t, g = self._t, _at(i, GEN)
-        for _ in range(self.max_tries):
-            g1 = t[g]
-            off, n = t[g + OFFSET], t[g + NBYTES]
-            if g1 & 1 or n <= 0:
-                if not g1 & 1:
-                    self.misses += 1
-                    return None
-                continue
-            blob = bytes(self._data[off : off + n])
-            if self.after_copy is not None:
-                self.after_copy(key)
-            if t[g] == g1:
-                t[g + READS] += 1  # the readers' words only: never the generation
-                if demand:
-                    t[g + DEMAND_READS] += 1
-                return blob
-            self.retries += 1
-        return None
+        return self._copy(key, None, demand)  # type: ignore[return-value]
 
-    def copy_into(self, key: tuple[int, int, str], dst: memoryview) -> int | None:
+    def copy_into(self, key: tuple[int, int, str], dst: memoryview, demand: bool = False) -> int | None:
         """As `copy`, into `dst` (at least the blob's length): the bytes copied, or None."""
+        return self._copy(key, dst, demand)  # type: ignore[return-value]
+
+    def _copy(self, key: tuple[int, int, str], dst: memoryview | None, demand: bool) -> bytes | int | None:
         i = self._rows.get(DirKey(*key))
         if i is None or self._t is None:
             return None
@@ -222,13 +204,20 @@ class DirectoryReader:
                     self.misses += 1
                     return None
                 continue
-            if n > len(dst):
+            if dst is None:
+                got: bytes | int = bytes(self._data[off : off + n])
+            elif n > len(dst):
                 return None
-            dst[:n] = self._data[off : off + n]
+            else:
+                dst[:n] = self._data[off : off + n]
+                got = n
             if self.after_copy is not None:
                 self.after_copy(key)
             if t[g] == g1:
-                return n
+                t[g + READS] += 1  # the readers' words only: never the generation
+                if demand:
+                    t[g + DEMAND_READS] += 1
+                return got
             self.retries += 1
         return None
 

@@ -368,10 +368,36 @@ def _blob_plan(fmt: str, hidden: int, inter: int, block_n: int) -> tuple[int, bo
 
 
 def _owned_copy(blob: BlobLike) -> Tensor:
-    """One copy of the blob's bytes into memory we own, as a flat uint8 tensor."""
+    """The blob's bytes as a flat uint8 tensor in memory nobody can change or reuse: immutable `bytes`, or a
+    contiguous view of them (a gRPC reply message, bytes copied out of shared memory), are viewed with no
+    copy (the tensor keeps them alive); anything else (an mmap, a shared-memory slot, a bytearray, a
+    tensor) is copied once."""
+    if isinstance(blob, memoryview) and isinstance(blob.obj, bytes) and blob.c_contiguous or type(blob) is bytes:
+        return _view_immutable(blob)
     if isinstance(blob, (bytes, bytearray, memoryview)):
         return torch.frombuffer(bytearray(blob), dtype=torch.uint8)  # bytearray(): one memcpy
     return as_uint8(blob).clone()
+
+
+def _view_immutable(blob: bytes | memoryview) -> Tensor:
+    """torch.frombuffer of read-only memory (nothing writes into a blob's tensor)."""
+    view = memoryview(blob)
+    if view.format != "B":
+        view = view.cast("B")
+    return torch.frombuffer(view, dtype=torch.uint8) if view.nbytes else torch.empty(0, dtype=torch.uint8)
+
+
+def _spend_readonly_warning() -> None:
+    """torch warns once per process that a tensor over read-only memory is writable: spend that warning
+    here, at import (one thread), so `_view_immutable` stays quiet."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.frombuffer(b"\0", dtype=torch.uint8)
+
+
+_spend_readonly_warning()
 
 
 def _cpu_fused_from_blob(fmt: str, blob: BlobLike, hidden: int, inter: int, layout: Int4Layout,
@@ -433,7 +459,8 @@ def make_expert_compute(fmt: str, blob: BlobLike, hidden: int, inter: int, form:
     format (int4_fused on bf16/int8) raises CodecError rather than silently changing
     the numerics or the cache footprint the caller planned for. `layout`: the int4
     layout of the blob (default: the accepted pack's, else this machine's kernel's).
-    The result never references `blob`, so an mmap or a shared-memory slot can be reused.
+    The result never references `blob`, so an mmap or a shared-memory slot can be reused, except
+    immutable `bytes` (or a view of them), which the CPU int4 form views rather than copies.
     """
     native = native_layout()
     if form == "int4_fused" and layout is None and (device == "cpu" or device == _CPU) and native is not None \

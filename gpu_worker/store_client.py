@@ -7,10 +7,12 @@ Both fetchers have one method the cache uses, `fetch(keys, priority) -> list[Fet
                   slot directory shows resident are copied straight out of its segment with no
                   RPC (a generation check after the copy throws away a slot reused meanwhile);
                   for the rest one FetchExpertsShm promotes them and returns leased
-                  descriptors; we copy the bytes out, verify them and release the leases in
-                  one call. Experts the
-                  store could not lease, and every expert for a remote worker, come as chunks
-                  over FetchExperts.
+                  descriptors; we copy the bytes out (one copy: the build views them), verify
+                  them and release the leases in one call. Experts the store could not lease,
+                  and every expert for a remote worker, come over FetchExperts: one reply
+                  message per batch (several only past the message limit), each expert a view
+                  of the received bytes (`zero_copy`; the build views it in turn, so a cached
+                  expert keeps its reply message alive; zero_copy=False copies each out once).
     PackFetcher   the same interface over an open `Pack` (tests, `generate`).
 
 Integrity: every blob is checked against its xxh3_64 (the manifest's, and the store's own
@@ -46,6 +48,7 @@ from multiprocessing.shared_memory import SharedMemory
 from typing import Iterable, Literal, Sequence
 
 import grpc
+import grpc.experimental
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -60,8 +63,8 @@ from .pack_fetcher import PackFetcher
 from .store_retry import _Retry
 from .store_protocol import (
     COMPRESSION_TO_PB, FORMAT_TO_PB, PRIORITY_TO_PB, TIER_NAMES, BlobKey, ChecksumError, ChunkDecoder,
-    ExpertChunkAssembler, ExpertFetcher, FetchCounters, FetchedBlob, PackChangedError, Priority, StoreError,
-    StoreManifest, StoreUnavailableError, assemble_dense, place_chunk, verify_checksum,
+    ExpertBlobAssembler, ExpertFetcher, FetchCounters, FetchedBlob, PackChangedError, Priority, StoreError,
+    StoreManifest, StoreUnavailableError, assemble_dense, parse_expert_blobs, place_chunk, verify_checksum,
 )
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,8 @@ _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    # streaming calls (FetchExperts, StreamDense) read in the calling thread: no helper thread started per call
+    (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
 ]
 
 
@@ -101,6 +106,7 @@ class StoreClient:
         retry_window_s: float = 0.0,
         security: ClientSecurity | None = None,
         shm_directory: bool = True,
+        zero_copy: bool = True,
     ):
         if transport not in ("auto", "shm", "grpc"):
             raise StoreError(f"transport must be 'auto', 'shm' or 'grpc', got {transport!r}")
@@ -124,6 +130,10 @@ class StoreClient:
         self._stubs_channel, self._channel = (security or ClientSecurity()).channel(
             address, _CHANNEL_OPTIONS, metadata=[(CLIENT_SECRET_HEADER, secret)])
         self._stub = pb_grpc.ExpertStoreStub(self._stubs_channel)
+        # FetchExperts with our own deserializer: the payload stays a view of the received message
+        self._fetch_experts = self._stubs_channel.unary_stream(
+            "/moe.v1.ExpertStore/FetchExperts", request_serializer=pb.FetchExpertsRequest.SerializeToString,
+            response_deserializer=parse_expert_blobs, _registered_method=True)
         self._health = health_pb2_grpc.HealthStub(self._stubs_channel)
         self._lock = threading.Lock()  # counters, segments, manifest
         self._manifest: StoreManifest | None = None
@@ -133,6 +143,7 @@ class StoreClient:
         self._transport: str | None = None
         self._segments: dict[str, SharedMemory] = {}  # attached store segments by name (never unlinked)
         self.use_directory = shm_directory  # copy resident experts through the store's slot directory
+        self.zero_copy = zero_copy  # gRPC: blobs are views of the reply message (else one copy each)
         self._dir: DirectoryReader | None = None
         self._dir_names: tuple[str, str] | None = None  # (data segment, directory) the store advertised
 
@@ -353,15 +364,16 @@ class StoreClient:
     def _fetch_grpc(self, keys: Sequence[BlobKey], indices: list[int], priority: Priority) -> dict[int, FetchedBlob]:
         t0 = time.perf_counter_ns()
         sub = [keys[i] for i in indices]
-        asm = ExpertChunkAssembler(sub, [self._crc32.get(k) for k in sub])
+        asm = ExpertBlobAssembler(sub, [self._crc32.get(k) for k in sub], self.zero_copy)
         retry = _Retry(self, "FetchExperts")
         while True:
             todo = [j for j in range(len(sub)) if j not in asm.done]
             req = pb.FetchExpertsRequest(
                 experts=[_key_pb(sub[j]) for j in todo], priority=PRIORITY_TO_PB[priority],
-                compression=COMPRESSION_TO_PB[self.compression], client_id=self.client_id)
-            part = ExpertChunkAssembler([sub[j] for j in todo], [asm.expected[j] for j in todo])
-            call = self._stub.FetchExperts(req, timeout=self.fetch_timeout_s)
+                compression=COMPRESSION_TO_PB[self.compression], client_id=self.client_id,
+                max_reply_bytes=_MAX_MESSAGE_BYTES)
+            part = ExpertBlobAssembler([sub[j] for j in todo], [asm.expected[j] for j in todo], self.zero_copy)
+            call = self._fetch_experts(req, timeout=self.fetch_timeout_s)
             try:
                 for msg in call:
                     part.add(msg)
@@ -369,10 +381,11 @@ class StoreClient:
                 retry.after(e)
                 continue
             except BaseException:
-                call.cancel()  # a bad chunk: stop the store sending the rest
+                call.cancel()  # a bad part: stop the store sending the rest
                 raise
             finally:  # keep what arrived whole: a retry asks only for the rest
                 asm.wire_bytes += part.wire_bytes
+                asm.messages += part.messages
                 for j, got in part.done.items():
                     asm.done[todo[j]] = got
             break
@@ -386,6 +399,7 @@ class StoreClient:
             c.experts_grpc += len(out)
             c.bytes_fetched_grpc += sum(b.nbytes for b in out.values())
             c.bytes_wire_grpc += asm.wire_bytes
+            c.messages_grpc += asm.messages
             c.fetch_ns_grpc += dt
             self._count_tiers(out.values(), priority)
         return out

@@ -174,36 +174,60 @@ class FileChunk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., total_bytes: _Optional[int] = ..., chunk: _Optional[_Union[DataChunk, _Mapping]] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class FetchExpertsRequest(_message.Message):
-    __slots__ = ("experts", "priority", "compression", "chunk_bytes", "client_id")
+    __slots__ = ("experts", "priority", "compression", "max_reply_bytes", "client_id")
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLY_BYTES_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     experts: _containers.RepeatedCompositeFieldContainer[ExpertKey]
     priority: FetchPriority
     compression: Compression
-    chunk_bytes: int
+    max_reply_bytes: int
     client_id: str
-    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., priority: _Optional[_Union[FetchPriority, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., chunk_bytes: _Optional[int] = ..., client_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., priority: _Optional[_Union[FetchPriority, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., max_reply_bytes: _Optional[int] = ..., client_id: _Optional[str] = ...) -> None: ...
 
-class ExpertChunk(_message.Message):
-    __slots__ = ("index", "key", "total_bytes", "chunk", "last", "tier", "checksum")
+class ExpertBlobs(_message.Message):
+    __slots__ = ("index", "padding", "payload")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    PADDING_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    index: ExpertBlobIndex
+    padding: bytes
+    payload: bytes
+    def __init__(self, index: _Optional[_Union[ExpertBlobIndex, _Mapping]] = ..., padding: _Optional[bytes] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class ExpertBlobIndex(_message.Message):
+    __slots__ = ("parts",)
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    parts: _containers.RepeatedCompositeFieldContainer[ExpertPart]
+    def __init__(self, parts: _Optional[_Iterable[_Union[ExpertPart, _Mapping]]] = ...) -> None: ...
+
+class ExpertPart(_message.Message):
+    __slots__ = ("index", "key", "total_bytes", "offset_bytes", "payload_offset_bytes", "payload_bytes", "compression", "uncompressed_bytes", "last", "tier", "checksum")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    UNCOMPRESSED_BYTES_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     index: int
     key: ExpertKey
     total_bytes: int
-    chunk: DataChunk
+    offset_bytes: int
+    payload_offset_bytes: int
+    payload_bytes: int
+    compression: Compression
+    uncompressed_bytes: int
     last: bool
     tier: StoreTier
     checksum: str
-    def __init__(self, index: _Optional[int] = ..., key: _Optional[_Union[ExpertKey, _Mapping]] = ..., total_bytes: _Optional[int] = ..., chunk: _Optional[_Union[DataChunk, _Mapping]] = ..., last: _Optional[bool] = ..., tier: _Optional[_Union[StoreTier, str]] = ..., checksum: _Optional[str] = ...) -> None: ...
+    def __init__(self, index: _Optional[int] = ..., key: _Optional[_Union[ExpertKey, _Mapping]] = ..., total_bytes: _Optional[int] = ..., offset_bytes: _Optional[int] = ..., payload_offset_bytes: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., uncompressed_bytes: _Optional[int] = ..., last: _Optional[bool] = ..., tier: _Optional[_Union[StoreTier, str]] = ..., checksum: _Optional[str] = ...) -> None: ...
 
 class FetchExpertsShmRequest(_message.Message):
     __slots__ = ("experts", "priority", "client_id", "lease_ttl_ms")
