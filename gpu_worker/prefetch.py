@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 THROTTLE_EVERY = 8
+HINT_QUIET_STEPS = 16  # a layer whose predicted experts were all in the store's RAM is not hinted for this long
 MAX_ROOM_WAITS = 40  # a job waits for room this many times (room_wait_s each) at most, then is given up
 EWMA_ALPHA = 0.1
 
@@ -329,7 +330,10 @@ class PrefetchController:
         self.int2_tail_share = int2_tail_share if cache.tail_fmt is not None else 0.0
         self.moe_layers = list(a.moe_layers)
         self._moe_index = {layer: m for m, layer in enumerate(self.moe_layers)}
-        self.width = WidthController(a.top_k, a.num_experts, fixed=width, throttle=throttle)
+        copying = getattr(cache, "copy_engine", None) is not None and inline
+        # the copy engine's copies cost the compute thread little but not nothing: predict the top-k
+        self.width = WidthController(a.top_k, a.num_experts, fixed=width or (a.top_k if copying else 0),
+                                     throttle=throttle)
         self.enabled = predictor.name != "none"
         self.synchronous = synchronous
         self._in_memory = getattr(getattr(cache, "fetcher", None), "in_memory", None)
@@ -342,6 +346,7 @@ class PrefetchController:
         self.store_lookahead = store_lookahead if self.enabled and store_hints is not None else 0
         self.store_hints = store_hints if self.store_lookahead else None
         self._hinted: set[tuple[int, int]] = set()  # (decoder layer, expert) hinted this step
+        self._hint_quiet: dict[int, int] = {}  # moe layer -> the step before which it is not hinted
         self._rids: list[int] = []
         self._prefill: list[bool] = []
         self._any_prefill = False
@@ -474,6 +479,8 @@ class PrefetchController:
             t = m + d
             if t >= len(self.moe_layers):
                 break
+            if self._hint_quiet.get(t, 0) > self._step:  # the store's RAM held all we predicted lately
+                continue
             lists = predicted.get(t)
             if lists is None:
                 lists = bare.predict(t, self._rids, width, gate_input if bare.needs_gate_input else None)
@@ -481,12 +488,16 @@ class PrefetchController:
                     lists = [row[:k] if pre else row for row, pre in zip(lists, self._prefill)]
             layer = self.moe_layers[t]
             resident = set(self.cache.resident(layer))
+            mine = []
             for e in merge_ranked(lists, k):
                 if e not in resident and (layer, e) not in self._hinted:
                     self._hinted.add((layer, e))
-                    keys.append((layer, e, self.cache.fmt))
-        if keys and self._in_memory is not None:  # already in the store's RAM: nothing to promote
-            keys = [key for key, warm in zip(keys, self._in_memory(keys)) if not warm]
+                    mine.append((layer, e, self.cache.fmt))
+            if mine and self._in_memory is not None:  # already in the store's RAM: nothing to promote
+                mine = [key for key, warm in zip(mine, self._in_memory(mine)) if not warm]
+                if not mine:
+                    self._hint_quiet[t] = self._step + HINT_QUIET_STEPS
+            keys += mine
         if keys:
             self.store_hints.submit(keys)  # type: ignore[union-attr]
 
