@@ -83,7 +83,8 @@ def workload_figures(wl: Workload, records: Sequence[RequestRecord], delta: Mapp
         f["store_ram_demand_hit_rate"] = ram / (ram + nvme)
     if tokens:
         f["fetch_wait_ms_per_token"] = d("fetch_wait_ns", 0) / 1e6 / tokens
-        f["bytes_fetched_per_token"] = (d("bytes_fetched_shm", 0) + d("bytes_fetched_grpc", 0)) / tokens
+        f["bytes_fetched_per_token"] = (d("bytes_fetched_shm", 0) + d("bytes_fetched_grpc", 0)
+                                        + d("bytes_copied", 0)) / tokens  # the copy engine's copies count too
         if "prefetch_wasted_bytes" in delta:
             f["wasted_prefetch_bytes_per_token"] = d("prefetch_wasted_bytes", 0) / tokens
     return f

@@ -214,6 +214,10 @@ class WorkerStats(_Rates):
     fetched_tier_nvme: int = 0
     fetched_tier_ram_demand: int = 0
     fetched_tier_nvme_demand: int = 0
+    copies_issued: int = 0
+    copies_landed: int = 0
+    copies_failed: int = 0
+    bytes_copied: int = 0
 
     @property
     def prefetch_precision(self) -> float:

@@ -345,6 +345,8 @@ def stats_to_pb(rt: WorkerRuntime, include_layers: bool) -> pb.WorkerStats:
         store_hint_errors=p.store_hints.errors if p else 0, fetched_tier_ram=getattr(f, "tier_ram", 0),
         fetched_tier_nvme=getattr(f, "tier_nvme", 0), fetched_tier_ram_demand=getattr(f, "tier_ram_demand", 0),
         fetched_tier_nvme_demand=getattr(f, "tier_nvme_demand", 0),
+        copies_issued=rt.cache.copies_issued, copies_landed=rt.cache.copies_landed,
+        copies_failed=rt.cache.copies_failed, bytes_copied=rt.cache.copies_landed * rt.cache.expert_bytes,
     )  # fmt: skip
     if include_layers:
         for layer, ls in sorted(c.layers.items()):
