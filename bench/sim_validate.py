@@ -2,6 +2,17 @@
 
     PYTHONPATH=. .venv/bin/python bench/sim_validate.py [--pack DIR] [--out runs/sim_validate]
         [--budgets 25%,50%] [--new-tokens 48]
+    PYTHONPATH=. .venv/bin/python bench/sim_validate.py --bench BENCH_OUT --traces TRACE_DIR [--out DIR]
+
+With --bench: the benchmark's own runs. `python -m bench run ... --worker-arg=--trace-dir=TRACE_DIR`
+records one trace per run (its meta names the run's cache: budget, policy, predictor); each is matched
+to its run in BENCH_OUT/results.json, a profile is measured over a store on BENCH_OUT/pack (prefetch
+path, store hints and the two threads' sharing included), and each trace is replayed with the run's
+own configuration (its recorded predictions for a predictor, store hints where the run sent them) and
+costed over the window the benchmark measures (its decode workload's requests, from the first
+first-token on). Prints predicted vs measured decode tokens/s per run and every configuration's ratio
+to LRU at the same budget, with the error (the cost model's target: within 15%), and writes
+OUT/bench_validation.json. Without --bench:
 
 1. Starts an expert store (shared-memory path) on a tiny-mixtral int4 pack.
 2. Measures a hardware profile ("this-machine") over the store: fetch latency and per-expert time,
@@ -132,6 +143,96 @@ def worker_process(store_addr: str, out: Path, budget: str, prompts, concurrent:
         proc.stop(20)
 
 
+def start_store(pack_dir: Path, out: Path) -> tuple[Service, str]:
+    sock = out / "store.sock"
+    sock.unlink(missing_ok=True)
+    store = Service("store", module_command("expert_store", "serve", pack_dir, "--listen", f"unix:{sock}",
+                                            "--ram-bytes", "64MiB", "--log-level", "warning"), out / "store.log")
+    store.wait_serving(f"unix:{sock}", 60)
+    return store, f"unix:{sock}"
+
+
+def _run_key(run: dict) -> tuple[int, str, str]:
+    from bench.plan import CONFIGURATIONS
+
+    w = CONFIGURATIONS[run["config"]].worker
+    return (int(run["workloads"][next(iter(run["workloads"]))]["stats_delta"]["budget_bytes"]),
+            w.get("policy", "lru"), w.get("predictor", "none"))
+
+
+def _trace_key(trace) -> tuple[int, str, str]:
+    c = trace.meta.get("cache") or {}
+    return int(c.get("budget_bytes", 0)), str(c.get("policy", "")), str(c.get("predictor", "none"))
+
+
+def validate_bench(bench: Path, trace_dir: Path, out: Path, profile_path: str | None, store_starter) -> int:
+    """Predicted vs measured for a benchmark's own runs (module docstring)."""
+    from gpu_worker.simulator import load_profile
+    from gpu_worker.simulator.measure import measure_profile
+    from gpu_worker.simulator.validate import predict_run
+
+    results = json.loads((bench / "results.json").read_text())
+    runs = [r for r in results["runs"] if r.get("status") == "ok" and r.get("workloads")]
+    files = sorted(trace_dir.glob("*.npz"))
+    traces: dict[tuple, list] = {}
+    for f in files:
+        t = load_trace(f)
+        traces.setdefault(_trace_key(t), []).append(t)
+    if profile_path:
+        profile = load_profile(profile_path)
+    else:
+        pack = bench / "pack"
+        store, addr = store_starter(pack, out)
+        try:
+            profile = measure_profile(pack, "int4", store=addr)
+        finally:
+            store.stop(20)
+        (out / "profile.json").write_text(json.dumps(asdict(profile), indent=1, default=float))
+    print(f"profile: {profile.measured}", flush=True)
+    rows = []
+    used: dict[tuple, int] = {}
+    for run in runs:
+        key = _run_key(run)
+        i = used.get(key, 0)
+        if i >= len(traces.get(key, [])):
+            print(f"note: no trace for {run['config']}@{run['budget']} (budget bytes, policy, predictor = {key})")
+            continue
+        used[key] = i + 1
+        trace = traces[key][i]
+        wl_name, wl = next(iter(run["workloads"].items()))
+        sd = wl["stats_delta"]
+        pred = predict_run(trace, profile, int(sd["requests_total"]), store_hints=sd.get("store_hints_sent", 0) > 0)
+        rows.append({"config": run["config"], "budget": run["budget"], "repeat": run["repeat"], "workload": wl_name,
+                     "trace": trace.path, "measured_tok_s": round(wl["figures"]["decode_tokens_per_s"], 1),
+                     "measured_prefetches": sd.get("prefetches_issued", 0), "measured_misses": sd["misses"],
+                     "measured_fetch_wait_ms_per_token": round(wl["figures"]["fetch_wait_ms_per_token"], 3),
+                     **pred.summary()})
+    ratios = []
+    for r in rows:
+        base = [b for b in rows if b["config"] == "lru" and b["budget"] == r["budget"] and b["repeat"] == r["repeat"]]
+        if r["config"] == "lru" or not base:
+            continue
+        b = base[0]
+        m, p = r["measured_tok_s"] / b["measured_tok_s"], r["predicted_tok_s"] / b["predicted_tok_s"]
+        ratios.append({"config": r["config"], "budget": r["budget"], "repeat": r["repeat"], "measured": round(m, 3),
+                       "predicted": round(p, 3), "error": round(p / m - 1, 3), "within_15pct": abs(p / m - 1) <= 0.15})
+    (out / "bench_validation.json").write_text(json.dumps({"profile": asdict(profile), "runs": rows,
+                                                            "ratios_to_lru": ratios}, indent=1, default=float))
+    print(f"\n{'run':<22}{'measured':>9}{'predicted':>10}{'stall':>7}{'pf work':>8}{'content.':>9}"
+          f"{'pf meas/sim':>13}{'miss meas/sim':>14}  (tok/s; ms per token)")
+    for r in rows:
+        print(f"{r['config'] + '@' + r['budget']:<22}{r['measured_tok_s']:>9.1f}{r['predicted_tok_s']:>10.1f}"
+              f"{r['stall_ms_per_token']:>7.2f}{r['prefetch_work_ms_per_token']:>8.2f}"
+              f"{r['contention_ms_per_token']:>9.2f}{str(r['measured_prefetches']) + '/' + str(r['prefetched']):>13}"
+              f"{str(r['measured_misses']) + '/' + str(r['misses']):>14}")
+    print(f"\n{'ratio to LRU':<22}{'measured':>9}{'predicted':>10}{'error':>8}  within 15%")
+    for q in ratios:
+        print(f"{q['config'] + '@' + q['budget']:<22}{q['measured']:>9.3f}{q['predicted']:>10.3f}"
+              f"{100 * q['error']:>7.1f}%  {'yes' if q['within_15pct'] else 'NO'}")
+    print(f"wrote {out / 'bench_validation.json'}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pack", default=None, help="tiny-mixtral pack with int4 (default: packed into OUT/pack)")
@@ -141,9 +242,16 @@ def main() -> int:
     ap.add_argument("--skip-worker", action="store_true", help="no worker-process runs")
     ap.add_argument("--repeats", type=int, default=1,
                     help="measure the profile and every run this many times; report medians (a noisy machine)")
+    ap.add_argument("--bench", default=None, help="a `python -m bench run` output directory (results.json)")
+    ap.add_argument("--traces", default=None, help="with --bench: the runs' traces (--worker-arg=--trace-dir=DIR)")
+    ap.add_argument("--profile", default=None, help="with --bench: a profile JSON instead of measuring one")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.bench:
+        if not a.traces:
+            ap.error("--bench needs --traces (the directory the runs recorded into)")
+        return validate_bench(Path(a.bench), Path(a.traces), out, a.profile, start_store)
     pack_dir = Path(a.pack) if a.pack else out / "pack"
     if not (pack_dir / "manifest.json").exists():
         from expert_store.pack import write_pack

@@ -10,8 +10,13 @@ wave and time per expert from a line through the two medians. Compute: decode fo
 expert resident (the same cache at 100%, warm), medians at batch 1 and at `batch`; one expert's
 compute on one row and the LM head timed alone; then
     step(T) = step_s + L * (layer_s + (T - 1) * layer_token_s) + expert_compute_s * sum_l distinct_l
-solved for layer_s (batch 1) and layer_token_s (batch `batch`). Medians, because this machine is
-shared and noisy.
+solved for layer_s (batch 1) and layer_token_s (batch `batch`). Prefetch: the cache's own prefetch path
+(`ExpertCache.prefetch` of n experts none resident: one batched fetch at prefetch priority, verify, build,
+insert), a line through n = 1 and n = 8 as for the link; with a store, one store-hint call of a layer's
+experts (`StoreClient.prefetch_hint`). Sharing: decode forwards at `batch` (every expert resident) and a
+the worker's own prefetch thread fed one job per MoE layer (and, with a store, the store-hint thread one
+batch), as the controller feeds them: what the compute thread loses per prefetched expert and per hinted
+layer, and the prefetch thread's time per expert meanwhile (`measure_sharing`). Medians, because this machine is shared and noisy.
 """
 
 from __future__ import annotations
@@ -60,6 +65,183 @@ def measure_link(cache, repeats: int = 15, sizes: tuple[int, int] = (1, 8)) -> t
     return max(0.0, med[n1] - n1 * per), per, blob.nbytes
 
 
+def measure_prefetch(cache, repeats: int = 9, sizes: tuple[int, int] = (1, 8)) -> tuple[float, float]:
+    """(s per job, s per expert) of the cache's own prefetch path, alone: `prefetch` of n experts none of
+    which is resident (the cache emptied first), for two n; a line through the medians."""
+    a = cache.args
+    rng = np.random.default_rng(1)
+    med = {}
+    for n in sizes:
+        times = []
+        for r in range(repeats + 2):
+            layer = a.moe_layers[r % len(a.moe_layers)]
+            ids = rng.choice(a.num_experts, n, replace=False).tolist()
+            cache.clear()
+            t0 = time.perf_counter()
+            cache.prefetch(layer, ids)
+            if r >= 2:
+                times.append(time.perf_counter() - t0)
+        med[n] = statistics.median(times)
+    n1, n2 = sizes
+    per = max(1e-7, (med[n2] - med[n1]) / (n2 - n1))
+    return max(0.0, med[n1] - n1 * per), per
+
+
+def measure_hint(client, args, repeats: int = 15) -> float:
+    """Median wall time of one store-hint call naming one layer's experts (what the hint thread sends per
+    MoE layer), over the real store."""
+    keys = [(args.moe_layers[-1], e, "int4") for e in range(args.num_experts)]
+    client.prefetch_hint(keys)
+    return _median_s(lambda: client.prefetch_hint(keys), repeats)
+
+
+class _Decoder:
+    """Decode forwards at batch T over `model` (whatever its cache holds), one `step()` each."""
+
+    def __init__(self, model, T: int, steps: int, prompt_len: int = 16, seed: int = 0, observer=None):
+        a = model.args
+        rng = np.random.default_rng(seed)
+        self.model, self.observer = model, observer
+        self.seqs = [model.new_sequence(prompt_len + steps + 1) for _ in range(T)]
+        prompts = [torch.tensor(rng.integers(2, a.vocab_size, prompt_len)) for _ in range(T)]
+        logits = model.forward(self.seqs, prompts, observer=observer)
+        self.nxt = [torch.argmax(logits[j]).reshape(1) for j in range(T)]
+
+    def step(self) -> float:
+        t0 = time.perf_counter()
+        logits = self.model.forward(self.seqs, self.nxt, observer=self.observer)
+        self.nxt = [torch.argmax(logits[j]).reshape(1) for j in range(len(self.seqs))]
+        return time.perf_counter() - t0
+
+
+def measure_sharing(model, pf_cache, batch: int = 8, steps: int = 10, per_job: int = 8,
+                    hint=None) -> dict[str, float]:
+    """What prefetching costs the compute thread: decode forwards at `batch` (the model's cache holding
+    every expert, so no stalls) while, at every MoE layer's gate input, the worker's own prefetch thread
+    (`Prefetcher`) gets a job of `per_job` experts of the next layer (`pf_cache` emptied each step, so
+    each is fetched, verified and built) and, with `hint` (a store client's prefetch_hint), the store-hint
+    thread a batch naming them. Forwards timed without jobs, with jobs, and with jobs and hints:
+    compute-thread seconds lost per prefetched expert and per hinted layer; and the prefetch thread's
+    time per expert while the compute runs (its jobs' wall time / experts)."""
+    from ..prefetch import Prefetcher
+    from ..store_hints import StoreHinter
+
+    a = model.args
+    layers = list(a.moe_layers)
+    n = min(per_job, a.num_experts)
+    prefetcher = Prefetcher(pf_cache)
+    hinter = StoreHinter(hint) if hint is not None else None
+    jobs: list[tuple[float, int]] = []  # (wall s, experts) of each prefetch the thread ran
+    inner = pf_cache.prefetch
+
+    def timed_prefetch(layer, experts, step=None):
+        t0 = time.perf_counter()
+        res = inner(layer, experts, step=step)
+        if res.inserted:
+            jobs.append((time.perf_counter() - t0, len(res.inserted)))
+        return res
+
+    pf_cache.prefetch = timed_prefetch  # the instance's: the thread calls it like the worker's
+    mode = {"jobs": False, "hints": False}
+    rng = np.random.default_rng(3)
+
+    class Feed:
+        def on_gate_input(self, layer, h):
+            m = layers.index(layer)
+            if m + 1 >= len(layers):
+                return
+            ids = rng.choice(a.num_experts, n, replace=False).tolist()
+            if mode["jobs"]:
+                prefetcher.submit(pf_cache.step_seq, m + 1, layers[m + 1], ids)
+            if mode["hints"] and hinter is not None:
+                hinter.submit([(layers[m + 1], e, pf_cache.fmt) for e in ids])
+
+        def on_routing(self, layer, ids, w):
+            pass
+
+    dec = _Decoder(model, batch, 3 * steps + 6, observer=Feed())
+
+    def run(jobs_on: bool, hints_on: bool) -> float:
+        mode["jobs"], mode["hints"] = jobs_on, hints_on
+        out = []
+        for _ in range(steps):
+            pf_cache.clear()
+            out.append(dec.step())
+            deadline = time.perf_counter() + 1.0
+            while not prefetcher.idle() and time.perf_counter() < deadline:  # steps measured one at a time
+                time.sleep(0.0005)
+        return statistics.median(out)
+
+    try:
+        for _ in range(2):
+            dec.step()
+        alone = run(False, False)
+        with_jobs = run(True, False)
+        with_hints = run(True, True) if hinter is not None else with_jobs
+    finally:
+        prefetcher.close()
+        if hinter is not None:
+            hinter.close()
+        del pf_cache.prefetch
+    per_step = len(layers) - 1
+    expert_s = sum(d for d, _ in jobs) / max(1, sum(k for _, k in jobs))
+    return {"compute_alone_s": alone, "compute_with_prefetch_s": with_jobs, "compute_with_hints_s": with_hints,
+            "prefetch_compute_s": max(0.0, (with_jobs - alone) / (per_step * n)),
+            "hint_compute_s": max(0.0, (with_hints - with_jobs) / per_step) if hinter is not None else 0.0,
+            "prefetch_expert_shared_s": expert_s, "per_job": float(n)}
+
+
+def measure_predictor(model, cache, batch: int = 8, steps: int = 12, predictor: str = "cross_layer",
+                      store_lookahead: int = 2) -> tuple[float, float]:
+    """(s per MoE layer step at one row, s per extra row) the prefetch controller spends on the compute
+    thread: predicting the next layer, ranking, recording the scores, naming store hints (queued, not
+    sent), timed inside its hooks over decode forwards at batch 1 and `batch` (no prefetch thread)."""
+    from ..predictors import make_predictor
+    from ..prefetch import PrefetchController
+    from ..store_hints import StoreHinter
+
+    a = model.args
+    pred = make_predictor(predictor, routers=[model.layers[i].router for i in a.moe_layers],
+                          num_moe_layers=a.num_moe_layers, num_experts=a.num_experts)
+    hints = StoreHinter(lambda keys: None, start_thread=False)
+    ctl = PrefetchController(a, cache, pred, start_thread=False, store_hints=hints, store_lookahead=store_lookahead)
+    spent = [0]
+
+    class Timed:
+        def on_gate_input(self, layer, h):
+            t0 = time.perf_counter_ns()
+            ctl.on_gate_input(layer, h)
+            spent[0] += time.perf_counter_ns() - t0
+            hints.send_pending()  # the queue is the thread's: emptied outside the timing
+
+        def on_routing(self, layer, ids, w):
+            t0 = time.perf_counter_ns()
+            ctl.on_routing(layer, ids, w)
+            spent[0] += time.perf_counter_ns() - t0
+
+    per_layer: dict[int, float] = {}
+    for T in (1, batch):
+        rids = list(range(100 * T, 101 * T))
+        for r in rids:
+            ctl.start_request(r)
+        ctl.begin_step(rids, [True] * T)
+        dec = _Decoder(model, T, steps + 2, observer=Timed(), seed=2)
+        out = []
+        for s in range(steps + 2):
+            ctl.begin_step(rids, [False] * T)
+            spent[0] = 0
+            dec.step()
+            ctl.end_step(None)
+            if s >= 2:
+                out.append(spent[0] / 1e9 / len(a.moe_layers))
+        per_layer[T] = statistics.median(out)
+        for r in rids:
+            ctl.end_request(r)
+    ctl.close()
+    row = max(0.0, (per_layer[batch] - per_layer[1]) / (batch - 1)) if batch > 1 else 0.0
+    return per_layer[1], row
+
+
 def measure_compute(model, cache, batch: int = 8, steps: int = 30, prompt_len: int = 16) -> dict[str, float]:
     """Compute terms from decode forwards with every expert resident (the cache at 100%, warm): medians of
     the step time at batch 1 and at `batch`, and of one expert's compute on one row."""
@@ -76,22 +258,15 @@ def measure_compute(model, cache, batch: int = 8, steps: int = 30, prompt_len: i
         def on_routing(self, layer, ids, w):
             distinct.append(int(torch.unique(ids).numel()))
 
-    count = Count()
-    rng = np.random.default_rng(0)
     med: dict[int, tuple[float, float]] = {}
     for T in (1, batch):
-        seqs = [model.new_sequence(prompt_len + steps + 1) for _ in range(T)]
-        prompts = [torch.tensor(rng.integers(2, a.vocab_size, prompt_len)) for _ in range(T)]
-        logits = model.forward(seqs, prompts, observer=count)
-        nxt = [torch.argmax(logits[j]).reshape(1) for j in range(T)]
+        dec = _Decoder(model, T, steps, prompt_len, observer=Count())
         times, used = [], []
         for s in range(steps):
             distinct.clear()
-            t0 = time.perf_counter()
-            logits = model.forward(seqs, nxt, observer=count)
-            nxt = [torch.argmax(logits[j]).reshape(1) for j in range(T)]
+            dt = dec.step()
             if s >= 2:
-                times.append(time.perf_counter() - t0)
+                times.append(dt)
                 used.append(sum(distinct))
         med[T] = (statistics.median(times), statistics.median(used))
     L = len(a.moe_layers)
@@ -130,7 +305,7 @@ def engine_step_s(model, prompt_len: int = 16, steps: int = 30) -> float:
 
 
 def measure_profile(pack_path: str | Path, fmt: str = "int4", store: str | None = None, name: str = "this-machine",
-                    batch: int = 8) -> HardwareProfile:
+                    batch: int = 8, sharing: bool = True) -> HardwareProfile:
     """Measure on this machine: experts from `store` (its shm/gRPC path) or straight from the pack."""
     from expert_store.packfile import Pack
 
@@ -151,23 +326,43 @@ def measure_profile(pack_path: str | Path, fmt: str = "int4", store: str | None 
         else:
             fetcher, how = PackFetcher(pack), f"pack {pack_path} (mmap)"
         try:
-            cache = ExpertCache(pack.args, fetcher, fmt, "auto", cpu, full_budget_bytes(pack.args, fmt, "auto", cpu))
+            full = full_budget_bytes(pack.args, fmt, "auto", cpu)
+            cache = ExpertCache(pack.args, fetcher, fmt, "auto", cpu, full)
             if client is not None:
                 how += f" ({client.transport})"
             lat, per, nbytes = measure_link(cache)
+            pf_cache = ExpertCache(pack.args, fetcher, fmt, "auto", cpu, full)
+            pcall, pexp = measure_prefetch(pf_cache)
+            hint = measure_hint(client, pack.args) if client is not None else 0.0
             model = build_model(pack, cache, cpu)
             comp = measure_compute(model, cache, batch)
+            pred1, pred_row = measure_predictor(model, cache, batch)
+            share = measure_sharing(model, pf_cache, batch,
+                                    hint=client.prefetch_hint if client is not None else None) if sharing else None
         finally:
             if client is not None:
                 client.close()
     build = 0.0  # folded into `per` (the cache's demand path: fetch + build per expert)
+    shared = (f"; forwards at batch {batch} take {share['compute_alone_s'] * 1e3:.2f} ms alone, "
+              f"{share['compute_with_prefetch_s'] * 1e3:.2f} ms with the prefetch thread fetching "
+              f"{share['per_job']:.0f} experts per layer, {share['compute_with_hints_s'] * 1e3:.2f} ms with store "
+              f"hints too: {share['prefetch_compute_s'] * 1e6:.0f} us of compute lost per prefetched expert, "
+              f"{share['hint_compute_s'] * 1e6:.0f} us per hinted layer; the prefetch thread takes "
+              f"{share['prefetch_expert_shared_s'] * 1e6:.0f} us per expert meanwhile") if share else \
+        "; sharing not measured (prefetching free for the compute thread)"
     return HardwareProfile(
         name, f"measured: {pack_path} ({fmt}, {cache.form}), experts from {how}, torch threads 1",
         link_bandwidth_Bps=nbytes / per, link_latency_s=lat, expert_setup_s=build, layer_s=comp["layer_s"],
         layer_token_s=comp["layer_token_s"], expert_compute_s=comp["expert_compute_s"], step_s=comp["step_s"],
-        expert_bytes=nbytes,
+        expert_bytes=nbytes, prefetch_expert_s=pexp, prefetch_call_s=pcall, hint_s=hint, predict_s=pred1,
+        predict_row_s=pred_row,
+        prefetch_shared_s=share["prefetch_expert_shared_s"] if share else 0.0,
+        prefetch_compute_s=share["prefetch_compute_s"] if share else 0.0,
+        hint_compute_s=share["hint_compute_s"] if share else 0.0,
         measured=(f"demand wave {lat * 1e3:.3f} ms + {per * 1e3:.3f} ms/expert (fetch + build, {nbytes} B blobs); "
-                  f"resident decode step {comp['batch1_step_s'] * 1e3:.2f} ms at batch 1, "
+                  f"prefetch job {pcall * 1e3:.3f} ms + {pexp * 1e3:.3f} ms/expert; store hint "
+                  f"{hint * 1e3:.3f} ms/layer; prediction (cross_layer, controller) {pred1 * 1e3:.3f} ms/layer + "
+                  f"{pred_row * 1e3:.3f} ms/extra row; resident decode step {comp['batch1_step_s'] * 1e3:.2f} ms at batch 1, "
                   f"{comp[f'batch{batch}_step_s'] * 1e3:.2f} ms at batch {batch}; expert compute "
                   f"{comp['expert_compute_s'] * 1e6:.0f} us/row; engine overhead "
-                  f"{comp['engine_extra_s'] * 1e3:.2f} ms/step"))
+                  f"{comp['engine_extra_s'] * 1e3:.2f} ms/step" + shared))
