@@ -165,7 +165,19 @@ def _trace_key(trace) -> tuple[int, str, str]:
     return int(c.get("budget_bytes", 0)), str(c.get("policy", "")), str(c.get("predictor", "none"))
 
 
-def validate_bench(bench: Path, trace_dir: Path, out: Path, profile_path: str | None, store_starter) -> int:
+def median_profile(profiles: list, how: str):
+    """One profile whose every number is the median over `profiles` (a noisy, shared machine)."""
+    import statistics
+    from dataclasses import fields, replace
+
+    nums = {f.name: statistics.median(getattr(p, f.name) for p in profiles) for f in fields(profiles[0])
+            if isinstance(getattr(profiles[0], f.name), float)}
+    return replace(profiles[-1], measured=f"medians of {len(profiles)} measurements ({how}); the last: "
+                                          f"{profiles[-1].measured}", **nums)
+
+
+def validate_bench(bench: Path, trace_dir: Path, out: Path, profile_path: str | None, store_starter,
+                   repeats: int = 3) -> int:
     """Predicted vs measured for a benchmark's own runs (module docstring)."""
     from gpu_worker.simulator import load_profile
     from gpu_worker.simulator.measure import measure_profile
@@ -184,11 +196,14 @@ def validate_bench(bench: Path, trace_dir: Path, out: Path, profile_path: str | 
         pack = bench / "pack"
         store, addr = store_starter(pack, out)
         try:
-            profile = measure_profile(pack, "int4", store=addr)
+            profiles = []
+            for i in range(repeats):
+                profiles.append(measure_profile(pack, "int4", store=addr))
+                print(f"[{i}] profile: {profiles[-1].measured}", flush=True)
         finally:
             store.stop(20)
+        profile = median_profile(profiles, "bench/sim_validate.py --bench")
         (out / "profile.json").write_text(json.dumps(asdict(profile), indent=1, default=float))
-    print(f"profile: {profile.measured}", flush=True)
     rows = []
     used: dict[tuple, int] = {}
     for run in runs:
@@ -240,18 +255,21 @@ def main() -> int:
     ap.add_argument("--budgets", default="25%,50%")
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--skip-worker", action="store_true", help="no worker-process runs")
-    ap.add_argument("--repeats", type=int, default=1,
-                    help="measure the profile and every run this many times; report medians (a noisy machine)")
+    ap.add_argument("--repeats", type=int, default=0,
+                    help="measure the profile and every run this many times; report medians (a noisy machine; "
+                         "default 1, with --bench 3)")
     ap.add_argument("--bench", default=None, help="a `python -m bench run` output directory (results.json)")
     ap.add_argument("--traces", default=None, help="with --bench: the runs' traces (--worker-arg=--trace-dir=DIR)")
     ap.add_argument("--profile", default=None, help="with --bench: a profile JSON instead of measuring one")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if not a.bench:
+        a.repeats = a.repeats or 1
     if a.bench:
         if not a.traces:
             ap.error("--bench needs --traces (the directory the runs recorded into)")
-        return validate_bench(Path(a.bench), Path(a.traces), out, a.profile, start_store)
+        return validate_bench(Path(a.bench), Path(a.traces), out, a.profile, start_store, a.repeats or 3)
     pack_dir = Path(a.pack) if a.pack else out / "pack"
     if not (pack_dir / "manifest.json").exists():
         from expert_store.pack import write_pack
@@ -303,12 +321,7 @@ def main() -> int:
                ("predicted_tok_s", "measured_in_process_tok_s", "measured_worker_tok_s") if k in group[0]}
         summary.append({"budget": key[0], "mode": key[1], "hit_rate": group[0]["hit_rate"],
                         "replay_exact": all(r["replay_exact"] for r in group), **med})
-    from dataclasses import replace
-
-    fields = ("link_bandwidth_Bps", "link_latency_s", "expert_setup_s", "layer_s", "layer_token_s", "expert_compute_s",
-              "step_s")
-    profile = replace(profiles[-1], measured=f"medians of {len(profiles)} measurements by bench/sim_validate.py",
-                      **{f: statistics.median(getattr(p, f) for p in profiles) for f in fields})
+    profile = median_profile(profiles, "bench/sim_validate.py")
     (out / "profile.json").write_text(json.dumps(asdict(profile), indent=1, default=float))  # simulate --hardware
     (out / "results.json").write_text(json.dumps({"profiles": [asdict(p) for p in profiles], "rows": rows,
                                                    "summary": summary}, indent=1, default=float))

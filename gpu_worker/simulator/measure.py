@@ -114,13 +114,14 @@ class _Decoder:
         return time.perf_counter() - t0
 
 
-def measure_sharing(model, pf_cache, batch: int = 8, steps: int = 10, per_job: int = 8,
+def measure_sharing(model, pf_cache, batch: int = 8, steps: int = 16, per_job: int = 8,
                     hint=None) -> dict[str, float]:
     """What prefetching costs the compute thread: decode forwards at `batch` (the model's cache holding
     every expert, so no stalls) while, at every MoE layer's gate input, the worker's own prefetch thread
     (`Prefetcher`) gets a job of `per_job` experts of the next layer (`pf_cache` emptied each step, so
     each is fetched, verified and built) and, with `hint` (a store client's prefetch_hint), the store-hint
-    thread a batch naming them. Forwards timed without jobs, with jobs, and with jobs and hints:
+    thread a batch naming them. Forwards timed without jobs, with jobs, and with jobs and hints (the three
+    interleaved step by step, medians):
     compute-thread seconds lost per prefetched expert and per hinted layer; and the prefetch thread's
     time per expert while the compute runs (its jobs' wall time / experts)."""
     from ..prefetch import Prefetcher
@@ -159,30 +160,34 @@ def measure_sharing(model, pf_cache, batch: int = 8, steps: int = 10, per_job: i
         def on_routing(self, layer, ids, w):
             pass
 
-    dec = _Decoder(model, batch, 3 * steps + 6, observer=Feed())
+    dec = _Decoder(model, batch, 3 * steps + 4, observer=Feed())
 
-    def run(jobs_on: bool, hints_on: bool) -> float:
+    modes = [(False, False), (True, False)] + ([(True, True)] if hinter is not None else [])
+    times: dict[tuple[bool, bool], list[float]] = {m: [] for m in modes}
+
+    def one_step(jobs_on: bool, hints_on: bool) -> float:
         mode["jobs"], mode["hints"] = jobs_on, hints_on
-        out = []
-        for _ in range(steps):
-            pf_cache.clear()
-            out.append(dec.step())
-            deadline = time.perf_counter() + 1.0
-            while not prefetcher.idle() and time.perf_counter() < deadline:  # steps measured one at a time
-                time.sleep(0.0005)
-        return statistics.median(out)
+        pf_cache.clear()
+        dt = dec.step()
+        deadline = time.perf_counter() + 1.0
+        while not prefetcher.idle() and time.perf_counter() < deadline:  # steps measured one at a time
+            time.sleep(0.0005)
+        return dt
 
     try:
         for _ in range(2):
             dec.step()
-        alone = run(False, False)
-        with_jobs = run(True, False)
-        with_hints = run(True, True) if hinter is not None else with_jobs
+        for _ in range(steps):  # the modes interleaved step by step: the machine's load drifts
+            for m in modes:
+                times[m].append(one_step(*m))
     finally:
         prefetcher.close()
         if hinter is not None:
             hinter.close()
         del pf_cache.prefetch
+    alone = statistics.median(times[(False, False)])
+    with_jobs = statistics.median(times[(True, False)])
+    with_hints = statistics.median(times[(True, True)]) if hinter is not None else with_jobs
     per_step = len(layers) - 1
     expert_s = sum(d for d, _ in jobs) / max(1, sum(k for _, k in jobs))
     return {"compute_alone_s": alone, "compute_with_prefetch_s": with_jobs, "compute_with_hints_s": with_hints,
