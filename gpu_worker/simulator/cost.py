@@ -43,8 +43,8 @@ class HardwareProfile:
     """Prefetch thread time per job (one batched fetch call, the queue's bookkeeping); with
     prefetch_expert_s 0: link_latency_s."""
     hint_s: float = 0.0
-    """Wall time of one store-hint call per MoE layer (the hint thread's, off the compute thread; what it
-    costs the compute thread is hint_compute_s)."""
+    """Wall time of one store-hint call (the hint thread's, one call in flight: batches named meanwhile
+    merge into the next call)."""
     predict_s: float = 0.0
     """Compute-thread time per MoE layer step with a predictor, one token row: the prefetch controller
     predicting the next layer, ranking the proposals, queueing the job and the store hints."""
@@ -57,7 +57,7 @@ class HardwareProfile:
     cores, memory bandwidth), measured as forwards with the real prefetch thread fetching minus without,
     per expert. 0: the overlap is free (a DMA engine)."""
     hint_compute_s: float = 0.0
-    """Compute-thread time lost per MoE layer step by the store-hint thread's call (measured likewise)."""
+    """Compute-thread time lost per store-hint call (measured likewise)."""
 
 
 # "this-machine": the dev box (2 shared CPU cores, torch 1 thread, tiny-mixtral int4 as int4_fused, store over
@@ -115,6 +115,7 @@ class CostEstimate:
     decode_contention_s: float = 0.0  # compute-thread time lost to prefetch and hint work (decode steps)
     decode_hint_s: float = 0.0  # of the contention: store hints
     prefetch_jobs_dropped: int = 0  # jobs not started when the compute reached their layer (demand instead)
+    hint_sends: int = 0  # store-hint calls charged (every step)
     step_times: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [S] projected seconds per step
 
     @property
@@ -135,7 +136,7 @@ class CostEstimate:
                 "prefetch_work_ms_per_decode_token": round(self.per_decode_token_ms(self.decode_prefetch_work_s), 4),
                 "contention_ms_per_decode_token": round(self.per_decode_token_ms(self.decode_contention_s), 4),
                 "hint_ms_per_decode_token": round(self.per_decode_token_ms(self.decode_hint_s), 4),
-                "prefetch_jobs_dropped": self.prefetch_jobs_dropped,
+                "prefetch_jobs_dropped": self.prefetch_jobs_dropped, "hint_sends": self.hint_sends,
                 "prefill_tokens": self.prefill_tokens, "prefill_s": round(self.prefill_s, 6)}
 
 
@@ -170,7 +171,9 @@ def estimate_cost(result: SimResult, profile: HardwareProfile, expert_bytes: int
     (demand outranks prefetch): `prefetch_call_s + n * prefetch_shared_s` for the n experts the replay
     inserted. Prefetching is not free overlap: the compute thread pays `n * prefetch_compute_s` for
     them (the measured slowdown), and with store hints (default: whenever the replay had a predictor)
-    `hint_compute_s` per layer. A job not started when the compute reaches its layer is dropped (its
+    `hint_compute_s` per store-hint call: layer l names a batch when layer l + 1 or l + 2 has experts to
+    bring (the replay prefetched some there: the hint names the predicted experts not resident); the hint
+    thread has one call of `hint_s` in flight, batches named meanwhile go out together in the next. A job not started when the compute reaches its layer is dropped (its
     prefetch hits are fetched on demand instead); one still running is waited for when the layer uses
     what it brings. The prefetch thread's clock carries over step boundaries.
     """
@@ -193,6 +196,7 @@ def estimate_cost(result: SimResult, profile: HardwareProfile, expert_bytes: int
     step_hint = np.zeros(S)
     step_cont = np.zeros(S)
     dropped = 0
+    hint_sends = 0
     if not pf.any() and not hint_c and not predicting:  # load on demand: closed form, vectorized
         fetch = wv * lat + ms * per  # [S, L]
         step_stall = fetch.sum(axis=1)
@@ -203,6 +207,7 @@ def estimate_cost(result: SimResult, profile: HardwareProfile, expert_bytes: int
         kc = profile.prefetch_compute_s
         t = 0.0
         pf_free = 0.0  # when the prefetch thread has finished its jobs
+        hint_free, hint_pending, hs = 0.0, False, profile.hint_s
         for s in range(S):
             t0 = t
             stall = 0.0
@@ -227,10 +232,23 @@ def estimate_cost(result: SimResult, profile: HardwareProfile, expert_bytes: int
                         pf_free = start + pc + n * pe
                         jobs[l + 1] = (start, pf_free)
                         step_work[s] += pc + n * pe
-                    cost = n * kc + hint_c
+                    # a hint batch is named when layers l + 1, l + 2 have experts that are not resident here;
+                    # one call in flight at a time: what is named meanwhile goes out in the next call
+                    h = 0.0
+                    if hint_pending and t >= hint_free:
+                        hint_free += hs  # the merged call went out when the last one ended
+                        hint_pending, h = False, hint_c
+                    if hint_c and (n or (l + 2 < L and pf[s, l + 2])):
+                        if t >= hint_free:
+                            hint_free = t + hs
+                            h += hint_c
+                        else:
+                            hint_pending = True
+                    cost = n * kc + h
                     t += cost
                     step_cont[s] += cost
-                    step_hint[s] += hint_c
+                    step_hint[s] += h
+                    hint_sends += round(h / hint_c) if h else 0
                 t += (lk[s, l] - ms[s, l] - extra) * ec
                 fetch = wv[s, l] * lat + ms[s, l] * per + (lat + extra * per if extra else 0.0)
                 if fetch:
@@ -248,4 +266,5 @@ def estimate_cost(result: SimResult, profile: HardwareProfile, expert_bytes: int
                         float(step_stall[dec].sum()), int(tokens[~dec].sum()), float(step_time[~dec].sum()),
                         float(step_stall[~dec].sum()), decode_prefetch_work_s=float(step_work[dec].sum()),
                         decode_contention_s=float(step_cont[dec].sum()), decode_hint_s=float(step_hint[dec].sum()),
-                        prefetch_jobs_dropped=dropped, step_times=np.asarray(step_time, np.float64))
+                        prefetch_jobs_dropped=dropped, hint_sends=int(hint_sends),
+                        step_times=np.asarray(step_time, np.float64))

@@ -121,9 +121,9 @@ def measure_sharing(model, pf_cache, batch: int = 8, steps: int = 16, per_job: i
     (`Prefetcher`) gets a job of `per_job` experts of the next layer (`pf_cache` emptied each step, so
     each is fetched, verified and built) and, with `hint` (a store client's prefetch_hint), the store-hint
     thread a batch naming them. Forwards timed without jobs, with jobs, and with jobs and hints (the three
-    interleaved step by step, medians):
-    compute-thread seconds lost per prefetched expert and per hinted layer; and the prefetch thread's
-    time per expert while the compute runs (its jobs' wall time / experts)."""
+    interleaved step by step, medians): compute-thread seconds lost per prefetched expert and per store-hint
+    call (batches queued while a call is in flight merge into the next, as in the worker); the prefetch
+    thread's time per expert and a hint call's wall time while the compute runs."""
     from ..prefetch import Prefetcher
     from ..store_hints import StoreHinter
 
@@ -131,7 +131,15 @@ def measure_sharing(model, pf_cache, batch: int = 8, steps: int = 16, per_job: i
     layers = list(a.moe_layers)
     n = min(per_job, a.num_experts)
     prefetcher = Prefetcher(pf_cache)
-    hinter = StoreHinter(hint) if hint is not None else None
+    sends: list[tuple[float, bool]] = []  # (wall s, sent while the hints pass ran) of each store-hint call
+
+    def timed_hint(keys):
+        t0 = time.perf_counter()
+        out = hint(keys)
+        sends.append((time.perf_counter() - t0, mode["hints"]))
+        return out
+
+    hinter = StoreHinter(timed_hint) if hint is not None else None
     jobs: list[tuple[float, int]] = []  # (wall s, experts) of each prefetch the thread ran
     inner = pf_cache.prefetch
 
@@ -172,6 +180,8 @@ def measure_sharing(model, pf_cache, batch: int = 8, steps: int = 16, per_job: i
         deadline = time.perf_counter() + 1.0
         while not prefetcher.idle() and time.perf_counter() < deadline:  # steps measured one at a time
             time.sleep(0.0005)
+        if hinter is not None:
+            hinter.drain(1.0)
         return dt
 
     try:
@@ -190,9 +200,13 @@ def measure_sharing(model, pf_cache, batch: int = 8, steps: int = 16, per_job: i
     with_hints = statistics.median(times[(True, True)]) if hinter is not None else with_jobs
     per_step = len(layers) - 1
     expert_s = sum(d for d, _ in jobs) / max(1, sum(k for _, k in jobs))
+    hint_sends = [d for d, on in sends if on]
+    sends_per_step = len(hint_sends) / steps
     return {"compute_alone_s": alone, "compute_with_prefetch_s": with_jobs, "compute_with_hints_s": with_hints,
             "prefetch_compute_s": max(0.0, (with_jobs - alone) / (per_step * n)),
-            "hint_compute_s": max(0.0, (with_hints - with_jobs) / per_step) if hinter is not None else 0.0,
+            "hint_compute_s": max(0.0, (with_hints - with_jobs) / sends_per_step) if hint_sends else 0.0,
+            "hint_shared_s": statistics.median(hint_sends) if hint_sends else 0.0,
+            "hint_sends_per_step": sends_per_step,
             "prefetch_expert_shared_s": expert_s, "per_job": float(n)}
 
 
@@ -352,21 +366,23 @@ def measure_profile(pack_path: str | Path, fmt: str = "int4", store: str | None 
               f"{share['compute_with_prefetch_s'] * 1e3:.2f} ms with the prefetch thread fetching "
               f"{share['per_job']:.0f} experts per layer, {share['compute_with_hints_s'] * 1e3:.2f} ms with store "
               f"hints too: {share['prefetch_compute_s'] * 1e6:.0f} us of compute lost per prefetched expert, "
-              f"{share['hint_compute_s'] * 1e6:.0f} us per hinted layer; the prefetch thread takes "
+              f"{share['hint_compute_s'] * 1e6:.0f} us per store-hint call ({share['hint_sends_per_step']:.1f} "
+              f"calls per step, {share['hint_shared_s'] * 1e3:.2f} ms each); the prefetch thread takes "
               f"{share['prefetch_expert_shared_s'] * 1e6:.0f} us per expert meanwhile") if share else \
         "; sharing not measured (prefetching free for the compute thread)"
     return HardwareProfile(
         name, f"measured: {pack_path} ({fmt}, {cache.form}), experts from {how}, torch threads 1",
         link_bandwidth_Bps=nbytes / per, link_latency_s=lat, expert_setup_s=build, layer_s=comp["layer_s"],
         layer_token_s=comp["layer_token_s"], expert_compute_s=comp["expert_compute_s"], step_s=comp["step_s"],
-        expert_bytes=nbytes, prefetch_expert_s=pexp, prefetch_call_s=pcall, hint_s=hint, predict_s=pred1,
+        expert_bytes=nbytes, prefetch_expert_s=pexp, prefetch_call_s=pcall,
+        hint_s=share["hint_shared_s"] if share and share["hint_shared_s"] else hint, predict_s=pred1,
         predict_row_s=pred_row,
         prefetch_shared_s=share["prefetch_expert_shared_s"] if share else 0.0,
         prefetch_compute_s=share["prefetch_compute_s"] if share else 0.0,
         hint_compute_s=share["hint_compute_s"] if share else 0.0,
         measured=(f"demand wave {lat * 1e3:.3f} ms + {per * 1e3:.3f} ms/expert (fetch + build, {nbytes} B blobs); "
-                  f"prefetch job {pcall * 1e3:.3f} ms + {pexp * 1e3:.3f} ms/expert; store hint "
-                  f"{hint * 1e3:.3f} ms/layer; prediction (cross_layer, controller) {pred1 * 1e3:.3f} ms/layer + "
+                  f"prefetch job {pcall * 1e3:.3f} ms + {pexp * 1e3:.3f} ms/expert; store hint call "
+                  f"{hint * 1e3:.3f} ms alone; prediction (cross_layer, controller) {pred1 * 1e3:.3f} ms/layer + "
                   f"{pred_row * 1e3:.3f} ms/extra row; resident decode step {comp['batch1_step_s'] * 1e3:.2f} ms at batch 1, "
                   f"{comp[f'batch{batch}_step_s'] * 1e3:.2f} ms at batch {batch}; expert compute "
                   f"{comp['expert_compute_s'] * 1e6:.0f} us/row; engine overhead "

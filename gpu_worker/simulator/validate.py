@@ -43,7 +43,7 @@ class RunPrediction:
                 "stall_ms_per_token": round(c.stall_ms_per_decode_token, 3),
                 "prefetch_work_ms_per_token": round(c.per_decode_token_ms(c.decode_prefetch_work_s), 3),
                 "contention_ms_per_token": round(c.per_decode_token_ms(c.decode_contention_s), 3),
-                "prefetch_jobs_dropped": c.prefetch_jobs_dropped}
+                "prefetch_jobs_dropped": c.prefetch_jobs_dropped, "hint_sends": c.hint_sends}
 
 
 def window_steps(trace: Trace, requests: int) -> np.ndarray:

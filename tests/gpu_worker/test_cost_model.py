@@ -73,7 +73,8 @@ def test_more_prefetched_bytes_cost_more_time_all_else_equal():
     rows = [(e % 3, (e * 2) % 5) for e in range(12)]
     r = simulate(two_layers(rows, [[b] for _, b in rows]), SimConfig("lru", 12, predictor="recorded"))
     more = dataclasses.replace(r, step_prefetched=r.step_prefetched + np.array([0, 3], np.int32))
-    quick = dataclasses.replace(HAND, prefetch_expert_s=0.01)  # every job lands before its layer
+    # every job lands before its layer; no store hints (more prefetched layers would also name more hints)
+    quick = dataclasses.replace(HAND, prefetch_expert_s=0.01, hint_compute_s=0.0)
     base, wide = estimate_cost(r, quick, 250), estimate_cost(more, quick, 250)
     extra = 3 * len(rows)  # prefetched experts added
     assert wide.decode_s - base.decode_s == pytest.approx(extra * HAND.prefetch_compute_s)
@@ -169,3 +170,16 @@ def test_the_cli_shows_the_prefetch_terms(tmp_path, capsys):
     res = {r["predictor"]: r["cost"] for r in json.loads(out.read_text())["results"]}
     assert res["none"]["contention_ms_per_decode_token"] == 0
     assert res["recorded"]["contention_ms_per_decode_token"] > 0
+
+
+def test_store_hint_calls_merge_while_one_is_in_flight():
+    rows = [(e % 3, (e * 2) % 5) for e in range(12)]
+    r = simulate(two_layers(rows, [[b, (b + 1) % 6] for _, b in rows]), SimConfig("lru", 4, predictor="recorded"))
+    named = int((r.step_prefetched[:, 1] > 0).sum())  # steps whose layer 0 names a batch
+    assert named > 2
+    quick = estimate_cost(r, dataclasses.replace(HAND, hint_s=0.0), 250)
+    assert quick.hint_sends == named
+    # a call outlasting two steps: batches named meanwhile go out together, fewer calls, less compute lost
+    slow = estimate_cost(r, dataclasses.replace(HAND, hint_s=12.0), 250)
+    assert 0 < slow.hint_sends < named
+    assert slow.decode_hint_s == pytest.approx(slow.hint_sends * HAND.hint_compute_s)
