@@ -177,8 +177,10 @@ def median_profile(profiles: list, how: str):
 
 
 def validate_bench(bench: Path, trace_dir: Path, out: Path, profile_path: str | None, store_starter,
-                   repeats: int = 3) -> int:
+                   repeats: int = 3, hint_calls: str = "measured") -> int:
     """Predicted vs measured for a benchmark's own runs (module docstring)."""
+    import statistics
+
     from gpu_worker.simulator import load_profile
     from gpu_worker.simulator.measure import measure_profile
     from gpu_worker.simulator.validate import predict_run
@@ -216,7 +218,9 @@ def validate_bench(bench: Path, trace_dir: Path, out: Path, profile_path: str | 
         trace = traces[key][i]
         wl_name, wl = next(iter(run["workloads"].items()))
         sd = wl["stats_delta"]
-        pred = predict_run(trace, profile, int(sd["requests_total"]), store_hints=sd.get("store_hints_sent", 0) > 0)
+        calls = int(sd.get("store_hints_sent", 0))
+        pred = predict_run(trace, profile, int(sd["requests_total"]), store_hints=calls > 0,
+                           hint_calls=calls if hint_calls == "measured" else None)
         rows.append({"config": run["config"], "budget": run["budget"], "repeat": run["repeat"], "workload": wl_name,
                      "trace": trace.path, "measured_tok_s": round(wl["figures"]["decode_tokens_per_s"], 1),
                      "measured_prefetches": sd.get("prefetches_issued", 0), "measured_misses": sd["misses"],
@@ -248,8 +252,18 @@ def validate_bench(bench: Path, trace_dir: Path, out: Path, profile_path: str | 
                        "predicted": round(p, 3), "error": round(p / m - 1, 3), "within_15pct": abs(p / m - 1) <= 0.15,
                        "predicted_serving": round(ps, 3), "error_serving": round(ps / m - 1, 3),
                        "within_15pct_serving": abs(ps / m - 1) <= 0.15})
+    summary = []
+    for key in dict.fromkeys((q["config"], q["budget"]) for q in ratios):
+        g = [q for q in ratios if (q["config"], q["budget"]) == key]
+        m = statistics.median(q["measured"] for q in g)
+        p = statistics.median(q["predicted"] for q in g)
+        ps = statistics.median(q["predicted_serving"] for q in g)
+        summary.append({"config": key[0], "budget": key[1], "repeats": len(g), "measured": round(m, 3),
+                        "predicted": round(p, 3), "error": round(p / m - 1, 3),
+                        "predicted_serving": round(ps, 3), "error_serving": round(ps / m - 1, 3),
+                        "within_15pct": abs(p / m - 1) <= 0.15, "within_15pct_serving": abs(ps / m - 1) <= 0.15})
     (out / "bench_validation.json").write_text(json.dumps({"profile": asdict(profile), "runs": rows,
-                                                            "ratios_to_lru": ratios}, indent=1, default=float))
+                                                            "ratios_to_lru": ratios, "summary": summary}, indent=1, default=float))
     print(f"\n{'run':<20}{'measured':>9}{'predicted':>10}{'+serving':>9}{'stall':>7}{'pf work':>8}{'lost':>7}"
           f"{'pf meas/sim':>13}{'miss meas/sim':>14}{'hints meas/sim':>15}")
     for r in rows:
@@ -259,14 +273,21 @@ def validate_bench(bench: Path, trace_dir: Path, out: Path, profile_path: str | 
               f"{str(r['measured_prefetches']) + '/' + str(r['prefetched']):>13}"
               f"{str(r['measured_misses']) + '/' + str(r['misses']):>14}"
               f"{str(r['measured_hint_sends']) + '/' + str(r['hint_sends']):>15}")
-    print("(decode tok/s; ms per token: stall, prefetch thread busy, compute lost to prefetching; counts over the "
-          "whole trace (sim) and the workload (measured); +serving: with the all-resident run's per-step serving "
-          "cost)")
+    print("(decode tok/s; ms per token: stall, prefetch thread busy, compute lost to prefetching; counts: the "
+          f"benchmark's workload / the replay's window; store-hint calls: {hint_calls}; +serving: with the "
+          "all-resident run's per-step serving cost)")
     print(f"\n{'ratio to LRU':<20}{'measured':>9}{'predicted':>10}{'error':>8}{'+serving':>9}{'error':>8}")
     for q in ratios:
         print(f"{q['config'] + '@' + q['budget'] + '#' + str(q['repeat']):<20}{q['measured']:>9.3f}"
               f"{q['predicted']:>10.3f}{100 * q['error']:>7.1f}%{q['predicted_serving']:>9.3f}"
               f"{100 * q['error_serving']:>7.1f}%")
+    print(f"\nmedians over repeats: {'measured':>9}{'predicted':>10}{'error':>8}{'+serving':>9}{'error':>8}  "
+          f"within 15% (profile / +serving)")
+    for q in summary:
+        print(f"{q['config'] + '@' + q['budget'] + ' x' + str(q['repeats']):<22}{q['measured']:>9.3f}"
+              f"{q['predicted']:>10.3f}{100 * q['error']:>7.1f}%{q['predicted_serving']:>9.3f}"
+              f"{100 * q['error_serving']:>7.1f}%  {'yes' if q['within_15pct'] else 'NO'} / "
+              f"{'yes' if q['within_15pct_serving'] else 'NO'}")
     print(f"wrote {out / 'bench_validation.json'}")
     return 0
 
@@ -284,6 +305,9 @@ def main() -> int:
     ap.add_argument("--bench", default=None, help="a `python -m bench run` output directory (results.json)")
     ap.add_argument("--traces", default=None, help="with --bench: the runs' traces (--worker-arg=--trace-dir=DIR)")
     ap.add_argument("--profile", default=None, help="with --bench: a profile JSON instead of measuring one")
+    ap.add_argument("--hint-calls", default="measured", choices=("measured", "timed"),
+                    help="with --bench: charge the store-hint calls each run made (measured, its statistics) or "
+                         "those the hint thread's timing gives (timed: one call of the profile's hint_s in flight)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -292,7 +316,7 @@ def main() -> int:
     if a.bench:
         if not a.traces:
             ap.error("--bench needs --traces (the directory the runs recorded into)")
-        return validate_bench(Path(a.bench), Path(a.traces), out, a.profile, start_store, a.repeats or 3)
+        return validate_bench(Path(a.bench), Path(a.traces), out, a.profile, start_store, a.repeats or 3, a.hint_calls)
     pack_dir = Path(a.pack) if a.pack else out / "pack"
     if not (pack_dir / "manifest.json").exists():
         from expert_store.pack import write_pack

@@ -117,6 +117,7 @@ class CostEstimate:
     prefetch_jobs_dropped: int = 0  # jobs not started when the compute reached their layer (demand instead)
     hint_sends: int = 0  # store-hint calls charged (every step)
     step_times: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [S] projected seconds per step
+    step_hint_sends: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [S] calls charged
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -157,8 +158,18 @@ def resolve_expert_bytes(profile: HardwareProfile, trace: Trace, fmt: str) -> in
     raise SimulationError(f"{trace.path}: meta.expert_bytes has no {fmt!r} entry: give the profile's expert_bytes")
 
 
+def hint_batches(result: SimResult) -> np.ndarray:
+    """[S, L] bool: the layers that name a store-hint batch (layer l + 1 or l + 2 has experts to bring:
+    the replay prefetched some there)."""
+    pf = result.step_prefetched > 0
+    out = np.zeros_like(pf)
+    out[:, :-1] = pf[:, 1:]
+    out[:, :-2] |= pf[:, 2:]
+    return out
+
+
 def estimate_cost(result: SimResult, profile: HardwareProfile, expert_bytes: int,
-                  store_hints: bool | None = None) -> CostEstimate:
+                  store_hints: bool | None = None, hint_call_share: float | None = None) -> CostEstimate:
     """Wall-clock of the replayed steps on `profile`.
 
     As the worker runs a layer: its dense part; the resident and prefetched experts compute (waiting
@@ -175,7 +186,9 @@ def estimate_cost(result: SimResult, profile: HardwareProfile, expert_bytes: int
     bring (the replay prefetched some there: the hint names the predicted experts not resident); the hint
     thread has one call of `hint_s` in flight, batches named meanwhile go out together in the next. A job not started when the compute reaches its layer is dropped (its
     prefetch hits are fetched on demand instead); one still running is waited for when the layer uses
-    what it brings. The prefetch thread's clock carries over step boundaries.
+    what it brings. The prefetch thread's clock carries over step boundaries. `hint_call_share`: the
+    share of named batches that became a call, when a run measured it (its calls / `hint_batches`),
+    instead of the one-call-in-flight timing.
     """
     S, L = result.step_misses.shape
     tokens = result.step_tokens.astype(np.float64)
@@ -196,7 +209,8 @@ def estimate_cost(result: SimResult, profile: HardwareProfile, expert_bytes: int
     step_hint = np.zeros(S)
     step_cont = np.zeros(S)
     dropped = 0
-    hint_sends = 0
+    step_sends = np.zeros(S)
+    named = hint_batches(result)
     if not pf.any() and not hint_c and not predicting:  # load on demand: closed form, vectorized
         fetch = wv * lat + ms * per  # [S, L]
         step_stall = fetch.sum(axis=1)
@@ -235,10 +249,12 @@ def estimate_cost(result: SimResult, profile: HardwareProfile, expert_bytes: int
                     # a hint batch is named when layers l + 1, l + 2 have experts that are not resident here;
                     # one call in flight at a time: what is named meanwhile goes out in the next call
                     h = 0.0
-                    if hint_pending and t >= hint_free:
+                    if hint_call_share is not None:
+                        h = hint_call_share * hint_c if named[s, l] else 0.0
+                    elif hint_pending and t >= hint_free:
                         hint_free += hs  # the merged call went out when the last one ended
                         hint_pending, h = False, hint_c
-                    if hint_c and (n or (l + 2 < L and pf[s, l + 2])):
+                    if hint_c and hint_call_share is None and named[s, l]:
                         if t >= hint_free:
                             hint_free = t + hs
                             h += hint_c
@@ -248,7 +264,7 @@ def estimate_cost(result: SimResult, profile: HardwareProfile, expert_bytes: int
                     t += cost
                     step_cont[s] += cost
                     step_hint[s] += h
-                    hint_sends += round(h / hint_c) if h else 0
+                    step_sends[s] += h / hint_c if h else 0.0
                 t += (lk[s, l] - ms[s, l] - extra) * ec
                 fetch = wv[s, l] * lat + ms[s, l] * per + (lat + extra * per if extra else 0.0)
                 if fetch:
@@ -266,5 +282,5 @@ def estimate_cost(result: SimResult, profile: HardwareProfile, expert_bytes: int
                         float(step_stall[dec].sum()), int(tokens[~dec].sum()), float(step_time[~dec].sum()),
                         float(step_stall[~dec].sum()), decode_prefetch_work_s=float(step_work[dec].sum()),
                         decode_contention_s=float(step_cont[dec].sum()), decode_hint_s=float(step_hint[dec].sum()),
-                        prefetch_jobs_dropped=dropped, hint_sends=int(hint_sends),
-                        step_times=np.asarray(step_time, np.float64))
+                        prefetch_jobs_dropped=dropped, hint_sends=int(round(step_sends.sum())),
+                        step_times=np.asarray(step_time, np.float64), step_hint_sends=step_sends)
