@@ -184,11 +184,11 @@ def estimate_cost(result: SimResult, profile: HardwareProfile, expert_bytes: int
     them (the measured slowdown), and with store hints (default: whenever the replay had a predictor)
     `hint_compute_s` per store-hint call: layer l names a batch when layer l + 1 or l + 2 has experts to
     bring (the replay prefetched some there: the hint names the predicted experts not resident); the hint
-    thread has one call of `hint_s` in flight, batches named meanwhile go out together in the next. A job not started when the compute reaches its layer is dropped (its
-    prefetch hits are fetched on demand instead); one still running is waited for when the layer uses
-    what it brings. The prefetch thread's clock carries over step boundaries. `hint_call_share`: the
-    share of named batches that became a call, when a run measured it (its calls / `hint_batches`),
-    instead of the one-call-in-flight timing.
+    thread has one call of `hint_s` in flight, batches named meanwhile go out together in the next. A job
+    not started when the compute reaches its layer is dropped (its prefetch hits are fetched on demand
+    instead); one still running is waited for when the layer uses what it brings. The prefetch thread's
+    clock carries over step boundaries. `hint_call_share`: the share of named batches that became a call,
+    when a run measured it (its calls / `hint_batches`), instead of the one-call-in-flight timing.
     """
     S, L = result.step_misses.shape
     tokens = result.step_tokens.astype(np.float64)

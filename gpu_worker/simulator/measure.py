@@ -6,7 +6,9 @@ imported by `simulate --measure` only).
 
 Link: the cache's own demand path (`ExpertCache.iter_experts` of n experts that all miss: one
 batched fetch + building each compute form + bookkeeping), timed for n = 1 and n = 8; latency per
-wave and time per expert from a line through the two medians. Compute: decode forwards with every
+wave and time per expert from a line through the two medians; then the time per expert is replaced by what
+a miss costs in steady state (`measure_demand`: decode forwards over a 25% LRU cache against the same
+tokens over a full one: evictions, fresh compute forms and all). Compute: decode forwards with every
 expert resident (the same cache at 100%, warm), medians at batch 1 and at `batch`; one expert's
 compute on one row and the LM head timed alone; then
     step(T) = step_s + L * (layer_s + (T - 1) * layer_token_s) + expert_compute_s * sum_l distinct_l
@@ -15,8 +17,9 @@ solved for layer_s (batch 1) and layer_token_s (batch `batch`). Prefetch: the ca
 insert), a line through n = 1 and n = 8 as for the link; with a store, one store-hint call of a layer's
 experts (`StoreClient.prefetch_hint`). Sharing: decode forwards at `batch` (every expert resident) and a
 the worker's own prefetch thread fed one job per MoE layer (and, with a store, the store-hint thread one
-batch), as the controller feeds them: what the compute thread loses per prefetched expert and per hinted
-layer, and the prefetch thread's time per expert meanwhile (`measure_sharing`). Medians, because this machine is shared and noisy.
+batch), as the controller feeds them: what the compute thread loses per prefetched expert and per
+store-hint call, and the threads' own times meanwhile (`measure_sharing`). Medians, because this machine
+is shared and noisy.
 """
 
 from __future__ import annotations
@@ -63,6 +66,29 @@ def measure_link(cache, repeats: int = 15, sizes: tuple[int, int] = (1, 8)) -> t
     per = max(1e-7, (med[n2] - med[n1]) / (n2 - n1))
     blob = cache.fetcher.fetch([(a.moe_layers[0], 0, cache.fmt)])[0]
     return max(0.0, med[n1] - n1 * per), per, blob.nbytes
+
+
+def measure_demand(model, small_model, small_cache, batch: int = 8, steps: int = 12, lat: float = 0.0) -> float:
+    """Seconds one demand miss costs the compute thread in steady state: decode forwards at `batch` over
+    `model` (every expert resident) and over `small_model` (the same weights, `small_cache` a small LRU
+    budget: misses, evictions, fresh compute forms), the same tokens, steps interleaved; the median
+    per-step difference, less `lat` per layer with misses, per miss. Returns 0 if nothing missed."""
+    full = _Decoder(model, batch, steps + 3, seed=4)
+    small = _Decoder(small_model, batch, steps + 3, seed=4)
+    layers = [small_cache.ledger.layer(layer) for layer in model.args.moe_layers]
+    for _ in range(2):
+        full.step()
+        small.step()
+    per: list[float] = []
+    for _ in range(steps):
+        before = [L.stats.misses for L in layers]
+        dt_small = small.step()
+        dt_full = full.step()
+        missed = [L.stats.misses - b for L, b in zip(layers, before)]
+        n = sum(missed)
+        if n:
+            per.append((dt_small - dt_full - lat * sum(1 for m in missed if m)) / n)
+    return max(0.0, statistics.median(per)) if per else 0.0
 
 
 def measure_prefetch(cache, repeats: int = 9, sizes: tuple[int, int] = (1, 8)) -> tuple[float, float]:
@@ -328,7 +354,7 @@ def measure_profile(pack_path: str | Path, fmt: str = "int4", store: str | None 
     """Measure on this machine: experts from `store` (its shm/gRPC path) or straight from the pack."""
     from expert_store.packfile import Pack
 
-    from ..cache import ExpertCache, full_budget_bytes
+    from ..cache import ExpertCache, full_budget_bytes, min_budget_bytes
     from ..runtime import build_model
     from ..store_client import PackFetcher
 
@@ -350,11 +376,17 @@ def measure_profile(pack_path: str | Path, fmt: str = "int4", store: str | None 
             if client is not None:
                 how += f" ({client.transport})"
             lat, per, nbytes = measure_link(cache)
+            link_per = per
             pf_cache = ExpertCache(pack.args, fetcher, fmt, "auto", cpu, full)
             pcall, pexp = measure_prefetch(pf_cache)
             hint = measure_hint(client, pack.args) if client is not None else 0.0
             model = build_model(pack, cache, cpu)
             comp = measure_compute(model, cache, batch)
+            small_cache = ExpertCache(pack.args, fetcher, fmt, "auto", cpu, max(full // 4, min_budget_bytes(
+                pack.args, fmt, "auto", cpu)), policy="lru")
+            miss = measure_demand(model, build_model(pack, small_cache, cpu), small_cache, batch, lat=lat)
+            if miss > 0:  # the steady state's miss (eviction, fresh forms) over the emptied cache's
+                per = miss
             pred1, pred_row = measure_predictor(model, cache, batch)
             share = measure_sharing(model, pf_cache, batch,
                                     hint=client.prefetch_hint if client is not None else None) if sharing else None
@@ -380,10 +412,12 @@ def measure_profile(pack_path: str | Path, fmt: str = "int4", store: str | None 
         prefetch_shared_s=share["prefetch_expert_shared_s"] if share else 0.0,
         prefetch_compute_s=share["prefetch_compute_s"] if share else 0.0,
         hint_compute_s=share["hint_compute_s"] if share else 0.0,
-        measured=(f"demand wave {lat * 1e3:.3f} ms + {per * 1e3:.3f} ms/expert (fetch + build, {nbytes} B blobs); "
+        measured=(f"demand wave {lat * 1e3:.3f} ms + {per * 1e3:.3f} ms/expert (fetch + build, {nbytes} B blobs; "
+                  f"{link_per * 1e3:.3f} ms into an emptied cache, {miss * 1e3:.3f} ms per miss in decode at 25%); "
                   f"prefetch job {pcall * 1e3:.3f} ms + {pexp * 1e3:.3f} ms/expert; store hint call "
                   f"{hint * 1e3:.3f} ms alone; prediction (cross_layer, controller) {pred1 * 1e3:.3f} ms/layer + "
-                  f"{pred_row * 1e3:.3f} ms/extra row; resident decode step {comp['batch1_step_s'] * 1e3:.2f} ms at batch 1, "
+                  f"{pred_row * 1e3:.3f} ms/extra row; resident decode step "
+                  f"{comp['batch1_step_s'] * 1e3:.2f} ms at batch 1, "
                   f"{comp[f'batch{batch}_step_s'] * 1e3:.2f} ms at batch {batch}; expert compute "
                   f"{comp['expert_compute_s'] * 1e6:.0f} us/row; engine overhead "
                   f"{comp['engine_extra_s'] * 1e3:.2f} ms/step" + shared))

@@ -183,3 +183,19 @@ def test_store_hint_calls_merge_while_one_is_in_flight():
     slow = estimate_cost(r, dataclasses.replace(HAND, hint_s=12.0), 250)
     assert 0 < slow.hint_sends < named
     assert slow.decode_hint_s == pytest.approx(slow.hint_sends * HAND.hint_compute_s)
+
+
+def test_the_demand_calibration_counts_steady_state_misses(tiny, tiny_mixtral_pack):
+    from expert_store.packfile import Pack
+    from gpu_worker.cache import ExpertCache, min_budget_bytes
+    from gpu_worker.runtime import build_model
+    from gpu_worker.simulator.measure import measure_demand
+    from gpu_worker.store_client import PackFetcher
+
+    model, cache, _ = tiny
+    cpu = torch.device("cpu")
+    with Pack.open(tiny_mixtral_pack) as pack:
+        small = ExpertCache(pack.args, PackFetcher(pack), "int4", "auto", cpu,
+                            min_budget_bytes(pack.args, "int4", "auto", cpu), policy="lru")
+        per = measure_demand(model, build_model(pack, small, cpu), small, batch=2, steps=2)
+        assert per >= 0 and small.stats().total.misses > 0 and small.stats().total.evictions > 0
