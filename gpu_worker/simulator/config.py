@@ -83,6 +83,9 @@ class SimResult:
     seconds: float
     notes: list[str] = field(default_factory=list)
     resident: list[list[int]] = field(default_factory=list)  # per layer, at the end of the replay (sorted)
+    step_prefetch_waiting: np.ndarray | None = None
+    """[S, L] of the prefetched experts, those that found no room when their job was queued (at the previous
+    layer's gate input, before its demand call and trim): the worker's prefetch thread waits for room."""
 
     @property
     def hit_rate(self) -> float:

@@ -58,6 +58,9 @@ class HardwareProfile:
     per expert. 0: the overlap is free (a DMA engine)."""
     hint_compute_s: float = 0.0
     """Compute-thread time lost per store-hint call (measured likewise)."""
+    room_wait_compute_s: float = 0.0
+    """Compute-thread time lost per MoE layer while a prefetch waits for room (the prefetch thread woken by
+    each of the compute's notifications on the cache's one condition), measured likewise."""
 
 
 # "this-machine": the dev box (2 shared CPU cores, torch 1 thread, tiny-mixtral int4 as int4_fused, store over
@@ -180,8 +183,10 @@ def estimate_cost(result: SimResult, profile: HardwareProfile, expert_bytes: int
     predict_row_s). The next layer's proposals become a job of the prefetch thread at this layer's gate
     input (after its dense part), queued behind the thread's earlier jobs and behind demand fetches
     (demand outranks prefetch): `prefetch_call_s + n * prefetch_shared_s` for the n experts the replay
-    inserted. Prefetching is not free overlap: the compute thread pays `n * prefetch_compute_s` for
-    them (the measured slowdown), and with store hints (default: whenever the replay had a predictor)
+    inserted; those the replay found no room for at the gate input (`step_prefetch_waiting`) wait for
+    this layer's trim (the end of its demand call), in a second call. Prefetching is not free overlap: the compute thread pays `n * prefetch_compute_s` for
+    them (the measured slowdown), `room_wait_compute_s` for a layer during which a job waits for room,
+    and with store hints (default: whenever the replay had a predictor)
     `hint_compute_s` per store-hint call: layer l names a batch when layer l + 1 or l + 2 has experts to
     bring (the replay prefetched some there: the hint names the predicted experts not resident); the hint
     thread has one call of `hint_s` in flight, batches named meanwhile go out together in the next. A job
@@ -197,6 +202,7 @@ def estimate_cost(result: SimResult, profile: HardwareProfile, expert_bytes: int
     lat = profile.link_latency_s
     lk, ms, wv = result.step_lookups, result.step_misses, result.step_waves
     pf, ph = result.step_prefetched, result.step_prefetch_hits
+    wait = result.step_prefetch_waiting if result.step_prefetch_waiting is not None else np.zeros_like(pf)
     ec = profile.expert_compute_s
     predicting = result.config.predictor != "none"
     hints = predicting if store_hints is None else store_hints
@@ -239,13 +245,16 @@ def estimate_cost(result: SimResult, profile: HardwareProfile, expert_bytes: int
                     elif end > t and ph[s, l]:
                         stall += end - t
                         t = end
+                waiting = 0
                 if l + 1 < L:  # the next layer's proposals, from this layer's gate input
                     n = int(pf[s, l + 1])
+                    waiting = int(wait[s, l + 1]) if n else 0
                     if n:
                         start = max(t, pf_free)
-                        pf_free = start + pc + n * pe
+                        now = n - waiting  # those with room now; the others after this layer's trim
+                        pf_free = start + (pc + now * pe if now else 0.0)
                         jobs[l + 1] = (start, pf_free)
-                        step_work[s] += pc + n * pe
+                        step_work[s] += pc * ((now > 0) + (waiting > 0)) + n * pe
                     # a hint batch is named when layers l + 1, l + 2 have experts that are not resident here;
                     # one call in flight at a time: what is named meanwhile goes out in the next call
                     h = 0.0
@@ -260,7 +269,7 @@ def estimate_cost(result: SimResult, profile: HardwareProfile, expert_bytes: int
                             h += hint_c
                         else:
                             hint_pending = True
-                    cost = n * kc + h
+                    cost = n * kc + h + (profile.room_wait_compute_s if waiting else 0.0)
                     t += cost
                     step_cont[s] += cost
                     step_hint[s] += h
@@ -275,6 +284,11 @@ def estimate_cost(result: SimResult, profile: HardwareProfile, expert_bytes: int
                     t += fetch
                     stall += fetch
                     t += (ms[s, l] + extra) * ec
+                if waiting:  # this layer's call has ended: its trim makes room for the rest of the job
+                    start, end = jobs[l + 1]
+                    later = max(end, t)
+                    pf_free = later + pc + waiting * pe
+                    jobs[l + 1] = (start if end > start else later, pf_free)
             step_time[s] = t - t0
             step_stall[s] = stall
     dec = result.step_decode

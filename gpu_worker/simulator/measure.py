@@ -140,16 +140,36 @@ class _Decoder:
         return time.perf_counter() - t0
 
 
+def room_cache_for(cache, fetcher, fmt: str):
+    """A cache whose prefetches find no room, sharing `cache`'s lock and condition (as the worker's one
+    cache shares it with its prefetch thread): half the experts' budget, filled by the first half of the
+    layers, so a prefetch for a later layer has neither a free unit nor an expert of its own to evict."""
+    from ..cache import ExpertCache
+    from ..policy import make_allocation
+
+    a = cache.args
+    half = a.moe_layers[:len(a.moe_layers) // 2]
+    room = ExpertCache(a, fetcher, fmt, cache.form, cache.device, len(half) * a.num_experts * cache.expert_bytes,
+                       policy="lru", allocation=make_allocation("shallow_favoring", len(half)))
+    for layer in half:
+        for _ in room.iter_experts(layer, list(range(a.num_experts))):
+            pass
+    room.cond = cache.cond
+    return room
+
+
 def measure_sharing(model, pf_cache, batch: int = 8, steps: int = 16, per_job: int = 8,
-                    hint=None) -> dict[str, float]:
+                    hint=None, room_cache=None) -> dict[str, float]:
     """What prefetching costs the compute thread: decode forwards at `batch` (the model's cache holding
     every expert, so no stalls) while, at every MoE layer's gate input, the worker's own prefetch thread
     (`Prefetcher`) gets a job of `per_job` experts of the next layer (`pf_cache` emptied each step, so
     each is fetched, verified and built) and, with `hint` (a store client's prefetch_hint), the store-hint
-    thread a batch naming them. Forwards timed without jobs, with jobs, and with jobs and hints (the three
-    interleaved step by step, medians): compute-thread seconds lost per prefetched expert and per store-hint
-    call (batches queued while a call is in flight merge into the next, as in the worker); the prefetch
-    thread's time per expert and a hint call's wall time while the compute runs."""
+    thread a batch naming them; with `room_cache` (`room_cache_for`), a prefetch thread whose jobs find no
+    room waits for it on the compute's own condition, woken by each of its notifications. Forwards timed
+    alone and in each mode, the modes interleaved step by step (medians): compute-thread seconds lost per
+    prefetched expert, per store-hint call (batches queued while a call is in flight merge into the next,
+    as in the worker) and per layer a prefetch waits for room; the prefetch thread's time per expert and a
+    hint call's wall time while the compute runs."""
     from ..prefetch import Prefetcher
     from ..store_hints import StoreHinter
 
@@ -157,12 +177,13 @@ def measure_sharing(model, pf_cache, batch: int = 8, steps: int = 16, per_job: i
     layers = list(a.moe_layers)
     n = min(per_job, a.num_experts)
     prefetcher = Prefetcher(pf_cache)
+    waiter = Prefetcher(room_cache) if room_cache is not None else None
     sends: list[tuple[float, bool]] = []  # (wall s, sent while the hints pass ran) of each store-hint call
 
     def timed_hint(keys):
         t0 = time.perf_counter()
         out = hint(keys)
-        sends.append((time.perf_counter() - t0, mode["hints"]))
+        sends.append((time.perf_counter() - t0, mode == "hints"))
         return out
 
     hinter = StoreHinter(timed_hint) if hint is not None else None
@@ -177,8 +198,9 @@ def measure_sharing(model, pf_cache, batch: int = 8, steps: int = 16, per_job: i
         return res
 
     pf_cache.prefetch = timed_prefetch  # the instance's: the thread calls it like the worker's
-    mode = {"jobs": False, "hints": False}
+    mode = "alone"
     rng = np.random.default_rng(3)
+    waits = [0]  # layer steps with a job waiting for room
 
     class Feed:
         def on_gate_input(self, layer, h):
@@ -186,26 +208,33 @@ def measure_sharing(model, pf_cache, batch: int = 8, steps: int = 16, per_job: i
             if m + 1 >= len(layers):
                 return
             ids = rng.choice(a.num_experts, n, replace=False).tolist()
-            if mode["jobs"]:
+            if mode in ("jobs", "hints"):
                 prefetcher.submit(pf_cache.step_seq, m + 1, layers[m + 1], ids)
-            if mode["hints"] and hinter is not None:
+            if mode == "hints" and hinter is not None:
                 hinter.submit([(layers[m + 1], e, pf_cache.fmt) for e in ids])
+            if mode == "room" and waiter is not None:
+                target = layers[len(layers) // 2 + m % (len(layers) - len(layers) // 2)]
+                waiter.submit(room_cache.step_seq, layers.index(target), target, ids)
+                waits[0] += 1
 
         def on_routing(self, layer, ids, w):
             pass
 
-    dec = _Decoder(model, batch, 3 * steps + 4, observer=Feed())
+    modes = ["alone", "jobs"] + (["hints"] if hinter is not None else []) + (["room"] if waiter else [])
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    dec = _Decoder(model, batch, len(modes) * steps + 4, observer=Feed())
 
-    modes = [(False, False), (True, False)] + ([(True, True)] if hinter is not None else [])
-    times: dict[tuple[bool, bool], list[float]] = {m: [] for m in modes}
-
-    def one_step(jobs_on: bool, hints_on: bool) -> float:
-        mode["jobs"], mode["hints"] = jobs_on, hints_on
+    def one_step(m: str) -> float:
+        nonlocal mode
+        mode = m
         pf_cache.clear()
         dt = dec.step()
+        mode = "alone"
+        if m == "room":
+            room_cache.begin_step()  # the waiting jobs are stale now: the thread drops them
         deadline = time.perf_counter() + 1.0
-        while not prefetcher.idle() and time.perf_counter() < deadline:  # steps measured one at a time
-            time.sleep(0.0005)
+        while not (prefetcher.idle() and (waiter is None or waiter.idle())) and time.perf_counter() < deadline:
+            time.sleep(0.0005)  # steps measured one at a time
         if hinter is not None:
             hinter.drain(1.0)
         return dt
@@ -215,25 +244,29 @@ def measure_sharing(model, pf_cache, batch: int = 8, steps: int = 16, per_job: i
             dec.step()
         for _ in range(steps):  # the modes interleaved step by step: the machine's load drifts
             for m in modes:
-                times[m].append(one_step(*m))
+                times[m].append(one_step(m))
     finally:
         prefetcher.close()
+        if waiter is not None:
+            waiter.close()
         if hinter is not None:
             hinter.close()
         del pf_cache.prefetch
-    alone = statistics.median(times[(False, False)])
-    with_jobs = statistics.median(times[(True, False)])
-    with_hints = statistics.median(times[(True, True)]) if hinter is not None else with_jobs
+    alone = statistics.median(times["alone"])
+    with_jobs = statistics.median(times["jobs"])
+    with_hints = statistics.median(times["hints"]) if hinter is not None else with_jobs
+    with_room = statistics.median(times["room"]) if waiter is not None else alone
     per_step = len(layers) - 1
     expert_s = sum(d for d, _ in jobs) / max(1, sum(k for _, k in jobs))
     hint_sends = [d for d, on in sends if on]
     sends_per_step = len(hint_sends) / steps
     return {"compute_alone_s": alone, "compute_with_prefetch_s": with_jobs, "compute_with_hints_s": with_hints,
+            "compute_with_room_wait_s": with_room,
             "prefetch_compute_s": max(0.0, (with_jobs - alone) / (per_step * n)),
             "hint_compute_s": max(0.0, (with_hints - with_jobs) / sends_per_step) if hint_sends else 0.0,
+            "room_wait_compute_s": max(0.0, (with_room - alone) / per_step) if waiter is not None else 0.0,
             "hint_shared_s": statistics.median(hint_sends) if hint_sends else 0.0,
-            "hint_sends_per_step": sends_per_step,
-            "prefetch_expert_shared_s": expert_s, "per_job": float(n)}
+            "hint_sends_per_step": sends_per_step, "prefetch_expert_shared_s": expert_s, "per_job": float(n)}
 
 
 def measure_predictor(model, cache, batch: int = 8, steps: int = 12, predictor: str = "cross_layer",
@@ -388,8 +421,8 @@ def measure_profile(pack_path: str | Path, fmt: str = "int4", store: str | None 
             if miss > 0:  # the steady state's miss (eviction, fresh forms) over the emptied cache's
                 per = miss
             pred1, pred_row = measure_predictor(model, cache, batch)
-            share = measure_sharing(model, pf_cache, batch,
-                                    hint=client.prefetch_hint if client is not None else None) if sharing else None
+            share = measure_sharing(model, pf_cache, batch, hint=client.prefetch_hint if client is not None else None,
+                                    room_cache=room_cache_for(cache, fetcher, fmt)) if sharing else None
         finally:
             if client is not None:
                 client.close()
@@ -399,7 +432,9 @@ def measure_profile(pack_path: str | Path, fmt: str = "int4", store: str | None 
               f"{share['per_job']:.0f} experts per layer, {share['compute_with_hints_s'] * 1e3:.2f} ms with store "
               f"hints too: {share['prefetch_compute_s'] * 1e6:.0f} us of compute lost per prefetched expert, "
               f"{share['hint_compute_s'] * 1e6:.0f} us per store-hint call ({share['hint_sends_per_step']:.1f} "
-              f"calls per step, {share['hint_shared_s'] * 1e3:.2f} ms each); the prefetch thread takes "
+              f"calls per step, {share['hint_shared_s'] * 1e3:.2f} ms each), "
+              f"{share['room_wait_compute_s'] * 1e6:.0f} us per layer a prefetch waits for room "
+              f"({share['compute_with_room_wait_s'] * 1e3:.2f} ms per forward); the prefetch thread takes "
               f"{share['prefetch_expert_shared_s'] * 1e6:.0f} us per expert meanwhile") if share else \
         "; sharing not measured (prefetching free for the compute thread)"
     return HardwareProfile(
@@ -412,6 +447,7 @@ def measure_profile(pack_path: str | Path, fmt: str = "int4", store: str | None 
         prefetch_shared_s=share["prefetch_expert_shared_s"] if share else 0.0,
         prefetch_compute_s=share["prefetch_compute_s"] if share else 0.0,
         hint_compute_s=share["hint_compute_s"] if share else 0.0,
+        room_wait_compute_s=share["room_wait_compute_s"] if share else 0.0,
         measured=(f"demand wave {lat * 1e3:.3f} ms + {per * 1e3:.3f} ms/expert (fetch + build, {nbytes} B blobs; "
                   f"{link_per * 1e3:.3f} ms into an emptied cache, {miss * 1e3:.3f} ms per miss in decode at 25%); "
                   f"prefetch job {pcall * 1e3:.3f} ms + {pexp * 1e3:.3f} ms/expert; store hint call "

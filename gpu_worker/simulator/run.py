@@ -6,7 +6,8 @@ first, ties: lower id), exactly as `gpu_worker.cache.ExpertCache` runs it for lo
 fidelity tests hold it to the worker's counters). Prefetch (a predictor) follows
 `PrefetchController` + `ExpertCache.prefetch` without timing: the proposals for layer m + 1
 (predicted before layer m is observed, rows merged by `merge_ranked`) land just before layer
-m + 1's lookup (`CacheLedger.replay_prefetch`).
+m + 1's lookup (`CacheLedger.replay_prefetch`); how many of them would have found no room when the
+job was queued (at layer m's gate input, before m's trim) is counted for the cost model.
 
 `flat` semantics: the (token, expert) sequence of the published studies (../shared/traces/README.md):
 each trace row is its own step, each routed cell an access to per-layer caches of fixed slots
@@ -204,6 +205,7 @@ def _run_worker(rp: Replay, cfg: SimConfig, slots: list[int], policies: list[Rep
     miss_events: list[tuple[int, int, int, int]] = []  # (step, layer, misses, waves)
     pf_events: list[tuple[int, int, int]] = []  # (step, layer, prefetched)
     phit_events: list[tuple[int, int, int]] = []  # (step, layer, prefetch hits)
+    wait_events: list[tuple[int, int, int]] = []  # (step, layer, proposals without room at the gate input)
     belady = bool(policies) and isinstance(policies[0], BeladyPolicy)
     ages = any(type(p).on_step is not ReplacementPolicy.on_step for p in policies)
 
@@ -271,6 +273,15 @@ def _run_worker(rp: Replay, cfg: SimConfig, slots: list[int], policies: list[Rep
                     if any_prefill:
                         lists = [row[:K] if pre else row for row, pre in zip(lists, prefill_rows)]
                     proposals = merge_ranked(lists, K)
+                    if proposals:  # room for them now, at this layer's gate input (its trim is still ahead)
+                        nxt = layers[col + 1]
+                        R = nxt.resident
+                        todo = sum(1 for e in proposals if e not in R and e not in nxt.pending)
+                        if todo > ledger.free:
+                            prot = set(proposals)
+                            room = ledger.free + sum(1 for e in nxt.evictable() if e not in prot)
+                            if todo > room:
+                                wait_events.append((s, col + 1, todo - room))
                 else:
                     proposals = []
                 rows = experts_np[starts[s]:ends[s], col, :].tolist()
@@ -301,5 +312,10 @@ def _run_worker(rp: Replay, cfg: SimConfig, slots: list[int], policies: list[Rep
         if events:
             ev = np.array(events, np.int64)
             r[name][ev[:, 0], ev[:, 1]] = ev[:, k]
+    waiting = np.zeros((S, L), np.int32)
+    if wait_events:
+        ev = np.array(wait_events, np.int64)
+        waiting[ev[:, 0], ev[:, 1]] = ev[:, 2]
     return SimResult(**r, step_tokens=rp.step_tokens, step_decode=rp.step_decode, cells=rp.N * rp.L,
-                     seconds=time.perf_counter() - t0, notes=notes, resident=[sorted(Lg.resident) for Lg in layers])
+                     seconds=time.perf_counter() - t0, notes=notes, resident=[sorted(Lg.resident) for Lg in layers],
+                     step_prefetch_waiting=np.minimum(waiting, r["step_prefetched"]))

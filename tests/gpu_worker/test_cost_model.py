@@ -199,3 +199,20 @@ def test_the_demand_calibration_counts_steady_state_misses(tiny, tiny_mixtral_pa
                             min_budget_bytes(pack.args, "int4", "auto", cpu), policy="lru")
         per = measure_demand(model, build_model(pack, small, cpu), small, batch=2, steps=2)
         assert per >= 0 and small.stats().total.misses > 0 and small.stats().total.evictions > 0
+
+
+def test_prefetches_without_room_wait_for_the_layers_trim():
+    # one slot per layer: in step 1, when layer 0's gate input queues [3, 4] for layer 1, nothing is free and
+    # layer 1 holds one expert outside the list (1): room for one of two; one lands (3), counted as waiting
+    t = two_layers([(0, 1), (0, 3)], [[1, 2], [3, 4]])
+    r = simulate(t, SimConfig("lru", 2, predictor="recorded"))
+    assert r.step_prefetched[1, 1] == 1 and r.step_prefetch_waiting[1, 1] == 1 and r.step_prefetch_hits[1, 1] == 1
+    assert r.step_prefetch_waiting[0].sum() == 0
+    room = dataclasses.replace(HAND, room_wait_compute_s=0.07)
+    # step 1: 1 + 1.01; the job's compute cost 0.05 + 0.02 (hint) + 0.07 (waiting for room); layer 0's hit 0.1,
+    # its call ends at 2.25: the job runs 0.2 + 0.3 from there (to 2.75); layer 1 at 3.26, its hit 0.1
+    c = estimate_cost(r, room, 250)
+    assert c.step_times[1] == pytest.approx(3.36)
+    assert c.step_times[1] - estimate_cost(r, HAND, 250).step_times[1] == pytest.approx(0.07)
+    slow = estimate_cost(r, dataclasses.replace(room, prefetch_expert_s=3.0), 250)
+    assert slow.step_times[1] == pytest.approx(2.25 + 0.2 + 3.0 + 0.1)  # layer 1 waits for the late job
