@@ -258,12 +258,22 @@ def validate_bench(bench: Path, trace_dir: Path, out: Path, profile_path: str | 
         m = statistics.median(q["measured"] for q in g)
         p = statistics.median(q["predicted"] for q in g)
         ps = statistics.median(q["predicted_serving"] for q in g)
-        summary.append({"config": key[0], "budget": key[1], "repeats": len(g), "measured": round(m, 3),
+        cell = {}  # the ratio of the cells' medians over repeats (per-repeat ratios above)
+        for name, cfg in (("fate", key[0]), ("lru", "lru")):
+            runs_ = [r for r in rows if r["config"] == cfg and r["budget"] == key[1]]
+            cell[name] = {k: statistics.median(r[k] for r in runs_) for k in
+                          ("measured_tok_s", "predicted_tok_s", "predicted_serving_tok_s")}
+        cm = cell["fate"]["measured_tok_s"] / cell["lru"]["measured_tok_s"]
+        cp = cell["fate"]["predicted_serving_tok_s"] / cell["lru"]["predicted_serving_tok_s"]
+        summary.append({"config": key[0], "budget": key[1], "repeats": len(g),
+                        "measured_of_medians": round(cm, 3), "predicted_serving_of_medians": round(cp, 3),
+                        "error_serving_of_medians": round(cp / cm - 1, 3), "measured": round(m, 3),
                         "predicted": round(p, 3), "error": round(p / m - 1, 3),
                         "predicted_serving": round(ps, 3), "error_serving": round(ps / m - 1, 3),
                         "within_15pct": abs(p / m - 1) <= 0.15, "within_15pct_serving": abs(ps / m - 1) <= 0.15})
-    (out / "bench_validation.json").write_text(json.dumps({"profile": asdict(profile), "runs": rows,
-                                                            "ratios_to_lru": ratios, "summary": summary}, indent=1, default=float))
+    (out / "bench_validation.json").write_text(json.dumps(
+        {"profile": asdict(profile), "runs": rows, "ratios_to_lru": ratios, "summary": summary}, indent=1,
+        default=float))
     print(f"\n{'run':<20}{'measured':>9}{'predicted':>10}{'+serving':>9}{'stall':>7}{'pf work':>8}{'lost':>7}"
           f"{'pf meas/sim':>13}{'miss meas/sim':>14}{'hints meas/sim':>15}")
     for r in rows:
@@ -288,6 +298,10 @@ def validate_bench(bench: Path, trace_dir: Path, out: Path, profile_path: str | 
               f"{q['predicted']:>10.3f}{100 * q['error']:>7.1f}%{q['predicted_serving']:>9.3f}"
               f"{100 * q['error_serving']:>7.1f}%  {'yes' if q['within_15pct'] else 'NO'} / "
               f"{'yes' if q['within_15pct_serving'] else 'NO'}")
+    print(f"\nratio of the cells' medians: {'measured':>9}{'+serving':>9}{'error':>8}")
+    for q in summary:
+        print(f"{q['config'] + '@' + q['budget'] + ' x' + str(q['repeats']):<29}{q['measured_of_medians']:>9.3f}"
+              f"{q['predicted_serving_of_medians']:>9.3f}{100 * q['error_serving_of_medians']:>7.1f}%")
     print(f"wrote {out / 'bench_validation.json'}")
     return 0
 

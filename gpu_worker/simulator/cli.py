@@ -234,5 +234,5 @@ def prefetch_terms(p: HardwareProfile, eb: int) -> str:
     thread = p.prefetch_shared_s or p.prefetch_expert_s or eb / p.link_bandwidth_Bps + p.expert_setup_s
     return (f"{thread * 1e6:.0f} us/expert on the prefetch thread, {p.prefetch_compute_s * 1e6:.0f} us/expert "
             f"lost by the compute thread, controller {p.predict_s * 1e6:.0f} us/layer "
-            f"(+{p.predict_row_s * 1e6:.0f} per row), store hints {p.hint_compute_s * 1e6:.0f} us/layer lost by "
-            f"the compute thread")
+            f"(+{p.predict_row_s * 1e6:.0f} per row), store hints {p.hint_compute_s * 1e6:.0f} us/call lost by "
+            f"the compute thread, a prefetch waiting for room {p.room_wait_compute_s * 1e6:.0f} us/layer")
