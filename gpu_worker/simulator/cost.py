@@ -22,8 +22,9 @@ class HardwareProfile:
     expert_setup_s)` on the compute thread (the stall). With a predictor, the compute thread also spends
     `predict_s + (T - 1) * predict_row_s` per layer on it. Prefetches are work of a second thread: one job
     per (step, layer) of `prefetch_call_s + n * prefetch_shared_s` (when the experts land), costing the
-    compute thread `n * prefetch_compute_s`; store hints, `hint_s` of the hint thread and
-    `hint_compute_s` of the compute thread per MoE layer (see `estimate_cost`)."""
+    compute thread `n * prefetch_compute_s` (and `room_wait_compute_s` while it waits for room); store
+    hints, `hint_s` per call of the hint thread and `hint_compute_s` of the compute thread's time per call
+    (see `estimate_cost`)."""
 
     name: str
     description: str
@@ -184,16 +185,17 @@ def estimate_cost(result: SimResult, profile: HardwareProfile, expert_bytes: int
     input (after its dense part), queued behind the thread's earlier jobs and behind demand fetches
     (demand outranks prefetch): `prefetch_call_s + n * prefetch_shared_s` for the n experts the replay
     inserted; those the replay found no room for at the gate input (`step_prefetch_waiting`) wait for
-    this layer's trim (the end of its demand call), in a second call. Prefetching is not free overlap: the compute thread pays `n * prefetch_compute_s` for
-    them (the measured slowdown), `room_wait_compute_s` for a layer during which a job waits for room,
-    and with store hints (default: whenever the replay had a predictor)
-    `hint_compute_s` per store-hint call: layer l names a batch when layer l + 1 or l + 2 has experts to
-    bring (the replay prefetched some there: the hint names the predicted experts not resident); the hint
-    thread has one call of `hint_s` in flight, batches named meanwhile go out together in the next. A job
-    not started when the compute reaches its layer is dropped (its prefetch hits are fetched on demand
-    instead); one still running is waited for when the layer uses what it brings. The prefetch thread's
-    clock carries over step boundaries. `hint_call_share`: the share of named batches that became a call,
-    when a run measured it (its calls / `hint_batches`), instead of the one-call-in-flight timing.
+    this layer's trim (the end of its demand call), in a second call. A job not started when the compute
+    reaches its layer is dropped (its prefetch hits are fetched on demand instead); one still running is
+    waited for when the layer uses what it brings. The prefetch thread's clock carries over steps.
+
+    Prefetching is not free overlap: the compute thread pays `n * prefetch_compute_s` for each job (the
+    measured slowdown), `room_wait_compute_s` for a layer during which a job waits for room, and with
+    store hints (default: whenever the replay had a predictor) `hint_compute_s` per store-hint call.
+    Layer l names a hint batch when layer l + 1 or l + 2 has experts to bring (`hint_batches`); the hint
+    thread has one call of `hint_s` in flight, batches named meanwhile go out together in the next.
+    `hint_call_share`: instead of that timing, the share of named batches that became a call, when a run
+    measured it (its calls / named batches).
     """
     S, L = result.step_misses.shape
     tokens = result.step_tokens.astype(np.float64)
