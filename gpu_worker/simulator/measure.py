@@ -158,85 +158,119 @@ def room_cache_for(cache, fetcher, fmt: str):
     return room
 
 
-def measure_sharing(model, pf_cache, batch: int = 8, steps: int = 16, per_job: int = 8,
-                    hint=None, room_cache=None) -> dict[str, float]:
+def _prefetch_side(pack, fetcher, fmt: str, budget_bytes: int, width: int, hints: bool):
+    """The worker's own composition (`build_worker`: cache, controller, prefetch thread or whatever path
+    the worker uses, store hints) with a random predictor of fixed `width`: what the calibration feeds."""
+    from ..wiring import WorkerSpec, build_worker
+
+    spec = WorkerSpec(fmt=fmt, budget_bytes=budget_bytes, predictor="random", prefetch_width=width, throttle=False,
+                      measure_width=False, store_hint_lookahead=2 if hints else 0, threads=1)
+    return build_worker(pack.args, pack.dense_tensors(), fetcher, None, spec, "cpu")
+
+
+def measure_sharing(model, pack, fetcher, fmt: str = "int4", batch: int = 8, steps: int = 16, per_job: int = 8,
+                    hints: bool = False, room_cache=None) -> dict[str, float]:
     """What prefetching costs the compute thread: decode forwards at `batch` (the model's cache holding
-    every expert, so no stalls) while, at every MoE layer's gate input, the worker's own prefetch thread
-    (`Prefetcher`) gets a job of `per_job` experts of the next layer (`pf_cache` emptied each step, so
-    each is fetched, verified and built) and, with `hint` (a store client's prefetch_hint), the store-hint
-    thread a batch naming them; with `room_cache` (`room_cache_for`), a prefetch thread whose jobs find no
-    room waits for it on the compute's own condition, woken by each of its notifications. Forwards timed
-    alone and in each mode, the modes interleaved step by step (medians): compute-thread seconds lost per
-    prefetched expert, per store-hint call (batches queued while a call is in flight merge into the next,
-    as in the worker) and per layer a prefetch waits for room; the prefetch thread's time per expert and a
-    hint call's wall time while the compute runs."""
+    every expert, so no stalls) while the worker's own prefetch machinery (`build_worker`'s controller,
+    prefetch thread and store hints, over a cache of its own emptied each step) is fed, at every MoE
+    layer's gate input, a prediction of `per_job` random experts of the next layer, so each is fetched,
+    verified and built the way the worker does it. With `hints`, a second composition also sends store
+    hints. With `room_cache` (`room_cache_for`), a prefetch thread whose jobs find no room waits for it on
+    the compute cache's condition, woken by each of its notifications. Forwards timed alone and in each
+    mode, the modes interleaved step by step (medians): compute-thread seconds lost per prefetched expert,
+    per store-hint call and per layer a prefetch waits for room; the prefetch path's time per expert and
+    a hint call's wall time while the compute runs."""
+    from ..cache import full_budget_bytes
     from ..prefetch import Prefetcher
-    from ..store_hints import StoreHinter
 
     a = model.args
     layers = list(a.moe_layers)
     n = min(per_job, a.num_experts)
-    prefetcher = Prefetcher(pf_cache)
+    full = full_budget_bytes(a, fmt, "auto", "cpu")
+    sides = {"jobs": _prefetch_side(pack, fetcher, fmt, full, n, False)}
+    if hints:
+        sides["hints"] = _prefetch_side(pack, fetcher, fmt, full, n, True)
+    jobs: list[tuple[float, int]] = []  # (wall s, experts) of each prefetch call that inserted experts
+    sends: list[float] = []  # wall s of each store-hint call of the hints mode
+    for name, w in sides.items():
+        inner = w.cache.prefetch
+
+        def timed_prefetch(layer, experts, step=None, _inner=inner, **kw):
+            t0 = time.perf_counter()
+            res = _inner(layer, experts, step=step, **kw)
+            if res.inserted:
+                jobs.append((time.perf_counter() - t0, len(res.inserted)))
+            return res
+
+        w.cache.prefetch = timed_prefetch  # the instance's: the worker's paths call it
+        hinter = w.controller.store_hints
+        send = getattr(hinter, "_send", None)
+        if send is not None:  # time the hint thread's calls
+
+            def timed_send(keys, _send=send):
+                t0 = time.perf_counter()
+                try:
+                    return _send(keys)
+                finally:
+                    sends.append(time.perf_counter() - t0)
+
+            hinter._send = timed_send  # type: ignore[union-attr]
     waiter = Prefetcher(room_cache) if room_cache is not None else None
-    sends: list[tuple[float, bool]] = []  # (wall s, sent while the hints pass ran) of each store-hint call
-
-    def timed_hint(keys):
-        t0 = time.perf_counter()
-        out = hint(keys)
-        sends.append((time.perf_counter() - t0, mode == "hints"))
-        return out
-
-    hinter = StoreHinter(timed_hint) if hint is not None else None
-    jobs: list[tuple[float, int]] = []  # (wall s, experts) of each prefetch the thread ran
-    inner = pf_cache.prefetch
-
-    def timed_prefetch(layer, experts, step=None):
-        t0 = time.perf_counter()
-        res = inner(layer, experts, step=step)
-        if res.inserted:
-            jobs.append((time.perf_counter() - t0, len(res.inserted)))
-        return res
-
-    pf_cache.prefetch = timed_prefetch  # the instance's: the thread calls it like the worker's
-    mode = "alone"
     rng = np.random.default_rng(3)
-    waits = [0]  # layer steps with a job waiting for room
+    mode = "alone"
 
     class Feed:
+        """Gives the mode's controller the first row of each layer's gate input and routing."""
+
         def on_gate_input(self, layer, h):
+            w = sides.get(mode)
+            if w is not None:
+                w.controller.on_gate_input(layer, h[:1])
             m = layers.index(layer)
-            if m + 1 >= len(layers):
-                return
-            ids = rng.choice(a.num_experts, n, replace=False).tolist()
-            if mode in ("jobs", "hints"):
-                prefetcher.submit(pf_cache.step_seq, m + 1, layers[m + 1], ids)
-            if mode == "hints" and hinter is not None:
-                hinter.submit([(layers[m + 1], e, pf_cache.fmt) for e in ids])
-            if mode == "room" and waiter is not None:
+            if mode == "room" and m + 1 < len(layers):
                 target = layers[len(layers) // 2 + m % (len(layers) - len(layers) // 2)]
-                waiter.submit(room_cache.step_seq, layers.index(target), target, ids)
-                waits[0] += 1
+                waiter.submit(room_cache.step_seq, layers.index(target), target,
+                              rng.choice(a.num_experts, n, replace=False).tolist())
 
-        def on_routing(self, layer, ids, w):
-            pass
+        def on_routing(self, layer, ids, weights):
+            w = sides.get(mode)
+            if w is not None:
+                w.controller.on_routing(layer, ids[:1], weights[:1])
 
-    modes = ["alone", "jobs"] + (["hints"] if hinter is not None else []) + (["room"] if waiter else [])
+    modes = ["alone", *sides] + (["room"] if waiter is not None else [])
     times: dict[str, list[float]] = {m: [] for m in modes}
+    experts: dict[str, int] = {m: 0 for m in modes}
     dec = _Decoder(model, batch, len(modes) * steps + 4, observer=Feed())
+
+    def landed(w) -> int:
+        st = w.cache.stats().total
+        return st.prefetched + int(getattr(w.controller, "copied_experts", 0))
 
     def one_step(m: str) -> float:
         nonlocal mode
+        w = sides.get(m)
+        if w is not None:
+            w.cache.clear()
+            w.cache.begin_step()
+            w.controller.begin_step([0], [False])
+            before = landed(w)
         mode = m
-        pf_cache.clear()
         dt = dec.step()
         mode = "alone"
+        if w is not None:
+            w.controller.end_step(w.cache.end_step())
+            deadline = time.perf_counter() + 1.0
+            while w.controller.prefetcher is not None and not w.controller.prefetcher.idle() \
+                    and time.perf_counter() < deadline:
+                time.sleep(0.0005)  # steps measured one at a time
+            if w.controller.store_hints is not None:
+                w.controller.store_hints.drain(1.0)
+            experts[m] += landed(w) - before
         if m == "room":
             room_cache.begin_step()  # the waiting jobs are stale now: the thread drops them
-        deadline = time.perf_counter() + 1.0
-        while not (prefetcher.idle() and (waiter is None or waiter.idle())) and time.perf_counter() < deadline:
-            time.sleep(0.0005)  # steps measured one at a time
-        if hinter is not None:
-            hinter.drain(1.0)
+            deadline = time.perf_counter() + 1.0
+            while not waiter.idle() and time.perf_counter() < deadline:
+                time.sleep(0.0005)
         return dt
 
     try:
@@ -246,27 +280,24 @@ def measure_sharing(model, pf_cache, batch: int = 8, steps: int = 16, per_job: i
             for m in modes:
                 times[m].append(one_step(m))
     finally:
-        prefetcher.close()
+        for w in sides.values():
+            w.controller.close()
+            del w.cache.prefetch
         if waiter is not None:
             waiter.close()
-        if hinter is not None:
-            hinter.close()
-        del pf_cache.prefetch
-    alone = statistics.median(times["alone"])
-    with_jobs = statistics.median(times["jobs"])
-    with_hints = statistics.median(times["hints"]) if hinter is not None else with_jobs
-    with_room = statistics.median(times["room"]) if waiter is not None else alone
-    per_step = len(layers) - 1
-    expert_s = sum(d for d, _ in jobs) / max(1, sum(k for _, k in jobs))
-    hint_sends = [d for d, on in sends if on]
-    sends_per_step = len(hint_sends) / steps
-    return {"compute_alone_s": alone, "compute_with_prefetch_s": with_jobs, "compute_with_hints_s": with_hints,
-            "compute_with_room_wait_s": with_room,
-            "prefetch_compute_s": max(0.0, (with_jobs - alone) / (per_step * n)),
-            "hint_compute_s": max(0.0, (with_hints - with_jobs) / sends_per_step) if hint_sends else 0.0,
-            "room_wait_compute_s": max(0.0, (with_room - alone) / per_step) if waiter is not None else 0.0,
-            "hint_shared_s": statistics.median(hint_sends) if hint_sends else 0.0,
-            "hint_sends_per_step": sends_per_step, "prefetch_expert_shared_s": expert_s, "per_job": float(n)}
+    med = {m: statistics.median(v) for m, v in times.items()}
+    alone = med["alone"]
+    per_expert = max(1e-9, experts["jobs"] / steps)  # experts prefetched per step
+    hint_sends = len(sends) / steps
+    return {"compute_alone_s": alone, "compute_with_prefetch_s": med["jobs"],
+            "compute_with_hints_s": med.get("hints", med["jobs"]),
+            "compute_with_room_wait_s": med.get("room", alone),
+            "prefetch_compute_s": max(0.0, (med["jobs"] - alone) / per_expert),
+            "hint_compute_s": max(0.0, (med["hints"] - med["jobs"]) / hint_sends) if hint_sends else 0.0,
+            "room_wait_compute_s": max(0.0, (med["room"] - alone) / (len(layers) - 1)) if waiter else 0.0,
+            "hint_shared_s": statistics.median(sends) if sends else 0.0, "hint_sends_per_step": hint_sends,
+            "prefetch_expert_shared_s": sum(d for d, _ in jobs) / sum(k for _, k in jobs) if jobs else 0.0,
+            "prefetched_per_step": experts["jobs"] / steps, "per_job": float(n)}
 
 
 def measure_predictor(model, cache, batch: int = 8, steps: int = 12, predictor: str = "cross_layer",
@@ -421,16 +452,16 @@ def measure_profile(pack_path: str | Path, fmt: str = "int4", store: str | None 
             if miss > 0:  # the steady state's miss (eviction, fresh forms) over the emptied cache's
                 per = miss
             pred1, pred_row = measure_predictor(model, cache, batch)
-            share = measure_sharing(model, pf_cache, batch, hint=client.prefetch_hint if client is not None else None,
+            share = measure_sharing(model, pack, fetcher, fmt, batch, hints=client is not None,
                                     room_cache=room_cache_for(cache, fetcher, fmt)) if sharing else None
         finally:
             if client is not None:
                 client.close()
     build = 0.0  # folded into `per` (the cache's demand path: fetch + build per expert)
     shared = (f"; forwards at batch {batch} take {share['compute_alone_s'] * 1e3:.2f} ms alone, "
-              f"{share['compute_with_prefetch_s'] * 1e3:.2f} ms with the prefetch thread fetching "
-              f"{share['per_job']:.0f} experts per layer, {share['compute_with_hints_s'] * 1e3:.2f} ms with store "
-              f"hints too: {share['prefetch_compute_s'] * 1e6:.0f} us of compute lost per prefetched expert, "
+              f"{share['compute_with_prefetch_s'] * 1e3:.2f} ms with the worker's prefetch path bringing "
+              f"{share['prefetched_per_step']:.0f} experts per step, "
+              f"{share['compute_with_hints_s'] * 1e3:.2f} ms with store hints too: {share['prefetch_compute_s'] * 1e6:.0f} us of compute lost per prefetched expert, "
               f"{share['hint_compute_s'] * 1e6:.0f} us per store-hint call ({share['hint_sends_per_step']:.1f} "
               f"calls per step, {share['hint_shared_s'] * 1e3:.2f} ms each), "
               f"{share['room_wait_compute_s'] * 1e6:.0f} us per layer a prefetch waits for room "

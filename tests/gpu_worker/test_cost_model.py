@@ -131,17 +131,23 @@ def tiny(tiny_mixtral_pack):
         yield model, cache, pf_cache
 
 
-def test_the_sharing_calibration_runs_the_worker_prefetch_thread(tiny):
-    from gpu_worker.simulator.measure import measure_sharing
+def test_the_sharing_calibration_runs_the_worker_prefetch_path(tiny, tiny_mixtral_pack):
+    from expert_store.packfile import Pack
+    from gpu_worker.simulator.measure import measure_sharing, room_cache_for
+    from gpu_worker.store_client import PackFetcher
 
     model, cache, pf_cache = tiny
-    hinted: list[list] = []
-    m = measure_sharing(model, pf_cache, batch=2, steps=2, per_job=3, hint=hinted.append)
-    assert m["prefetch_expert_shared_s"] > 0  # the thread fetched and built experts beside the forwards
-    assert all(m[k] >= 0 for k in ("prefetch_compute_s", "hint_compute_s", "compute_alone_s"))
-    assert hinted and all(len(k) == 3 for batch in hinted for k in batch)  # (layer, expert, format) keys
-    assert "prefetch" not in vars(pf_cache)  # the timing wrapper is gone
-    assert pf_cache.used_bytes > 0 and cache.used_bytes == cache.budget_bytes
+    with Pack.open(tiny_mixtral_pack) as pack:
+        fetcher = PackFetcher(pack)
+        room = room_cache_for(cache, fetcher, "int4")
+        assert room.used_bytes == room.budget_bytes and room.cond is cache.cond
+        m = measure_sharing(model, pack, fetcher, "int4", batch=2, steps=2, per_job=3, room_cache=room)
+    # the worker's own composition fetched and built experts beside the forwards: 3 per MoE layer but the first
+    assert m["prefetched_per_step"] == 3 * (len(pack.args.moe_layers) - 1)
+    assert m["prefetch_expert_shared_s"] > 0
+    assert all(m[k] >= 0 for k in ("prefetch_compute_s", "room_wait_compute_s", "compute_alone_s"))
+    assert m["hint_sends_per_step"] == 0  # a pack has no store to hint
+    assert cache.used_bytes == cache.budget_bytes  # the forwards' cache was never touched
 
 
 def test_the_prefetch_and_controller_calibrations(tiny):
