@@ -2,6 +2,7 @@
 
     python -m bench.expert_fetch [--pack PACK [--store [--batch N]]] [--reps 3000] [--threads 1]
                                  [--out runs/expert_fetch]
+    python -m bench.expert_fetch --pack PACK --remote [--batch 16] [--reps 200]
 
 The store's RAM tier is a shared-memory segment; a cache miss it serves costs the worker
 a copy, a checksum and building the compute form. This measures each of those per expert,
@@ -21,7 +22,16 @@ StoreClient.fetch -> verified blob -> compute-ready, per resident expert, via th
 (no RPC) against the lease path (FetchExpertsShm, copy, ReleaseLeases). Methods alternate call by call (a burst of load
 hits all alike); medians, p10/p90 in microseconds. `others_busy` is the share of the CPUs
 other processes used meanwhile. Target (the worker's cost of one int4 expert from the store's
-RAM to compute-ready): median <= 20 us. Experts come from PACK (any pack with int4 experts;
+RAM to compute-ready): median <= 20 us.
+
+With --remote (only that): the remote worker's path. A store serving PACK on loopback TCP
+(127.0.0.1, its RAM tier holding every int4 expert) and a StoreClient with transport "grpc" (as
+on another host): GB/s of int4 expert bytes for batches of --batch experts, `fetch` (FetchExperts,
+parse, xxh3_64 verification) and `fetch + build` (the same, then make_expert_compute of every
+blob), medians over --reps calls, each call another batch of the model's experts; for reference
+the same reply taken as bytes (what gRPC and the store cost) and the same bytes over a plain
+loopback TCP socket (the kernel's share), with the CPU time per call of store and client.
+Target: >= 1.5 GB/s for batches of 16. Experts come from PACK (any pack with int4 experts;
 default: tiny-mixtral's checkpoint weights, quantized here, or random weights without it).
 """
 
@@ -251,6 +261,151 @@ def bench_store(pack: Path, reps: int, batch: int) -> dict[str, Any]:
     return {"batch": batch, "rows": rows, "directory_hits": hits}
 
 
+REMOTE_TARGET_GBPS = 1.5
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tcp_floor(nbytes: int, reps: int) -> dict[str, float]:
+    """The same bytes as one reply over a plain loopback TCP socket (a thread answers 8-byte requests):
+    what the kernel costs, without gRPC."""
+    import socket
+    import threading
+
+    data = os.urandom(nbytes)
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+
+        def serve() -> None:
+            conn, _ = srv.accept()
+            with conn:
+                while conn.recv(8):
+                    conn.sendall(data)
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        with socket.create_connection(srv.getsockname()) as c:
+            view = memoryview(bytearray(nbytes))
+
+            def once(_: int) -> None:
+                c.sendall(b"8 bytes!")
+                got = 0
+                while got < nbytes:
+                    got += c.recv_into(view[got:])
+            row = _measure({"tcp": once}, reps, 1, warmup=10)["tcp"]
+        server.join(5)
+    return row
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_remote(pack: Path, reps: int, batch: int) -> dict[str, Any]:
+    """A store on 127.0.0.1 (RAM tier holding every int4 expert) and a StoreClient over gRPC, as a worker on
+    another host has it: GB/s of `batch` int4 experts per fetch, fetch (+ verify) and fetch + build; beside
+    them the same FetchExperts reply taken as bytes (gRPC and the store only) and plain loopback TCP."""
+    import tempfile
+
+    import grpc
+    import grpc.experimental
+
+    from client.processes import Service, ServiceError, module_command
+    from expert_store.edge import CLIENT_SECRET_HEADER
+    from expert_store.packfile import Pack
+    from gpu_worker.store_client import StoreClient
+    from moe.v1 import store_pb2 as pb
+
+    with Pack.open(pack) as p:
+        ids, a = list(p.expert_ids), p.args
+        nbytes = p.expert_nbytes("int4")
+        ram = len(ids) * (-(-nbytes // 4096) * 4096)
+    if batch > len(ids):
+        raise SystemExit(f"--batch {batch}: the pack has only {len(ids)} experts")
+    tmp = Path(tempfile.mkdtemp(prefix="remote-fetch-"))
+    addr = f"127.0.0.1:{_free_port()}"
+    store = Service("store", module_command("expert_store", "serve", pack, "--listen", addr, "--ram-bytes", ram,
+                                            "--formats", "int4", "--log-level", "error"), tmp / "store.log")
+    client = StoreClient(addr, transport="grpc")
+    try:
+        try:
+            store.wait_serving(addr, 120)
+        except ServiceError as e:
+            raise SystemExit(f"{e}\n{store.tail()}") from None
+        keys = [(l, e, "int4") for l, e in ids]
+        n_batches = len(keys) // batch
+        batches = [keys[i * batch:(i + 1) * batch] for i in range(n_batches)]
+        build = lambda b: make_expert_compute("int4", b.data, a.hidden_size, a.expert_intermediate_size,  # noqa: E731
+                                              "int4_fused")
+        raw = grpc.insecure_channel(addr, options=[("grpc.max_receive_message_length", 256 << 20),
+                                                   (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)])
+        wire = raw.unary_stream("/moe.v1.ExpertStore/FetchExperts",  # replies as bytes: no parse, no verify
+                                request_serializer=pb.FetchExpertsRequest.SerializeToString)
+        fmt = pb.EXPERT_FORMAT_INT4
+        requests = [pb.FetchExpertsRequest(experts=[pb.ExpertKey(layer=l, expert=e, format=fmt) for l, e, _ in b],
+                                           max_reply_bytes=256 << 20) for b in batches]
+        secret = [(CLIENT_SECRET_HEADER, os.urandom(16).hex())]
+        cases: dict[str, Callable[[int], Any]] = {
+            f"fetch (+ verify), batch {batch}": lambda i: client.fetch(batches[i % n_batches]),
+            f"fetch + build, batch {batch}": lambda i: [build(b) for b in client.fetch(batches[i % n_batches])],
+            f"reference: the reply as bytes (gRPC + store), batch {batch}":
+                lambda i: list(wire(requests[i % n_batches], metadata=secret, timeout=30)),
+        }
+        calls = [0]
+
+        def counted(fn: Callable[[int], Any]) -> Callable[[int], Any]:
+            def call(i: int) -> Any:
+                calls[0] += 1
+                return fn(i)
+            return call
+        cases = {name: counted(fn) for name, fn in cases.items()}
+        before = _cpu_s(store.pid), os.times()
+        rows = _measure(cases, reps, n_batches, warmup=10)
+        after = _cpu_s(store.pid), os.times()
+        n_calls = calls[0]
+        cpu = {"store_ms_per_call": (after[0] - before[0]) / n_calls * 1e3,
+               "client_ms_per_call": (after[1].user + after[1].system - before[1].user - before[1].system)
+               / n_calls * 1e3}
+        rows[f"reference: plain loopback TCP, {batch * nbytes} bytes"] = _tcp_floor(batch * nbytes, reps)
+        for row in rows.values():
+            for k in ("median_us", "p10_us", "p90_us"):
+                row[k.replace("_us", "_GBps")] = round(batch * nbytes / (row[k] * 1e3), 3)
+        c = client.counters.snapshot()
+        raw.close()
+    finally:
+        client.close()
+        store.stop()
+    return {"address": addr, "batch": batch, "expert_bytes": nbytes, "batch_bytes": batch * nbytes, "rows": rows,
+            "cpu": cpu, "experts_grpc": c.experts_grpc, "bytes_wire_grpc": c.bytes_wire_grpc,
+            "messages_grpc": getattr(c, "messages_grpc", None)}
+
+
+def _print_remote(r: dict[str, Any]) -> None:
+    print(f"\n### remote worker: StoreClient over gRPC to a store on {r['address']}, {r['batch']} int4 experts "
+          f"({r['batch_bytes'] / 2**20:.2f} MiB) per fetch\n")
+    print("| path | median GB/s | p10 (slow end) | p90 | median ms per batch |")
+    print("|---|---|---|---|---|")
+    for name, row in r["rows"].items():  # p90 of the time is the p10 of the rate
+        print(f"| {name} | {row['median_GBps']:.2f} | {row['p90_GBps']:.2f} | {row['p10_GBps']:.2f} | "
+              f"{row['median_us'] / 1e3:.2f} |")
+    busy = sorted({row["others_busy"] for row in r["rows"].values()})
+    print(f"\nothers_busy: {', '.join(f'{b:.0%}' for b in busy)}; CPU per gRPC call (the three paths alike): "
+          f"store {r['cpu']['store_ms_per_call']:.2f} ms, client {r['cpu']['client_ms_per_call']:.2f} ms; "
+          f"reply messages {r['messages_grpc']} for {r['experts_grpc']} experts")
+    fetch = next(iter(r["rows"].values()))["median_GBps"]
+    verdict = "met" if fetch >= REMOTE_TARGET_GBPS else "MISSED"
+    print(f"target: >= {REMOTE_TARGET_GBPS} GB/s for batches of 16 over loopback gRPC (fetch + verify): "
+          f"{fetch:.2f} GB/s ({verdict})")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pack", type=Path, default=None, help="take the experts from this pack")
@@ -260,12 +415,24 @@ def main(argv: list[str] | None = None) -> None:
                     "thread's view; the worker's compute uses its own)")
     ap.add_argument("--store", action="store_true", help="also through a real store serving --pack: the slot "
                     "directory against the lease path (needs --pack)")
-    ap.add_argument("--batch", type=int, default=1, help="experts per fetch with --store (default %(default)s)")
+    ap.add_argument("--remote", action="store_true", help="only the remote worker's path: a store on loopback "
+                    "TCP and StoreClient over gRPC, GB/s per batch (needs --pack)")
+    ap.add_argument("--batch", type=int, default=None, help="experts per fetch with --store (default 1) or "
+                    "--remote (default 16)")
     ap.add_argument("--out", type=Path, default=Path("runs/expert_fetch"))
     args = ap.parse_args(argv)
-    if args.store and args.pack is None:
-        ap.error("--store needs --pack (a pack with int4 experts)")
+    if (args.store or args.remote) and args.pack is None:
+        ap.error("--store and --remote need --pack (a pack with int4 experts)")
     torch.set_num_threads(args.threads)
+    if args.remote:
+        remote = bench_remote(args.pack, args.reps, args.batch or 16)
+        _print_remote(remote)
+        args.out.mkdir(parents=True, exist_ok=True)
+        remote["env"] = {"torch": torch.__version__, "threads": args.threads, "cpus": os.cpu_count(),
+                         "cpu": platform.processor() or platform.machine()}
+        (args.out / "remote.json").write_text(json.dumps(remote, indent=1))
+        print(f"wrote {args.out / 'remote.json'}")
+        return
     weights, hidden, inter, source = _experts(args.pack, args.experts)
     results: dict[str, Any] = {"env": {"torch": torch.__version__, "threads": args.threads,
                                        "cpu": platform.processor() or platform.machine(),
@@ -287,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
         busy = sorted({row["others_busy"] for row in r["rows"].values()})
         print(f"\nothers_busy (share of the CPUs other processes used meanwhile): {', '.join(f'{b:.0%}' for b in busy)}")
     if args.store:
-        results["store"] = st = bench_store(args.pack, max(100, args.reps // 5), args.batch)
+        results["store"] = st = bench_store(args.pack, max(100, args.reps // 5), args.batch or 1)
         print(f"\n### through a store's RAM tier, per expert (worker side, {st['batch']} per fetch)\n")
         print("| path | median us | p10 | p90 |")
         print("|---|---|---|---|")

@@ -75,6 +75,12 @@ def workload_figures(wl: Workload, records: Sequence[RequestRecord], delta: Mapp
         f["prefetch_recall"] = d("prefetch_hits", 0) / (d("prefetch_hits", 0) + d("misses", 0))
     if d("prefetches_issued"):
         f["prefetch_precision"] = d("prefetch_hits", 0) / d("prefetches_issued")
+    ram, nvme = d("fetched_tier_ram", 0), d("fetched_tier_nvme", 0)
+    if ram + nvme:  # how often a fetch (and a cache miss alone) found the expert in the store's RAM tier
+        f["store_ram_hit_rate"] = ram / (ram + nvme)
+    ram, nvme = d("fetched_tier_ram_demand", 0), d("fetched_tier_nvme_demand", 0)
+    if ram + nvme:
+        f["store_ram_demand_hit_rate"] = ram / (ram + nvme)
     if tokens:
         f["fetch_wait_ms_per_token"] = d("fetch_wait_ns", 0) / 1e6 / tokens
         f["bytes_fetched_per_token"] = (d("bytes_fetched_shm", 0) + d("bytes_fetched_grpc", 0)) / tokens

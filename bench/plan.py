@@ -18,7 +18,8 @@ FIGURES = (
 )  # fmt: skip
 EXTRA_FIGURES = (
     "per_request_decode_tokens_per_s", "cache_hit_rate", "prefetch_hit_rate", "on_time_hit_rate", "strict_topk_accuracy",
-    "prefetch_recall", "prefetch_precision", "wasted_prefetch_bytes_per_token", "wall_s",
+    "prefetch_recall", "prefetch_precision", "wasted_prefetch_bytes_per_token", "wall_s", "store_ram_hit_rate",
+    "store_ram_demand_hit_rate",
 )  # fmt: skip
 
 

@@ -251,12 +251,14 @@ def prefetch_table(rows: Sequence[Mapping[str, Any]], transport: str, workload: 
     sel = _order([r for r in rows if r["transport"] == transport and r["workload"] == workload
                   and r["config"] not in REFERENCES], config_order)
     lines = [("| configuration | budget | hit rate | cache hits | prefetch hits | on-time hits | strict top-k accuracy | "
-              "prefetch recall | prefetch precision | wasted prefetch KiB/token |"), "|" + "---|" * 10]
+              "prefetch recall | prefetch precision | misses found in store RAM | wasted prefetch KiB/token |"),
+             "|" + "---|" * 11]
     for r in sel:
         f = r["figures"]
         title = CONFIGURATIONS[r["config"]].title if r["config"] in CONFIGURATIONS else r["config"]
-        pct = [_num(f[k], 100, 1, False) for k in ("hit_rate", "cache_hit_rate", "prefetch_hit_rate", "on_time_hit_rate",
-                                                    "strict_topk_accuracy", "prefetch_recall", "prefetch_precision")]
+        pct = [_num(f.get(k), 100, 1, False) for k in ("hit_rate", "cache_hit_rate", "prefetch_hit_rate", "on_time_hit_rate",
+                                                    "strict_topk_accuracy", "prefetch_recall", "prefetch_precision",
+                                                    "store_ram_demand_hit_rate")]
         lines.append(f"| {title} | {r['budget']} | " + " | ".join(f"{v}%" if v != "–" else v for v in pct)
                      + f" | {_num(f['wasted_prefetch_bytes_per_token'], 1 / 1024, 1, False)} |")
     return "\n".join(lines)

@@ -7,7 +7,8 @@ buffers (what a worker does before it builds tensors), four ways:
   - shm: FetchExpertsShm, copy out of the attached segment, ReleaseLeases
     (two RPCs per batch plus the copy); shm-bg: the same with ReleaseLeases
     sent without waiting for it (off the critical path, as a worker should);
-  - grpc ram: FetchExperts from a store whose RAM tier holds every blob;
+  - grpc ram: FetchExperts (one reply message per batch) from a store whose RAM tier
+    holds every blob;
   - grpc nvme: FetchExperts from a store with --ram-bytes 0 (experts.bin in the
     page cache: the read is a pread, not a disk read).
 Throughput is bytes of expert blobs per second, median over rounds (a round is
@@ -118,10 +119,12 @@ async def bench_format(sock: Path, pack: Pack, fmt: str, batch: int, path: str,
         else:
             async def one_round() -> int:
                 for keys in batches:
-                    request = pb.FetchExpertsRequest(experts=keys, chunk_bytes=args.chunk_bytes)
-                    async for c in stub.FetchExperts(request):
-                        off = c.chunk.offset_bytes
-                        dest[c.index][off : off + len(c.chunk.data)] = c.chunk.data
+                    request = pb.FetchExpertsRequest(experts=keys, max_reply_bytes=args.max_reply_bytes)
+                    async for m in stub.FetchExperts(request):
+                        payload = memoryview(m.payload)
+                        for p in m.index.parts:
+                            a, n = p.payload_offset_bytes, p.payload_bytes
+                            dest[p.index][p.offset_bytes : p.offset_bytes + n] = payload[a : a + n]
                 return total
         times = await rounds(one_round, args.min_rounds, args.seconds)
         return total / statistics.median(times) / 1e9, statistics.median(times) / len(batches) * 1e3
@@ -161,7 +164,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench transport")
     p.add_argument("--formats", default="int4,bf16", help="comma-separated expert formats (default: %(default)s)")
     p.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[2, 16],
                    help="experts per fetch, comma-separated (default: 2,16)")
-    p.add_argument("--chunk-bytes", type=int, default=0, help="FetchExperts chunk size (0: the store's default)")
+    p.add_argument("--max-reply-bytes", type=int, default=CHANNEL_OPTIONS[0][1],
+                   help="largest FetchExperts reply message (default: this client's receive limit, %(default)s)")
     p.add_argument("--seconds", type=float, default=2.0, help="time per measurement (at least --min-rounds rounds)")
     p.add_argument("--min-rounds", type=int, default=5, help="rounds per measurement at least (default: %(default)s)")
     p.add_argument("--out", type=Path, default=None, help="directory for transport.json")

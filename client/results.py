@@ -212,6 +212,8 @@ class WorkerStats(_Rates):
     store_hint_errors: int = 0
     fetched_tier_ram: int = 0
     fetched_tier_nvme: int = 0
+    fetched_tier_ram_demand: int = 0
+    fetched_tier_nvme_demand: int = 0
 
     @property
     def prefetch_precision(self) -> float:

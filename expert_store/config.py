@@ -84,6 +84,10 @@ class StoreConfig:
     prefetch_queue: int = 1024
     """Experts waiting for background promotion at most; hints beyond it are dropped."""
 
+    hint_wait_ms: float = 20.0
+    """How long a store hint that finds no slot it may take (every evictable one holds an expert other
+    hints brought in that no one has read yet) keeps retrying before it is dropped; 0: dropped at once."""
+
     promote_on_grpc_miss: bool = True
     """After FetchExperts serves an expert from NVMe, promote it into RAM in the background."""
 
@@ -94,6 +98,11 @@ class StoreConfig:
     cold: bool = False
     """After start-up, drop experts.bin from the page cache (posix_fadvise DONTNEED), so NVMe-tier
     reads are real disk reads: for honest cold measurements."""
+
+    nvme_uncached: bool = False
+    """Drop each blob's pages from the page cache right after the NVMe tier read it (posix_fadvise
+    DONTNEED), so every NVMe read stays a disk read, as on a host whose page cache cannot hold the
+    pack (`cold` empties it only once): for measurements of the disk tier."""
 
     grace_s: float = 5.0
     """On SIGTERM/SIGINT, how long in-flight RPCs get to finish before they are cancelled."""
@@ -143,6 +152,7 @@ class StoreConfig:
         check(0.0 <= self.zstd_min_saving < 1.0, "zstd_min_saving", self.zstd_min_saving, "must be in [0, 1)")
         check(1 <= self.io_threads <= 64, "io_threads", self.io_threads, "must be 1..64")
         check(self.prefetch_queue >= 0, "prefetch_queue", self.prefetch_queue, "must be >= 0")
+        check(self.hint_wait_ms >= 0, "hint_wait_ms", self.hint_wait_ms, "must be >= 0")
         check(self.grace_s >= 0, "grace_s", self.grace_s, "must be >= 0")
         check(self.max_keys_per_fetch >= 1, "max_keys_per_fetch", self.max_keys_per_fetch, "must be >= 1")
         check(self.max_request_bytes >= 4096, "max_request_bytes", self.max_request_bytes, "must be >= 4096")

@@ -1,35 +1,35 @@
 """The store's domain: the pack, its tiers, I/O scheduling and counters, free of protobuf.
 
-`StoreCore` verifies and maps the pack, fills the RAM tier, and answers fetches (bytes in
-chunks, or shared-memory grants under a lease), prefetch hints and stats; the gRPC edge
-in `server.py` converts to and from protobuf around it.
+`StoreCore` verifies and maps the pack, fills the RAM tier, and answers fetches (shared-memory
+grants under a lease here; bytes in reply messages in grpc_fetch.py), prefetch hints and stats;
+the gRPC edge in `server.py` converts to and from protobuf around it.
 
 I/O: every blocking read, copy and compression runs in a small thread pool fed by a
-priority queue (demand fetches, then prefetches, then background promotions), so the
-event loop never waits for a disk and a prefetch never delays a demand fetch that
-arrives after it.
+priority queue (demand fetches, then prefetches, then store hints, then background
+promotions), so the event loop never waits for a disk and a prefetch never delays a
+demand fetch that arrives after it; a promotion a more urgent fetch waits for is boosted.
 """
 
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
 import hashlib
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import sdnotify, shm
 from .config import StoreConfig
 from .dense import DenseFile, DenseTensor
 from .errors import ChecksumError, FateError, PackError
-from .io_scheduler import PRIORITY_BACKGROUND, PRIORITY_DEMAND, PRIORITY_PREFETCH, IoScheduler
+from .io_scheduler import PRIORITY_BACKGROUND, PRIORITY_DEMAND, PRIORITY_HINT, PRIORITY_PREFETCH, IoScheduler, Job
 from .packfile import Pack
+from .promotions import PromotionQueue
 from .fill_order import fill_order, load_popularity, preferred_format
 from .tiers import BlobKey, LeaseLimitError, NvmeTier, RamTier, Slot, Tier, no_views_in_tracebacks, slot_bytes_for
 from .wire import Compression, WireCompression, zstd_pays
@@ -39,9 +39,9 @@ logger = logging.getLogger(__name__)
 _LEASE_SWEEP_S = 1.0
 
 __all__ = [
-    "PRIORITY_BACKGROUND", "PRIORITY_DEMAND", "PRIORITY_PREFETCH", "Compression", "DenseTensor", "ExpertPiece",
-    "InvalidRequest", "IoScheduler", "LeaseLimitError", "ShmGrant", "StoreCore", "StoreUnavailable", "Tier",
-    "TooManyKeys", "WireCompression", "zstd_pays",
+    "PRIORITY_BACKGROUND", "PRIORITY_DEMAND", "PRIORITY_HINT", "PRIORITY_PREFETCH", "Compression", "DenseTensor",
+    "InvalidRequest", "IoScheduler", "LeaseLimitError", "ShmGrant", "StoreCore", "StoreUnavailable",
+    "Tier", "TooManyKeys", "WireCompression", "zstd_pays",
 ]
 
 
@@ -58,22 +58,6 @@ class StoreUnavailable(FateError):
 
 
 # -- domain results (converted to protobuf at the edge) -----------------------------------------
-
-
-@dataclass(frozen=True)
-class ExpertPiece:
-    """One chunk of one expert of a FetchExperts reply."""
-
-    index: int
-    key: BlobKey
-    total_bytes: int
-    offset: int
-    data: bytes
-    compression: Compression
-    raw_nbytes: int
-    last: bool
-    tier: Tier
-    checksum: str  # on the last chunk only
 
 
 @dataclass(frozen=True)
@@ -101,22 +85,17 @@ class StoreCounters:
     prefetch_hints: int = 0
     prefetch_promotions: int = 0
     checksum_failures: int = 0
+    hints_refused: int = 0  # hints dropped after waiting hint_wait_ms for a slot (promotions.py)
+    hints_skipped: int = 0  # hints not promoted: the measured use of hints admits only a share
+    # per expert of a fetch RPC, by purpose: was it in RAM? (`ram_hit_counts` adds slot-directory copies)
+    demand_ram_hits: int = 0
+    demand_ram_misses: int = 0  # read from NVMe (or waited for its promotion)
+    prefetch_ram_hits: int = 0
+    prefetch_ram_misses: int = 0
 
-
-@dataclass
-class _Planned:
-    """One expert of a FetchExperts request on its way out."""
-
-    index: int
-    key: BlobKey
-    nbytes: int
-    slot: Slot | None  # pinned RAM slot (until its last chunk is out), or None: read from NVMe
-    try_zstd: bool
-    tier: Tier = Tier.NVME
-    read_ns: int = 0
-    wire_bytes: int = 0
-    compressed_chunks: int = 0
-    ranges: list[tuple[int, int]] = field(default_factory=list)
+    def count_fetch(self, priority: int, in_ram: bool) -> None:
+        name = f"{'demand' if priority == PRIORITY_DEMAND else 'prefetch'}_ram_{'hits' if in_ram else 'misses'}"
+        setattr(self, name, getattr(self, name) + 1)
 
 
 # -- the store ----------------------------------------------------------------------------------
@@ -147,8 +126,9 @@ class StoreCore:
         self.stop_requested = threading.Event()  # read by start-up threads, so a SIGTERM ends them early
         self._moe_layers = set(self.args.moe_layers)
         self._promotions: dict[BlobKey, asyncio.Task[None]] = {}
-        self._prefetch_queue: asyncio.Queue[tuple[BlobKey, bool]] = asyncio.Queue(max(config.prefetch_queue, 1))
-        self._queued: set[BlobKey] = set()
+        self._jobs: dict[BlobKey, Job] = {}  # the I/O jobs of those promotions (boosted by more urgent waiters)
+        self.promotions = PromotionQueue(self._acquire, self.ram, self.counters, config.prefetch_queue,
+                                         config.hint_wait_ms / 1000)
         self._tasks: list[asyncio.Task[None]] = []
 
     @staticmethod
@@ -194,11 +174,12 @@ class StoreCore:
                         self.ram.capacity_bytes / 2**20, filled, self.preferred,
                         ", popularity profile order" if self.popularity else ", shallow layers first")
             self.ram.open_directory(self.nvme.keys())
-        if cfg.cold:
+        if cfg.cold or cfg.nvme_uncached:
             self.nvme.drop_page_cache()
+        self.nvme.uncached = cfg.nvme_uncached
         self._tasks.append(asyncio.create_task(self._sweep_leases(), name="lease-sweeper"))
-        for i in range(min(2, cfg.io_threads)):
-            self._tasks.append(asyncio.create_task(self._prefetch_worker(), name=f"prefetch-{i}"))
+        self.promotions.ram = self.ram
+        self._tasks += self.promotions.start(min(2, cfg.io_threads))
         self.ready = not self.stop_requested.is_set()
         logger.debug("start-up took %.2f s", time.perf_counter() - t0)
 
@@ -253,99 +234,6 @@ class StoreCore:
                                  f"0..{self.args.num_experts - 1})")
         return key
 
-    async def fetch(self, keys: Sequence[BlobKey], priority: int, accept_zstd: bool,
-                    chunk_bytes: int) -> AsyncIterator[ExpertPiece]:
-        """The blobs' bytes in chunks: RAM-tier hits first, then NVMe reads; a few chunks read ahead."""
-        self._require_ready()
-        if not keys:
-            raise InvalidRequest("no experts in the request")
-        self.counters.fetch_requests += 1
-        chunk = self._chunk_size(chunk_bytes)
-        plan: list[_Planned] = []
-        for i, key in enumerate(keys):
-            slot = self.ram.lookup(key) if self.ram.enabled else None
-            if slot is not None:
-                self.ram.pin(slot)
-            n = self.blob_nbytes[key.fmt]
-            p = _Planned(i, key, n, slot, accept_zstd and self.wire.should_try(key))
-            p.tier = Tier.RAM if slot is not None else Tier.NVME
-            p.ranges = [(a, min(chunk, n - a)) for a in range(0, n, chunk)]
-            plan.append(p)
-        plan.sort(key=lambda p: p.slot is None)  # stable: RAM hits first, each group in request order
-        window = max(2, self.config.io_threads)
-        jobs = ((p, a, n) for p in plan for a, n in p.ranges)
-        pending: collections.deque[tuple[_Planned, int, int, asyncio.Future[tuple[bytes, Compression, int]]]] = (
-            collections.deque())
-        try:
-            while True:
-                while len(pending) < window:
-                    job = next(jobs, None)
-                    if job is None:
-                        break
-                    p, a, n = job
-                    pending.append((p, a, n, self._chunk_job(p, a, n, priority)))
-                if not pending:
-                    break
-                p, a, n, fut = pending.popleft()
-                try:
-                    data, compression, ns = await fut
-                except ChecksumError as e:
-                    self.corrupt(e, "the FetchExperts call answers DATA_LOSS")
-                    raise
-                p.read_ns += ns
-                p.wire_bytes += len(data)
-                p.compressed_chunks += compression == Compression.ZSTD
-                last = a + n == p.nbytes
-                if last:
-                    self._finish_grpc(p)
-                    if p.slot is not None:  # all its bytes are copied out: the slot may go
-                        self.ram.unpin(p.slot)
-                        p.slot = None
-                yield ExpertPiece(p.index, p.key, p.nbytes, a, data, compression, n, last, p.tier,
-                                  self.nvme.checksum(p.key) if last else "")
-        finally:
-            for _, _, _, fut in pending:
-                fut.cancel()
-            for p in plan:
-                if p.slot is not None:
-                    self.ram.unpin(p.slot)
-                    p.slot = None
-
-    def _chunk_job(self, p: _Planned, start: int, nbytes: int, priority: int) -> asyncio.Future[tuple[bytes, Compression, int]]:
-        if p.slot is not None and not p.try_zstd:  # a memcpy of resident bytes: no thread needed
-            fut = asyncio.get_running_loop().create_future()
-            fut.set_result(self._read_chunk(p.key, p.slot, start, nbytes, False))
-            return fut
-        return asyncio.ensure_future(self.io.run(priority, self._read_chunk, p.key, p.slot, start, nbytes, p.try_zstd))
-
-    def _read_chunk(self, key: BlobKey, slot: Slot | None, start: int, nbytes: int,
-                    try_zstd: bool) -> tuple[bytes, Compression, int]:
-        """(data, compression, read ns) of one chunk (an I/O thread, or the loop for RAM copies)."""
-        t0 = time.perf_counter_ns()
-        if slot is not None:
-            raw = bytes(self.ram.view(slot)[start : start + nbytes])
-        else:
-            if start == 0:
-                self.nvme.will_need(key)  # the kernel reads the rest of the blob ahead of our preads
-                self.nvme.verify_blob(key)  # before any of its bytes leave; no-op once verified
-            raw = self.nvme.read_range(key, start, nbytes)
-        ns = time.perf_counter_ns() - t0
-        if try_zstd:
-            data, compression = self.wire.encode(raw)
-            return data, compression, ns
-        return raw, Compression.NONE, ns
-
-    def _finish_grpc(self, p: _Planned) -> None:
-        tier = self.ram if p.tier == Tier.RAM else self.nvme
-        tier.stats.add(p.nbytes, p.read_ns)
-        self.counters.experts_served_grpc += 1
-        self.counters.bytes_served_grpc += p.nbytes
-        self.counters.bytes_sent_wire += p.wire_bytes
-        if p.try_zstd:
-            self.wire.record(p.key, p.compressed_chunks > 0)
-        if p.tier == Tier.NVME and self.ram.enabled and self.config.promote_on_grpc_miss:
-            self._enqueue_promotion(p.key, background=True)
-
     async def fetch_shm(self, keys: Sequence[BlobKey], priority: int, client_id: str,
                         ttl_ms: int) -> tuple[list[ShmGrant], list[int]]:
         """Lease every blob in the RAM tier (promoting what is not there); (grants, unavailable indices)."""
@@ -367,6 +255,7 @@ class StoreCore:
                     missing.append((i, key))
                 else:
                     self.ram.stats.add(slot.nbytes, 0)
+                    self.counters.count_fetch(priority, True)
                     grants.append(self._grant(i, key, slot, ttl, client_id, Tier.RAM))
             acquiring = [asyncio.ensure_future(self._acquire(key, priority)) for _, key in missing]
             try:
@@ -393,6 +282,7 @@ class StoreCore:
                     self.nvme.stats.add(0, 0)  # its bytes and read time were counted by the promotion
                 else:
                     self.ram.stats.add(slot.nbytes, 0)
+                self.counters.count_fetch(priority, not promoted)  # unavailable ones: their gRPC fetch counts
                 tier = Tier.NVME if promoted else Tier.RAM
                 grants.append(self._grant(i, key, slot, ttl, client_id, tier))
                 self.ram.unpin(slot)  # the lease holds it now
@@ -415,18 +305,21 @@ class StoreCore:
         """(the blob's slot, pinned; or None when every slot is held, promoted: it came from NVMe now)."""
         promoted = False
         for _ in range(4):  # a slot promoted for us can be evicted before we run again: look once more
-            slot = self.ram.lookup(key)
+            slot = self.ram.lookup(key, read=priority < PRIORITY_HINT)  # a hint's own look is not a read
             if slot is not None:
                 self.ram.pin(slot)
                 return slot, promoted
             task = self._promotions.get(key)
-            if task is None:
-                target = self.ram.reserve(key)
+            if task is None:  # a hint may not evict experts other hints brought in and no one read yet
+                target = self.ram.reserve(key, hint=priority == PRIORITY_HINT)
                 if target is None:
                     return None, promoted
-                task = asyncio.create_task(self._promote(key, target, priority))
+                self._jobs[key] = job = self.io.submit(priority, self._timed_load, key, target)
+                task = asyncio.create_task(self._promote(key, target, job))
                 self._promotions[key] = task
                 task.add_done_callback(functools.partial(self._promotion_done, key))
+            elif key in self._jobs:  # a demand waiting for a hint's promotion: it is not a hint's any more
+                self.io.boost(self._jobs[key], priority)
             await asyncio.shield(task)
             promoted = True
         return None, promoted
@@ -434,19 +327,20 @@ class StoreCore:
     def _promotion_done(self, key: BlobKey, task: asyncio.Task[None]) -> None:
         if self._promotions.get(key) is task:
             del self._promotions[key]
+            self._jobs.pop(key, None)
         if not task.cancelled() and isinstance(task.exception(), ChecksumError):
             self.corrupt(task.exception(), "not promoted into RAM")
 
-    async def _promote(self, key: BlobKey, slot: Slot, priority: int) -> None:
+    async def _promote(self, key: BlobKey, slot: Slot, job: Job) -> None:
         """Copy a blob from NVMe into its reserved slot (not cancelled by a requester going away)."""
         try:
-            ns = await self.io.run(priority, self._timed_load, key, slot)
+            ns = await job.future
         except asyncio.CancelledError:
             raise  # shutdown: the slot stays FILLING (a thread may still write it); the segment goes anyway
         except BaseException:
             self.ram.abort(slot)
             raise
-        self.ram.commit(slot)
+        self.ram.commit(slot, hinted=job.priority == PRIORITY_HINT)
         self.nvme.stats.add(slot.nbytes, ns, hits=0)  # the requesters count their hits
 
     def _timed_load(self, key: BlobKey, slot: Slot) -> int:
@@ -482,35 +376,22 @@ class StoreCore:
     def _enqueue_promotion(self, key: BlobKey, background: bool) -> bool:
         if not self.ram.enabled or self.config.prefetch_queue == 0:
             return False
-        if key in self._queued or key in self._promotions:
-            return True
-        try:
-            self._prefetch_queue.put_nowait((key, background))
-        except asyncio.QueueFull:
-            return False
-        self._queued.add(key)
-        return True
-
-    async def _prefetch_worker(self) -> None:
-        while True:
-            key, background = await self._prefetch_queue.get()
-            self._queued.discard(key)
-            try:
-                slot, promoted = await self._acquire(key, PRIORITY_BACKGROUND if background else PRIORITY_PREFETCH)
-                if slot is not None:
-                    self.ram.unpin(slot)
-                    if promoted and not background:
-                        self.counters.prefetch_promotions += 1
-            except FateError as e:
-                logger.warning("promotion of layer %d expert %d %s failed: %s", key.layer, key.expert, key.fmt, e)
-            except Exception:
-                logger.exception("promotion of %s failed (a bug)", key)
+        return key in self._promotions or self.promotions.put(key, background)
 
     async def _sweep_leases(self) -> None:
         while True:
             await asyncio.sleep(_LEASE_SWEEP_S)
             if n := self.ram.expire_leases():
                 logger.debug("%d lease(s) expired", n)
+
+    def ram_hit_counts(self) -> dict[str, int]:
+        """Fetches by purpose that found the expert in RAM, the slot directory's copies included."""
+        c = self.counters
+        reads, demand = self.ram.directory.read_counts() if self.ram.directory is not None else (0, 0)
+        return {"directory_reads": reads, "directory_demand_reads": demand,
+                "demand_ram_hits": c.demand_ram_hits + demand, "demand_ram_misses": c.demand_ram_misses,
+                "prefetch_ram_hits": c.prefetch_ram_hits + reads - demand,
+                "prefetch_ram_misses": c.prefetch_ram_misses}
 
     def _chunk_size(self, asked: int) -> int:
         return max(4096, min(asked or self.config.chunk_bytes, self.config.max_chunk_bytes))

@@ -8,11 +8,20 @@ Layout (native-order int64 throughout, so every field is one aligned 8-byte word
 
     header   8 words: MAGIC, VERSION, entry count, words per entry, 4 reserved
     entries  one row of ENTRY_WORDS words per blob, in the store's key order:
-             generation, layer, expert, format code, offset, nbytes, 2 reserved
+             generation, layer, expert, format code, offset, nbytes, reads, demand reads
 
 The keys of the rows never change after creation (the reader builds its key -> row map once
 at attach). `generation` is a per-row seqlock: odd while the store rewrites the row, even when
 the row is stable; every change adds 2. A row whose blob is not resident has nbytes 0.
+
+`reads` and `demand reads` are the readers' words, the only ones a reader writes: after a copy
+that passed its generation check the reader adds 1 to `reads` (and to `demand reads` when a
+cache miss asked for it, rather than a prefetch). One plain load and store each: no lock, no
+RPC; two readers adding at the same instant may lose one count, which only makes the figures
+slightly low. The store never writes them; it remembers the `reads` it last saw per row
+(`SlotDirectory.read_since`) so its RAM tier's replacement sees the experts workers copy
+(a read since the store last looked gives the slot a second chance before eviction), and it
+sums them for its statistics (`SlotDirectory.read_counts`).
 
 Writer (the store, on its event loop): `withdraw(key)` before the blob's slot is given to
 anyone else (eviction), `publish(key, offset, nbytes)` after a slot's bytes are complete
@@ -40,10 +49,10 @@ from typing import Callable, Iterable, NamedTuple
 from . import shm
 
 MAGIC = 0x3152494454414646  # b"FFATDIR1" little-endian
-VERSION = 1
+VERSION = 2
 HEADER_WORDS = 8
 ENTRY_WORDS = 8
-GEN, LAYER, EXPERT, FMT, OFFSET, NBYTES = range(6)
+GEN, LAYER, EXPERT, FMT, OFFSET, NBYTES, READS, DEMAND_READS = range(8)
 FORMAT_CODES = {"bf16": 1, "int8": 2, "int4": 3, "int2": 4}
 _CODE_FORMATS = {v: k for k, v in FORMAT_CODES.items()}
 
@@ -83,11 +92,34 @@ class SlotDirectory:
         for i, k in enumerate(keys):
             for f, v in ((LAYER, k.layer), (EXPERT, k.expert), (FMT, FORMAT_CODES[k.fmt])):
                 self._t[_at(i, f)] = v
+        self._seen = [0] * len(keys)  # per row: its `reads` word when the store last looked
         self.writes = 0
 
     def publish(self, key: tuple[int, int, str], offset: int, nbytes: int) -> None:
         """The blob's bytes are complete at `offset` in the data segment."""
         self._write(key, offset, nbytes)
+        i = self._rows.get(DirKey(*key))
+        if i is not None and self._t is not None:  # reads of an earlier tenancy do not count for this one
+            self._seen[i] = self._t[_at(i, READS)]
+
+    def read_since(self, key: tuple[int, int, str]) -> bool:
+        """Whether a reader copied the blob since the last call for it (or its publish); marks it seen."""
+        i = self._rows.get(DirKey(*key))
+        if i is None or self._t is None:
+            return False
+        now = self._t[_at(i, READS)]
+        if now == self._seen[i]:
+            return False
+        self._seen[i] = now
+        return True
+
+    def read_counts(self) -> tuple[int, int]:
+        """(reads, demand reads) readers reported over every row since the directory was created."""
+        t = self._t
+        if t is None:
+            return 0, 0
+        n = len(self._seen)
+        return (sum(t[_at(i, READS)] for i in range(n)), sum(t[_at(i, DEMAND_READS)] for i in range(n)))
 
     def withdraw(self, key: tuple[int, int, str]) -> None:
         """The blob's slot is about to get other contents (call before any byte of it changes)."""
@@ -148,10 +180,20 @@ class DirectoryReader:
         self.retries = 0  # copies thrown away because the generation moved
         self.misses = 0  # lookups of blobs that were not resident
 
-    def copy(self, key: tuple[int, int, str]) -> bytes | None:
-        """The blob's bytes if resident and stable across the copy; None: take the slower path."""
+    def copy(self, key: tuple[int, int, str], demand: bool = True) -> bytes | None:
+        """The blob's bytes if resident and stable across the copy; None: take the slower path.
+
+        A good copy is reported in the row's reader words (`demand`: a cache miss asked for it,
+        not a prefetch), so the store's replacement and statistics see it."""
+        return self._copy(key, None, demand)  # type: ignore[return-value]
+
+    def copy_into(self, key: tuple[int, int, str], dst: memoryview, demand: bool = False) -> int | None:
+        """As `copy`, into `dst` (at least the blob's length): the bytes copied, or None."""
+        return self._copy(key, dst, demand)  # type: ignore[return-value]
+
+    def _copy(self, key: tuple[int, int, str], dst: memoryview | None, demand: bool) -> bytes | int | None:
         i = self._rows.get(DirKey(*key))
-        if i is None:
+        if i is None or self._t is None:
             return None
         t, g = self._t, _at(i, GEN)
         for _ in range(self.max_tries):
@@ -162,13 +204,30 @@ class DirectoryReader:
                     self.misses += 1
                     return None
                 continue
-            blob = bytes(self._data[off : off + n])
+            if dst is None:
+                got: bytes | int = bytes(self._data[off : off + n])
+            elif n > len(dst):
+                return None
+            else:
+                dst[:n] = self._data[off : off + n]
+                got = n
             if self.after_copy is not None:
                 self.after_copy(key)
             if t[g] == g1:
-                return blob
+                t[g + READS] += 1  # the readers' words only: never the generation
+                if demand:
+                    t[g + DEMAND_READS] += 1
+                return got
             self.retries += 1
         return None
+
+    def is_resident(self, key: tuple[int, int, str]) -> bool:
+        """Does the directory show the blob resident now (a peek: `copy` may still find it gone)?"""
+        i = self._rows.get(DirKey(*key))
+        if i is None or self._t is None:
+            return False
+        g = _at(i, GEN)
+        return not self._t[g] & 1 and self._t[g + NBYTES] > 0
 
     def close(self) -> None:
         t, self._t, self._data = self._t, None, None

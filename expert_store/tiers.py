@@ -16,12 +16,14 @@ the largest 4 KiB-aligned blob among the served formats), each holding one
 expert blob of any format. A slot's generation increments every time it gets
 new contents. Slots are filled at start-up in a hotness order (`fill_order`),
 then promoted into on demand, evicting the least recently used slot that no
-one holds. Holding is counted in `pins`: every lease (a co-located worker
-copying the bytes) and every in-flight gRPC read of the slot pins it, and a
-pinned slot is never overwritten. With a slot directory (`open_directory`, slot_directory.py)
-workers also copy unpinned slots with no RPC: an eviction withdraws the blob's row before the
-slot is reused, a commit publishes it, so such a copy detects a reuse. Leases expire after their TTL; lease ids are
-random 63-bit numbers, an owner holds at most `max_leases_per_client` at once.
+one holds; recency counts the reads workers report in the slot directory, and a
+store hint may not evict a slot another hint filled that no one read yet (`_victim`).
+Holding is counted in `pins`: every lease (a co-located worker copying the bytes)
+and every in-flight gRPC read of the slot pins it, and a pinned slot is never overwritten.
+With a slot directory (`open_directory`, slot_directory.py) workers also copy unpinned
+slots with no RPC: an eviction withdraws the blob's row before the slot is reused, a
+commit publishes it, so such a copy detects a reuse. Leases expire after their TTL; lease
+ids are random 63-bit numbers, an owner holds at most `max_leases_per_client` at once.
 
 Thread safety: RamTier's bookkeeping runs on the event loop thread only; the
 byte copies into a slot (`fill_view`, `write`) run in I/O threads while the
@@ -121,6 +123,7 @@ class NvmeTier:
         self.capacity_bytes = int(pack.manifest["experts_nbytes"])
         self.stats = TierStats()
         self._verified: set[BlobKey] = set()
+        self.uncached = False  # drop every read's pages from the page cache (StoreConfig.nvme_uncached)
         self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
 
     def keys(self) -> list[BlobKey]:
@@ -139,9 +142,6 @@ class NvmeTier:
         """The blob's checksum as the protocol writes it: "xxh3_64:<16 hex digits>"."""
         return blob_checksum(self.ref(key).xxh3_64)
 
-    def is_verified(self, key: BlobKey) -> bool:
-        return key in self._verified
-
     # -- reads (blocking: run them in I/O threads) ---------------------------------------------
 
     def read_into(self, key: BlobKey, dest: memoryview, verify: bool = True) -> None:
@@ -149,6 +149,7 @@ class NvmeTier:
         unless the blob was verified before."""
         ref = self.ref(key)
         self._pread_into(dest[: ref.nbytes], ref.offset)
+        self._forget(ref.offset, ref.nbytes)
         if verify:
             self._check(key, blob_digest(dest[: ref.nbytes]))
 
@@ -162,7 +163,13 @@ class NvmeTier:
             rest = bytearray(nbytes - len(data))
             self._pread_into(memoryview(rest), ref.offset + start + len(data))
             data += rest
+        self._forget(ref.offset + start, nbytes)
         return data
+
+    def _forget(self, offset: int, nbytes: int) -> None:
+        """With `uncached`: drop what was just read from the page cache (the next read is a disk read)."""
+        if self.uncached:
+            os.posix_fadvise(self._fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
 
     def verify_blob(self, key: BlobKey, piece: memoryview | None = None) -> None:
         """xxh3_64 of the blob as it is on disk now against the manifest; ChecksumError on a mismatch."""
@@ -249,6 +256,8 @@ class Slot:
     generation: int = 0  # incremented at every new content
     state: SlotState = SlotState.FREE
     pins: int = 0  # leases + in-flight reads; > 0: never overwritten
+    hinted: bool = False  # filled for a store hint and not read since: other hints may not evict it
+    hint_unread: bool = False  # filled for a store hint, not read yet (counts hints_used, hints_wasted)
 
 
 @dataclass
@@ -267,6 +276,9 @@ class RamCounters:
     evictions: int = 0  # slots given to another blob
     leases_granted: int = 0
     leases_expired: int = 0  # ended by TTL rather than release
+    directory_refreshes: int = 0  # slots spared at eviction because a worker read them through the directory
+    hints_used: int = 0  # slots filled for a hint that a fetch or a directory copy then read
+    hints_wasted: int = 0  # slots filled for a hint that were evicted before anyone read them
 
 
 def slot_bytes_for(blob_nbytes: Iterable[int]) -> int:
@@ -351,12 +363,18 @@ class RamTier:
 
     # -- slots --------------------------------------------------------------------------------
 
-    def lookup(self, key: BlobKey) -> Slot | None:
-        """The READY slot holding `key` (now most recently used), or None."""
+    def lookup(self, key: BlobKey, read: bool = True) -> Slot | None:
+        """The READY slot holding `key` (now most recently used), or None; read=False: a hint's own look."""
         slot = self._where.get(key)
         if slot is not None:
             self._lru.move_to_end(slot.index)
+            if read:
+                self._was_read(slot)
         return slot
+
+    def _was_read(self, slot: Slot) -> None:
+        self.counters.hints_used += slot.hint_unread
+        slot.hinted = slot.hint_unread = False
 
     def pin(self, slot: Slot) -> None:
         slot.pins += 1
@@ -366,19 +384,51 @@ class RamTier:
             raise RuntimeError(f"slot {slot.index} unpinned more often than pinned")  # a bug
         slot.pins -= 1
 
-    def reserve(self, key: BlobKey) -> Slot | None:
-        """A slot to copy `key` into (FILLING): a free one, else the LRU unpinned one; None if all are held."""
+    def reserve(self, key: BlobKey, hint: bool = False) -> Slot | None:
+        """A slot to copy `key` into (FILLING): a free one, else the LRU unpinned one; None if all are held.
+        hint: for a store hint, which may not evict an unread hinted slot (None if only those are left)."""
         self.expire_leases()
         if self._free:
             slot = self._free.pop()
         else:
-            slot = next((self.slots[i] for i in self._lru if self.slots[i].pins == 0), None)
+            slot = self._victim(hint)
             if slot is None:
                 return None
             self._evict(slot)
             self.counters.evictions += 1
         slot.state, slot.key, slot.nbytes = SlotState.FILLING, key, 0
         return slot
+
+    def _victim(self, hint: bool = False) -> Slot | None:
+        """The least recently used unpinned READY slot, counting reads through the slot directory.
+
+        Workers copy resident blobs through the directory without telling the store, so recency from
+        `lookup` alone would evict the experts they use most. Second chance: walking from the least
+        recently used end, a slot read since the store last looked moves to the most recently used end
+        instead (each read saves a slot once: amortised O(1) per eviction); if every unpinned slot was
+        read, the least recently used of them goes. Hinted slots: a hint's walk passes over them; a
+        fetch's walk gives them one second chance, which ends their protection (wrong guesses age out).
+        """
+        d, refreshed, victim, aged = self.directory, [], None, []
+        for i in self._lru:
+            s = self.slots[i]
+            if s.pins:
+                continue
+            if d is not None and s.key is not None and d.read_since(s.key):
+                refreshed.append(i)
+                self._was_read(s)
+            elif s.hinted:
+                aged += [] if hint else [i]  # a hint passes over it; a fetch gives it its last chance
+            else:
+                victim = s
+                break
+        for i in refreshed + aged:
+            self._lru.move_to_end(i)
+            self.slots[i].hinted = False
+        self.counters.directory_refreshes += len(refreshed)
+        if victim is None and refreshed + aged:
+            victim = next((s for s in map(self.slots.__getitem__, self._lru) if not s.pins and not s.hinted), None)
+        return victim
 
     def write(self, slot: Slot, src: memoryview | bytes) -> None:
         """Copy a blob into a FILLING slot (any thread); then `commit`."""
@@ -391,12 +441,12 @@ class RamTier:
             raise RuntimeError(f"slot {slot.index}: filled in state {slot.state}")  # a bug
         return self._buf[slot.offset : slot.offset + self.slot_bytes]
 
-    def commit(self, slot: Slot, promotion: bool = True) -> None:
+    def commit(self, slot: Slot, promotion: bool = True, hinted: bool = False) -> None:
         """The copy into `slot` is complete: it becomes visible (new generation, most recently used)."""
         if slot.state is not SlotState.FILLING or slot.key is None or not 0 < slot.nbytes <= self.slot_bytes:
             raise RuntimeError(f"slot {slot.index}: commit in state {slot.state} with {slot.nbytes} bytes")  # a bug
         slot.generation += 1
-        slot.state = SlotState.READY
+        slot.state, slot.hinted, slot.hint_unread = SlotState.READY, hinted, hinted
         self._where[slot.key] = slot
         self._lru[slot.index] = None
         self._lru.move_to_end(slot.index)
@@ -420,7 +470,8 @@ class RamTier:
             if self.directory is not None:  # before any byte of the slot changes: readers notice the reuse
                 self.directory.withdraw(slot.key)
         self._lru.pop(slot.index, None)
-        slot.state, slot.key, slot.nbytes = SlotState.FREE, None, 0
+        self.counters.hints_wasted += slot.hint_unread
+        slot.state, slot.key, slot.nbytes, slot.hinted, slot.hint_unread = SlotState.FREE, None, 0, False, False
 
     def fill(self, keys: Iterable[BlobKey], load: Callable[[BlobKey, memoryview], int],
              should_stop: Callable[[], bool] = lambda: False) -> int:

@@ -62,8 +62,12 @@ and dropped when the model asks for the next expert: never inserted, so decode n
 an INT2 copy. They count as lookups and misses (and int2_misses).
 
 Threads: the compute thread calls `iter_experts`; a prefetch thread calls `prefetch`
-concurrently. One lock (`cond`, a condition variable the prefetch thread shares) guards the
-ledger; fetches and compute builds run outside it. While a demand fetch is in flight
+concurrently. One lock guards the ledger; fetches and compute builds run outside it. Two
+condition variables share it, so that neither thread wakes the other for nothing: the compute
+thread waits on `cond` (a prefetch landed or gave its room back), the prefetch thread on
+`prefetch_cond` (a job, room, the end of a demand fetch). The compute thread notifies the
+prefetcher only while it says it waits for the cache (`prefetcher_waiting`): waking it for
+every released expert cost more CPU than the prefetches themselves. While a demand fetch is in flight
 (`demand_fetching`), the prefetcher starts no new fetch: demand outranks prefetch on the link
 here as it does in the store's queue (builds may overlap).
 """
@@ -76,7 +80,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Collection, Iterator, Sequence
 
 import torch
 
@@ -88,6 +92,7 @@ from .policy import Allocation, ReplacementPolicy, make_allocation, make_policy_
 from .policy.ledger import (  # noqa: F401 - the cache's statistics types are the ledger's
     CacheBudgetError, CacheError, CacheLedger, CacheStats, LayerLedger, LayerStats, StepOutcome,
 )
+from .cache_copies import CacheCopies
 from .store_client import ExpertFetcher, FetchedBlob
 
 log = logging.getLogger(__name__)
@@ -138,7 +143,7 @@ class PrefetchResult:
 # -- the cache ----------------------------------------------------------------------------------
 
 
-class ExpertCache:
+class ExpertCache(CacheCopies):
     """`ExpertProvider` with a byte budget, per-layer slots, a staging area and a replacement policy per layer."""
 
     def __init__(
@@ -194,9 +199,13 @@ class ExpertCache:
             if self.tail_units * self.expert_bytes > self.budget_bytes:
                 raise CacheBudgetError(f"one {tail_fmt} expert ({tail_bytes} bytes as {self.tail_form!r}) does not "
                                        f"fit the {self.budget_bytes}-byte budget: raise it or turn the tail off")
-        self.cond = threading.Condition(threading.Lock())  # guards the ledger; the prefetch thread shares it
+        lock = threading.Lock()  # guards the ledger
+        self.cond = threading.Condition(lock)  # the compute thread waits on it
+        self.prefetch_cond = threading.Condition(lock)  # the prefetch thread waits on it
+        self.prefetcher_waiting = False  # the prefetcher waits for room or for demand to finish (lock held)
         self._demand_fetching = 0  # demand fetch calls in flight (the link is busy with demand)
         self._wait_poll_s = wait_poll_s
+        self._init_copies()
 
     # -- ExpertProvider -------------------------------------------------------------------------
 
@@ -209,6 +218,7 @@ class ExpertCache:
         ids = list(dict.fromkeys(int(e) for e in experts))
         pinned: set[int] = set()  # pinned by this call and not yet released
         with self.cond:
+            self._land(L)
             ready, tail = led.begin_call(L, ids, pin=True)
             pinned.update(ready)
         remaining = [e for e in ids if e not in pinned and e not in tail]
@@ -235,7 +245,7 @@ class ExpertCache:
                 for e in pinned:
                     led.unpin(L, e)
                 led.end_call(L)
-                self.cond.notify_all()
+                self._notify_prefetcher()
 
     def set_int2_tail(self, layer: int, experts: Sequence[int]) -> None:
         """Experts of `layer` to fetch in `tail_fmt` if they miss in this step's next iter_experts for it
@@ -248,11 +258,13 @@ class ExpertCache:
 
     # -- prefetch --------------------------------------------------------------------------------
 
-    def prefetch(self, layer: int, experts: Sequence[int], step: int | None = None) -> PrefetchResult:
+    def prefetch(self, layer: int, experts: Sequence[int], step: int | None = None,
+                 fetch_only: Collection[int] | None = None) -> PrefetchResult:
         """Fetch and insert experts of `layer` (ranked, most likely first) that are neither resident nor being
         fetched, as far as free units and this layer's unpinned experts outside `experts` allow (module
         docstring). `step`: the `step_seq` the prefetch is for; if that step's compute has passed the layer,
-        nothing is done (stale)."""
+        nothing is done (stale). `fetch_only`: fetch only these of `experts` (the others are still kept from
+        eviction)."""
         led = self.ledger
         L = led.layer(layer)
         res = PrefetchResult()
@@ -262,7 +274,8 @@ class ExpertCache:
                 res.stale = True
                 L.stats.prefetch_dropped += sum(1 for e in want if e not in L.resident and e not in L.pending)
                 return res
-            todo = [e for e in want if e not in L.resident and e not in L.pending]
+            todo = [e for e in want if e not in L.resident and e not in L.pending
+                    and (fetch_only is None or e in fetch_only)]
             wave = led.reserve_prefetch(L, todo, protect=set(want))
             res.no_room = todo[len(wave):]
             L.pending.update(wave)
@@ -276,7 +289,7 @@ class ExpertCache:
             raise
         for i, (e, b) in enumerate(zip(wave, blobs)):
             try:
-                compute, build_ns = self._build(b, self.fmt, self.form)
+                compute, build_ns = self._build(b, self.fmt, self.form, slot=True)
             except BaseException:
                 self._abandon(L, wave[i:])
                 raise
@@ -346,7 +359,7 @@ class ExpertCache:
         """Start recording per-layer outcomes of one forward step (the compute thread's)."""
         with self.cond:
             self.ledger.begin_step()
-            self.cond.notify_all()
+            self._notify_prefetcher()
 
     def end_step(self) -> StepOutcome:
         """The outcomes since `begin_step`; also ages the policies (`on_step`)."""
@@ -388,7 +401,7 @@ class ExpertCache:
             with self.cond:  # released: the model asked for the next one
                 self.ledger.unpin(L, e)
                 pinned.discard(e)
-                self.cond.notify_all()
+                self._notify_prefetcher()
 
     def _wait_until(self, L: LayerLedger, pick) -> tuple[list[int], list[int]]:
         """Loop `pick()` (lock held) until it returns something; count the time waited as a stall."""
@@ -396,9 +409,13 @@ class ExpertCache:
         waited = False
         with self.cond:
             while True:
+                self._land(L)
                 ready, wave = pick()
                 if ready or wave:
                     break
+                if self._await_copies(L, t0):  # copies in flight: a short wait, then look again
+                    waited = True
+                    continue
                 if not self.ledger.reserved and not L.pending:
                     raise CacheBudgetError(
                         f"layer {L.layer}: no room for one expert in a {self.budget_bytes}-byte budget with nothing "
@@ -449,10 +466,14 @@ class ExpertCache:
 
     def _demand_fetch(self, L: LayerLedger, wave: list[int], pinned: set[int]) -> None:
         t0 = time.perf_counter_ns()
+        built: list = []
         try:
             blobs = self._fetch_demand([(L.layer, e, self.fmt) for e in wave])
-            built = [self._build(b, self.fmt, self.form) for b in blobs]
+            for b in blobs:
+                built.append(self._build(b, self.fmt, self.form, slot=True))
         except BaseException:
+            with self.cond:
+                self._unfill([c for c, _ in built])
             self._abandon(L, wave)
             raise
         waited = time.perf_counter_ns() - t0
@@ -467,7 +488,7 @@ class ExpertCache:
             led.count_demand(L, wave)
             self._count_bytes(L, nbytes)
             self._count_wait(L, waited)
-            self.cond.notify_all()
+            self._notify_prefetcher()
 
     def _transient_fetch(self, L: LayerLedger, wave: list[int]) -> Iterator[tuple[int, ExpertCompute]]:
         """INT2 copies: fetched, built, yielded, dropped (their reservation freed as the model moves on)."""
@@ -493,11 +514,11 @@ class ExpertCache:
                 with self.cond:
                     led.give_back(units)
                     left -= 1
-                    self.cond.notify_all()
+                    self._notify_prefetcher()
         finally:
             with self.cond:
                 led.give_back(units * left)
-                self.cond.notify_all()
+                self._notify_prefetcher()
 
     def _fetch_demand(self, keys: list) -> list[FetchedBlob]:
         with self.cond:
@@ -507,7 +528,12 @@ class ExpertCache:
         finally:
             with self.cond:
                 self._demand_fetching -= 1
-                self.cond.notify_all()
+                self._notify_prefetcher()
+
+    def _notify_prefetcher(self) -> None:
+        """Wake the prefetch thread if it waits for room or for demand to finish (lock held)."""
+        if self.prefetcher_waiting:
+            self.prefetch_cond.notify_all()
 
     def _count_bytes(self, L: LayerLedger, nbytes: int) -> None:
         L.stats.bytes_fetched += nbytes
@@ -522,10 +548,14 @@ class ExpertCache:
         if step is not None:
             step.layer_fetch_wait_ns[L.layer] = step.layer_fetch_wait_ns.get(L.layer, 0) + waited_ns
 
-    def _build(self, b: FetchedBlob, fmt: str, form: str) -> tuple[ExpertCompute, int]:
-        """The compute form of one blob (no lock held: this is the slow part) and the ns it took."""
+    def _build(self, b: FetchedBlob, fmt: str, form: str, slot: bool = False) -> tuple[ExpertCompute, int]:
+        """The compute form of one blob (no lock held: this is the slow part) and the ns it took. slot: for
+        insertion, so into an arena slot when the cache has an arena (one copy, nothing built)."""
         t0 = time.perf_counter_ns()
         a = self.args
+        c = self._fill_slot(b.data) if slot and fmt == self.fmt else None
+        if c is not None:
+            return c, time.perf_counter_ns() - t0  # type: ignore[return-value]
         c = make_expert_compute(fmt, b.data, a.hidden_size, a.expert_intermediate_size, form, self.device)
         if fmt == self.fmt and c.nbytes != self.expert_bytes:
             raise CacheError(f"expert {b.key} takes {c.nbytes} bytes in form {form!r}, the cache "
@@ -541,3 +571,4 @@ class ExpertCache:
             self.ledger.give_back(len(experts))
             L.pending.difference_update(experts)
             self.cond.notify_all()
+            self._notify_prefetcher()

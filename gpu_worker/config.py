@@ -132,6 +132,19 @@ class WorkerConfig:
     throttle: bool = True
     """Narrow the measured width when prefetched experts go unused or the prefetch queue backs up."""
 
+    copy_engine: bool = True
+    """With a predictor on a CPU, over shared memory: a copier process (gpu_worker.copier) copies predicted
+    experts from the store's RAM tier into the cache's arena (one shared-memory segment of expert slots)
+    while the worker computes; this is the CPU's stand-in for a GPU's copy engine. Fetches it cannot
+    serve (not in the store's RAM) go to the prefetch thread as before. Off: no arena, no copier."""
+
+    prefetch_inline: bool = False
+    """Copy predicted experts that the store holds at memory speed (its RAM tier, through the slot directory
+    over shared memory) on the compute thread, right when they are predicted; only slower fetches (a round
+    trip, a disk read) go to the prefetch thread. On a CPU such a copy is CPU work either way, and a second
+    Python thread doing it costs the compute thread more (the GIL, cache misses on another core) than the copy
+    itself. Off: every prefetch goes to the thread. CPU device only."""
+
     prefetch_sync: bool = False
     """Analysis only: run each prefetch to completion on the compute thread as soon as it is proposed (no
     prefetch thread). The hit rate is then that of an infinitely fast link; decoding is slower."""

@@ -368,18 +368,46 @@ def _blob_plan(fmt: str, hidden: int, inter: int, block_n: int) -> tuple[int, bo
 
 
 def _owned_copy(blob: BlobLike) -> Tensor:
-    """One copy of the blob's bytes into memory we own, as a flat uint8 tensor."""
+    """The blob's bytes as a flat uint8 tensor in memory nobody can change or reuse: immutable `bytes`, or a
+    contiguous view of them (a gRPC reply message, bytes copied out of shared memory), are viewed with no
+    copy (the tensor keeps them alive); anything else (an mmap, a shared-memory slot, a bytearray, a
+    tensor) is copied once."""
+    if isinstance(blob, memoryview) and isinstance(blob.obj, bytes) and blob.c_contiguous or type(blob) is bytes:
+        return _view_immutable(blob)
     if isinstance(blob, (bytes, bytearray, memoryview)):
         return torch.frombuffer(bytearray(blob), dtype=torch.uint8)  # bytearray(): one memcpy
     return as_uint8(blob).clone()
 
 
-def _cpu_fused_from_blob(fmt: str, blob: BlobLike, hidden: int, inter: int, layout: Int4Layout) -> Int4FusedExpert:
-    """The hot path, blob in this machine's kernel layout. int4: one copy of the blob into owned memory,
-    then strided views of it. int2: one table lookup per call expands the codes, scales_and_zeros copied."""
+def _view_immutable(blob: bytes | memoryview) -> Tensor:
+    """torch.frombuffer of read-only memory (nothing writes into a blob's tensor)."""
+    view = memoryview(blob)
+    if view.format != "B":
+        view = view.cast("B")
+    return torch.frombuffer(view, dtype=torch.uint8) if view.nbytes else torch.empty(0, dtype=torch.uint8)
+
+
+def _spend_readonly_warning() -> None:
+    """torch warns once per process that a tensor over read-only memory is writable: spend that warning
+    here, at import (one thread), so `_view_immutable` stays quiet."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.frombuffer(b"\0", dtype=torch.uint8)
+
+
+_spend_readonly_warning()
+
+
+def _cpu_fused_from_blob(fmt: str, blob: BlobLike, hidden: int, inter: int, layout: Int4Layout,
+                         copy: bool = True) -> Int4FusedExpert:
+    """The hot path, blob in this machine's kernel layout. int4: one copy of the blob into owned memory
+    (none with copy=False: the caller owns `blob`), then strided views of it. int2: one table lookup per
+    call expands the codes, scales_and_zeros copied."""
     total, fused, plan = _blob_plan(fmt, hidden, inter, layout.block_n)
     int4 = fmt == "int4"
-    data = _owned_copy(blob) if int4 else as_uint8(blob)  # int4: a shared-memory slot may be reused after this
+    data = _owned_copy(blob) if int4 and copy else as_uint8(blob)  # int4: a shm slot may be reused after this
     if data.numel() != total:
         raise CodecError(f"{fmt} expert blob for hidden={hidden} inter={inter} must be {total} bytes, "
                          f"got {data.numel()}")
@@ -389,9 +417,10 @@ def _cpu_fused_from_blob(fmt: str, blob: BlobLike, hidden: int, inter: int, layo
     group = FORMATS[fmt].group_size
     lin, copied = [], 0
     for code_off, code_bytes, n_pad, row, sz_off, sz_stride, n_groups, n, k, k_pad in plan:
-        sz = torch.as_strided(halves, (n_groups, n_pad, 2), (sz_stride, 2, 1), sz_off)
+        # as_strided's offsets count from the storage's start: `data` may be a view further in (an arena slot)
+        sz = torch.as_strided(halves, (n_groups, n_pad, 2), (sz_stride, 2, 1), halves.storage_offset() + sz_off)
         if int4:
-            weight = torch.as_strided(data, (n_pad, row), (row, 1), code_off)
+            weight = torch.as_strided(data, (n_pad, row), (row, 1), data.storage_offset() + code_off)
         else:
             weight = expand_int2(data[code_off:code_off + code_bytes]).view(n_pad, row)
         if not int4 or not sz.is_contiguous():  # int2, or gate and up apart: own copies
@@ -406,6 +435,22 @@ def _cpu_fused_from_blob(fmt: str, blob: BlobLike, hidden: int, inter: int, layo
     return Int4FusedExpert(lin[2], gate=lin[0], up=lin[1], blob=keep, blob_nbytes=total + copied)
 
 
+def int4_in_place(data: Tensor, hidden: int, inter: int) -> ExpertCompute | None:
+    """An int4 expert that computes straight from `data` (uint8 on the CPU, the blob's bytes), views only:
+    the caller may later overwrite `data` with another expert's blob of the same shape, and this object
+    then computes that expert (an arena slot's compute form is built once). None when this machine cannot
+    (no known kernel layout, a pack in another layout, or a shape whose scales need their own copy)."""
+    native = native_layout()
+    if native is None or _layout.pack_layout not in (None, native):
+        return None
+    c = _cpu_fused_from_blob("int4", data, hidden, inter, native, copy=False)
+    base = data.untyped_storage().data_ptr()
+    parts = [m for m in (c.gate, c.up, c.gate_up, c.down) if m is not None]
+    if any(t.untyped_storage().data_ptr() != base for m in parts for t in (m.weight, m.scales_and_zeros)):
+        return None
+    return c
+
+
 def make_expert_compute(fmt: str, blob: BlobLike, hidden: int, inter: int, form: str,
                         device: torch.device | str = "cpu", layout: Int4Layout | None = None) -> ExpertCompute:
     """Build the compute object for one expert blob in `form` on `device`.
@@ -414,7 +459,8 @@ def make_expert_compute(fmt: str, blob: BlobLike, hidden: int, inter: int, form:
     format (int4_fused on bf16/int8) raises CodecError rather than silently changing
     the numerics or the cache footprint the caller planned for. `layout`: the int4
     layout of the blob (default: the accepted pack's, else this machine's kernel's).
-    The result never references `blob`, so an mmap or a shared-memory slot can be reused.
+    The result never references `blob`, so an mmap or a shared-memory slot can be reused, except
+    immutable `bytes` (or a view of them), which the CPU int4 form views rather than copies.
     """
     native = native_layout()
     if form == "int4_fused" and layout is None and (device == "cpu" or device == _CPU) and native is not None \

@@ -17,6 +17,10 @@ class PackFetcher:
         self.counters = FetchCounters()
         self._lock = threading.Lock()
 
+    def in_memory(self, keys: Sequence[BlobKey]) -> list[bool]:
+        """Every blob of an open pack is a view of its mmap (memory speed once the page cache holds it)."""
+        return [True] * len(keys)
+
     def fetch(self, keys: Sequence[BlobKey], priority: Priority = "demand") -> list[FetchedBlob]:
         t0 = time.perf_counter_ns()
         out = [FetchedBlob(k, self.pack.expert_blob(*k), "local", "local") for k in keys]

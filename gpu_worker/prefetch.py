@@ -154,15 +154,15 @@ class PrefetcherStats:
 
 
 class Prefetcher:
-    """The prefetch thread. Shares the cache's condition variable, so a freed unit, an idle compute thread
-    and a new job all wake it."""
+    """The prefetch thread. Waits on the cache's `prefetch_cond` (the cache's lock): a new job wakes it, and
+    while it says it waits for the cache (`prefetcher_waiting`), a freed unit or an idle compute thread does."""
 
     def __init__(self, cache: "ExpertCache", width: WidthController | None = None, room_wait_s: float = 0.05):
         self.cache = cache
         self.width = width
         self.room_wait_s = room_wait_s
         self.stats = PrefetcherStats()
-        self._cond = cache.cond  # one lock for the cache's state and this queue
+        self._cond = cache.prefetch_cond  # the cache's lock guards this queue too
         self._heap: list[_Job] = []
         self._seq = itertools.count()
         self._stop = False
@@ -227,7 +227,7 @@ class Prefetcher:
                     return
                 # demand outranks prefetch: start nothing while the compute thread fetches
                 while self.cache.demand_fetching and not self._stop:
-                    self._cond.wait(self.room_wait_s)
+                    self._wait_cache(self.room_wait_s)
                 if self._stop:
                     return
                 if self.cache.passed(job.layer, job.step):
@@ -249,14 +249,23 @@ class Prefetcher:
                     # wait for a unit to free up (the current layer's trim), then try again unless a newer
                     # job for this layer arrived meanwhile (a stale one is dropped when popped)
                     self.stats.room_waits += 1
-                    self._cond.wait_for(lambda: self._stop or self._heap_has(job.step, job.target)
-                                        or self.cache.has_free_unit
-                                        or self.cache.passed(job.layer, job.step),
-                                        self.room_wait_s)
+                    self._wait_cache(self.room_wait_s, lambda: self._stop or self._heap_has(job.step, job.target)
+                                     or self.cache.has_free_unit or self.cache.passed(job.layer, job.step))
                     job.room_waits += 1
                     if not self._heap_has(job.step, job.target) and job.room_waits < MAX_ROOM_WAITS:
                         heapq.heappush(self._heap, job)
                 self._busy = False
+
+    def _wait_cache(self, timeout_s: float, predicate=None) -> None:
+        """Wait (lock held) until the cache changes for us: the compute thread wakes us only meanwhile."""
+        self.cache.prefetcher_waiting = True
+        try:
+            if predicate is None:
+                self._cond.wait(timeout_s)
+            else:
+                self._cond.wait_for(predicate, timeout_s)
+        finally:
+            self.cache.prefetcher_waiting = False
 
     def _heap_has(self, step: int, target: int) -> bool:
         return any(j.step == step and j.target == target for j in self._heap)
@@ -303,11 +312,13 @@ class PrefetchController:
     def __init__(self, args: ModelArgs, cache: "ExpertCache", predictor: Predictor, *, width: int = 0,
                  lookahead: int = 1, throttle: bool = True, int2_tail_share: float = 0.0,
                  start_thread: bool = True, synchronous: bool = False,
-                 store_hints: StoreHinter | None = None, store_lookahead: int = 0):
+                 store_hints: StoreHinter | None = None, store_lookahead: int = 0, inline: bool = False):
         """synchronous: no thread; each prefetch runs to completion on the compute thread when it is
         proposed (before layer m's experts run): the hit rate of an infinitely fast link, for analysis
         and deterministic tests (the tokens are the same either way). store_hints: where the predicted
-        experts of layers m + 1 .. m + store_lookahead go as store hints (None or 0: none)."""
+        experts of layers m + 1 .. m + store_lookahead go as store hints (None or 0: none). inline: copy the
+        predicted experts the cache's fetcher holds at memory speed (`in_memory`) on the compute thread when
+        they are predicted; the rest go to the thread (module docstring)."""
         if lookahead not in (1, 2):
             raise ValueError(f"lookahead must be 1 or 2, got {lookahead}")
         a = args
@@ -321,6 +332,10 @@ class PrefetchController:
         self.width = WidthController(a.top_k, a.num_experts, fixed=width, throttle=throttle)
         self.enabled = predictor.name != "none"
         self.synchronous = synchronous
+        self._in_memory = getattr(getattr(cache, "fetcher", None), "in_memory", None)
+        self.inline = inline and not synchronous and self._in_memory is not None
+        self.inline_experts = 0  # experts copied inline (on the compute thread)
+        self.copied_experts = 0  # experts sent to the copy engine
         self.prefetcher = Prefetcher(cache, self.width) if self.enabled and start_thread and not synchronous else None
         if store_lookahead < 0:
             raise ValueError(f"store_lookahead must be >= 0, got {store_lookahead}")
@@ -376,6 +391,9 @@ class PrefetchController:
     def close(self) -> None:
         if self.prefetcher is not None:
             self.prefetcher.close()
+        close = getattr(self.cache, "close_copies", None)
+        if close is not None:
+            close()
         if self.store_hints is not None:
             self.store_hints.close()
 
@@ -418,11 +436,25 @@ class PrefetchController:
                 self._preds[t] = lists
             ranked = merge_ranked(lists, k)
             if ranked and self.prefetcher is not None:
-                resident = set(self.cache.resident(self.moe_layers[t]))
+                layer_t = self.moe_layers[t]
+                resident = set(self.cache.resident(layer_t))
                 todo = [e for e in ranked if e not in resident]
+                if todo and self.inline:
+                    fmt = self.cache.fmt
+                    fast = {e for e, ok in zip(todo, self._in_memory([(layer_t, e, fmt) for e in todo])) if ok}
+                    if fast and self.cache.copy_engine is not None:  # the copier fills them meanwhile
+                        sent = self.cache.issue_copies(layer_t, ranked, self._step, fast)
+                        self.copied_experts += len(sent)
+                        todo = [e for e in todo if e not in fast]
+                    elif fast:
+                        t0 = time.perf_counter_ns()
+                        res = self.cache.prefetch(layer_t, ranked, step=self._step, fetch_only=fast)
+                        self._sync_ns += time.perf_counter_ns() - t0
+                        self.inline_experts += len(res.inserted)
+                        todo = [e for e in todo if e not in fast]
                 if todo:
                     self._queued += len(todo)
-                    self.prefetcher.submit(self._step, t, self.moe_layers[t], ranked, lookahead=d)
+                    self.prefetcher.submit(self._step, t, layer_t, ranked, lookahead=d)
             elif ranked and self.synchronous:
                 t0 = time.perf_counter_ns()
                 self.cache.prefetch(self.moe_layers[t], ranked, step=self._step)
@@ -453,7 +485,10 @@ class PrefetchController:
                 if e not in resident and (layer, e) not in self._hinted:
                     self._hinted.add((layer, e))
                     keys.append((layer, e, self.cache.fmt))
-        self.store_hints.submit(keys)  # type: ignore[union-attr]
+        if keys and self._in_memory is not None:  # already in the store's RAM: nothing to promote
+            keys = [key for key, warm in zip(keys, self._in_memory(keys)) if not warm]
+        if keys:
+            self.store_hints.submit(keys)  # type: ignore[union-attr]
 
     def on_routing(self, layer: int, expert_ids: torch.Tensor, weights: torch.Tensor) -> None:
         m = self._moe_index[layer]

@@ -187,7 +187,7 @@ def load_runtime(cfg: WorkerConfig) -> WorkerRuntime:
                           full_layers=None if cfg.full_layers == "auto" else int(cfg.full_layers), staging_slots=staging,
                           tail_fmt=tail_fmt, predictor=cfg.predictor, prefetch_width=cfg.prefetch_width,
                           lookahead=cfg.lookahead, store_hint_lookahead=cfg.store_hint_lookahead, throttle=cfg.throttle, int2_tail_share=cfg.int2_tail,
-                          prefetch_sync=cfg.prefetch_sync, trace_dir=cfg.trace_dir, trace_every=cfg.trace_every,
+                          prefetch_sync=cfg.prefetch_sync, prefetch_inline=cfg.prefetch_inline, copy_engine=cfg.copy_engine, trace_dir=cfg.trace_dir, trace_every=cfg.trace_every,
                           model_name=m.family, max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
                           threads=cfg.threads)
         w = build_worker(m.args, store.dense_tensors, store, lambda: _load_tokenizer(store, m), spec, device,
@@ -343,7 +343,8 @@ def stats_to_pb(rt: WorkerRuntime, include_layers: bool) -> pb.WorkerStats:
         demand_bytes=t.demand_bytes, steps_total=e.steps_total,
         store_hints_sent=p.store_hints.sends if p else 0, store_hint_experts=p.store_hints.experts if p else 0,
         store_hint_errors=p.store_hints.errors if p else 0, fetched_tier_ram=getattr(f, "tier_ram", 0),
-        fetched_tier_nvme=getattr(f, "tier_nvme", 0),
+        fetched_tier_nvme=getattr(f, "tier_nvme", 0), fetched_tier_ram_demand=getattr(f, "tier_ram_demand", 0),
+        fetched_tier_nvme_demand=getattr(f, "tier_nvme_demand", 0),
     )  # fmt: skip
     if include_layers:
         for layer, ls in sorted(c.layers.items()):

@@ -7,10 +7,12 @@ Both fetchers have one method the cache uses, `fetch(keys, priority) -> list[Fet
                   slot directory shows resident are copied straight out of its segment with no
                   RPC (a generation check after the copy throws away a slot reused meanwhile);
                   for the rest one FetchExpertsShm promotes them and returns leased
-                  descriptors; we copy the bytes out, verify them and release the leases in
-                  one call. Experts the
-                  store could not lease, and every expert for a remote worker, come as chunks
-                  over FetchExperts.
+                  descriptors; we copy the bytes out (one copy: the build views them), verify
+                  them and release the leases in one call. Experts the store could not lease,
+                  and every expert for a remote worker, come over FetchExperts: one reply
+                  message per batch (several only past the message limit), each expert a view
+                  of the received bytes (`zero_copy`; the build views it in turn, so a cached
+                  expert keeps its reply message alive; zero_copy=False copies each out once).
     PackFetcher   the same interface over an open `Pack` (tests, `generate`).
 
 Integrity: every blob is checked against its xxh3_64 (the manifest's, and the store's own
@@ -46,6 +48,7 @@ from multiprocessing.shared_memory import SharedMemory
 from typing import Iterable, Literal, Sequence
 
 import grpc
+import grpc.experimental
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -60,8 +63,8 @@ from .pack_fetcher import PackFetcher
 from .store_retry import _Retry
 from .store_protocol import (
     COMPRESSION_TO_PB, FORMAT_TO_PB, PRIORITY_TO_PB, TIER_NAMES, BlobKey, ChecksumError, ChunkDecoder,
-    ExpertChunkAssembler, ExpertFetcher, FetchCounters, FetchedBlob, PackChangedError, Priority, StoreError,
-    StoreManifest, StoreUnavailableError, assemble_dense, place_chunk, verify_checksum,
+    ExpertBlobAssembler, ExpertFetcher, FetchCounters, FetchedBlob, PackChangedError, Priority, StoreError,
+    StoreManifest, StoreUnavailableError, assemble_dense, parse_expert_blobs, place_chunk, verify_checksum,
 )
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,8 @@ _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    # streaming calls (FetchExperts, StreamDense) read in the calling thread: no helper thread started per call
+    (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
 ]
 
 
@@ -101,6 +106,7 @@ class StoreClient:
         retry_window_s: float = 0.0,
         security: ClientSecurity | None = None,
         shm_directory: bool = True,
+        zero_copy: bool = True,
     ):
         if transport not in ("auto", "shm", "grpc"):
             raise StoreError(f"transport must be 'auto', 'shm' or 'grpc', got {transport!r}")
@@ -124,6 +130,10 @@ class StoreClient:
         self._stubs_channel, self._channel = (security or ClientSecurity()).channel(
             address, _CHANNEL_OPTIONS, metadata=[(CLIENT_SECRET_HEADER, secret)])
         self._stub = pb_grpc.ExpertStoreStub(self._stubs_channel)
+        # FetchExperts with our own deserializer: the payload stays a view of the received message
+        self._fetch_experts = self._stubs_channel.unary_stream(
+            "/moe.v1.ExpertStore/FetchExperts", request_serializer=pb.FetchExpertsRequest.SerializeToString,
+            response_deserializer=parse_expert_blobs, _registered_method=True)
         self._health = health_pb2_grpc.HealthStub(self._stubs_channel)
         self._lock = threading.Lock()  # counters, segments, manifest
         self._manifest: StoreManifest | None = None
@@ -133,6 +143,7 @@ class StoreClient:
         self._transport: str | None = None
         self._segments: dict[str, SharedMemory] = {}  # attached store segments by name (never unlinked)
         self.use_directory = shm_directory  # copy resident experts through the store's slot directory
+        self.zero_copy = zero_copy  # gRPC: blobs are views of the reply message (else one copy each)
         self._dir: DirectoryReader | None = None
         self._dir_names: tuple[str, str] | None = None  # (data segment, directory) the store advertised
 
@@ -328,18 +339,41 @@ class StoreClient:
             raise
         return [results[i] for i in range(len(keys))]
 
+    def copy_source(self) -> tuple[str, str] | None:
+        """(slot directory segment, RAM tier segment) a copy engine on this host can read; None: no directory."""
+        if self.transport != "shm" or not self.use_directory:
+            return None
+        with self._lock:
+            if self._directory() is None or not self._dir_names:
+                return None
+            data, directory = self._dir_names
+            return directory, data
+
+    def blob_digest_of(self, key: BlobKey) -> int | None:
+        """The blob's xxh3_64 from the pack manifest (None: not known)."""
+        return self._crc32.get(key)
+
+    def in_memory(self, keys: Sequence[BlobKey]) -> list[bool]:
+        """Which of `keys` the slot directory shows resident in the store's RAM (copied with no RPC)."""
+        if self.transport != "shm" or self.pack_changed:
+            return [False] * len(keys)
+        with self._lock:
+            reader = self._directory()
+            return [reader.is_resident(k) for k in keys] if reader is not None else [False] * len(keys)
+
     def _fetch_grpc(self, keys: Sequence[BlobKey], indices: list[int], priority: Priority) -> dict[int, FetchedBlob]:
         t0 = time.perf_counter_ns()
         sub = [keys[i] for i in indices]
-        asm = ExpertChunkAssembler(sub, [self._crc32.get(k) for k in sub])
+        asm = ExpertBlobAssembler(sub, [self._crc32.get(k) for k in sub], self.zero_copy)
         retry = _Retry(self, "FetchExperts")
         while True:
             todo = [j for j in range(len(sub)) if j not in asm.done]
             req = pb.FetchExpertsRequest(
                 experts=[_key_pb(sub[j]) for j in todo], priority=PRIORITY_TO_PB[priority],
-                compression=COMPRESSION_TO_PB[self.compression], client_id=self.client_id)
-            part = ExpertChunkAssembler([sub[j] for j in todo], [asm.expected[j] for j in todo])
-            call = self._stub.FetchExperts(req, timeout=self.fetch_timeout_s)
+                compression=COMPRESSION_TO_PB[self.compression], client_id=self.client_id,
+                max_reply_bytes=_MAX_MESSAGE_BYTES)
+            part = ExpertBlobAssembler([sub[j] for j in todo], [asm.expected[j] for j in todo], self.zero_copy)
+            call = self._fetch_experts(req, timeout=self.fetch_timeout_s)
             try:
                 for msg in call:
                     part.add(msg)
@@ -347,10 +381,11 @@ class StoreClient:
                 retry.after(e)
                 continue
             except BaseException:
-                call.cancel()  # a bad chunk: stop the store sending the rest
+                call.cancel()  # a bad part: stop the store sending the rest
                 raise
             finally:  # keep what arrived whole: a retry asks only for the rest
                 asm.wire_bytes += part.wire_bytes
+                asm.messages += part.messages
                 for j, got in part.done.items():
                     asm.done[todo[j]] = got
             break
@@ -364,15 +399,16 @@ class StoreClient:
             c.experts_grpc += len(out)
             c.bytes_fetched_grpc += sum(b.nbytes for b in out.values())
             c.bytes_wire_grpc += asm.wire_bytes
+            c.messages_grpc += asm.messages
             c.fetch_ns_grpc += dt
-            self._count_tiers(out.values())
+            self._count_tiers(out.values(), priority)
         return out
 
     def _fetch_shm(self, keys: Sequence[BlobKey], priority: Priority) -> tuple[dict[int, FetchedBlob], list[int]]:
         """Resident experts through the slot directory (no RPC), the rest in one FetchExpertsShm (the store
         promotes them, we copy under leases); returns (blobs by index, indices left for gRPC)."""
         t0 = time.perf_counter_ns()
-        out, rest = self._copy_resident(keys), []
+        out, rest = self._copy_resident(keys, priority), []
         todo = [i for i in range(len(keys)) if i not in out]
         if todo:
             leased, left = self._fetch_leased([keys[i] for i in todo], priority)
@@ -388,16 +424,16 @@ class StoreClient:
             c.shm_directory_hits += len(keys) - len(todo)
             if self._dir is not None:
                 c.shm_directory_retries = self._dir.retries
-            self._count_tiers(out.values())
+            self._count_tiers(out.values(), priority)
         return out, rest
 
-    def _copy_resident(self, keys: Sequence[BlobKey]) -> dict[int, FetchedBlob]:
+    def _copy_resident(self, keys: Sequence[BlobKey], priority: Priority) -> dict[int, FetchedBlob]:
         """The experts the slot directory shows resident, copied and verified with no RPC."""
         with self._lock:  # the lock keeps a re-attach from closing the segment mid-copy
             reader = self._directory()
             if reader is None:
                 return {}
-            copies = [(i, reader.copy(k)) for i, k in enumerate(keys)]
+            copies = [(i, reader.copy(k, priority == "demand")) for i, k in enumerate(keys)]
         out: dict[int, FetchedBlob] = {}
         for i, blob in copies:
             if blob is not None:  # stable across the copy; the manifest's xxh3_64 is the final guard
@@ -511,12 +547,15 @@ class StoreClient:
             with self._lock:
                 self.counters.release_failures += 1
 
-    def _count_tiers(self, blobs: Iterable[FetchedBlob]) -> None:
+    def _count_tiers(self, blobs: Iterable[FetchedBlob], priority: Priority) -> None:
+        c, demand = self.counters, priority == "demand"
         for b in blobs:
             if b.tier == "ram":
-                self.counters.tier_ram += 1
+                c.tier_ram += 1
+                c.tier_ram_demand += demand
             elif b.tier == "nvme":
-                self.counters.tier_nvme += 1
+                c.tier_nvme += 1
+                c.tier_nvme_demand += demand
 
     # -- errors and retries --------------------------------------------------------------------
 

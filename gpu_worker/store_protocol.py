@@ -17,6 +17,7 @@ from moe.v1 import store_pb2 as pb
 from expert_store.checksums import BLOB_CHECKSUM, blob_digest, digest_for
 from expert_store.errors import ChecksumError, FateError
 from expert_store.model_args import ModelArgs
+from expert_store.wire import payload_of
 
 BlobKey = tuple[int, int, str]  # (decoder layer, expert, stored format)
 Priority = Literal["demand", "prefetch"]
@@ -143,83 +144,129 @@ class StoreManifest:
 
 
 class ChunkDecoder:
-    """Decodes a DataChunk's payload; zstd only when the chunk says so."""
+    """Decodes a DataChunk's or ExpertPart's payload; zstd only when it says so."""
 
     def __init__(self) -> None:
         self._zstd = None
 
     def decode(self, chunk: pb.DataChunk, what: str) -> bytes:
-        if chunk.compression == pb.COMPRESSION_NONE:
-            return chunk.data
-        if chunk.compression == pb.COMPRESSION_ZSTD:
+        return self.decode_data(chunk.data, chunk.compression, chunk.uncompressed_bytes, chunk.offset_bytes, what)
+
+    def decode_data(self, data: bytes | memoryview, compression: int, uncompressed_bytes: int, offset: int,
+                    what: str) -> bytes | memoryview:
+        if compression == pb.COMPRESSION_NONE:
+            return data
+        if compression == pb.COMPRESSION_ZSTD:
             if self._zstd is None:
                 import zstandard
 
                 self._zstd = zstandard.ZstdDecompressor()
             try:
-                data = self._zstd.decompress(chunk.data, max_output_size=chunk.uncompressed_bytes)
+                out = self._zstd.decompress(data, max_output_size=uncompressed_bytes)
             except Exception as e:  # zstandard.ZstdError: damaged on the wire
-                raise ChecksumError(f"{what}: undecodable zstd chunk at offset {chunk.offset_bytes} ({e})") from None
-            if len(data) != chunk.uncompressed_bytes:
-                raise ChecksumError(f"{what}: zstd chunk at {chunk.offset_bytes} decoded to {len(data)} bytes, "
-                                    f"expected {chunk.uncompressed_bytes}")
-            return data
-        raise StoreError(f"{what}: unknown chunk compression {chunk.compression}")
+                raise ChecksumError(f"{what}: undecodable zstd data at offset {offset} ({e})") from None
+            if len(out) != uncompressed_bytes:
+                raise ChecksumError(f"{what}: zstd data at {offset} decoded to {len(out)} bytes, "
+                                    f"expected {uncompressed_bytes}")
+            return out
+        raise StoreError(f"{what}: unknown compression {compression}")
 
 
-def place_chunk(buf: bytearray, offset: int, data: bytes, what: str) -> None:
+def place_chunk(buf: bytearray, offset: int, data: bytes | memoryview, what: str) -> None:
     end = offset + len(data)
     if end > len(buf):
         raise StoreError(f"{what}: chunk [{offset}, {end}) runs past the blob's {len(buf)} bytes")
     buf[offset:end] = data
 
 
-class ExpertChunkAssembler:
-    """Reassembles a FetchExperts stream into verified blobs, by request index.
+@dataclass(frozen=True)
+class BlobsMessage:
+    """One FetchExperts reply message as the client keeps it: the parts' index, and the payload as a view
+    of the received bytes (nothing copied)."""
 
-    `expected_crc32[i]` (from the manifest, when known) and the stream's own checksum on
-    the last chunk must both match the bytes; otherwise ChecksumError.
+    parts: Sequence[pb.ExpertPart]
+    payload: memoryview
+    nbytes: int  # the message's size on the wire
+
+
+def parse_expert_blobs(message: bytes) -> BlobsMessage:
+    """FetchExperts' response deserializer: the index parsed, the payload a view of `message` (a message
+    framed otherwise than the store frames it is parsed whole, its payload then a view of the parsed copy)."""
+    try:
+        index, payload = payload_of(message)
+        parts = pb.ExpertBlobIndex.FromString(index).parts
+    except ValueError:
+        m = pb.ExpertBlobs.FromString(message)
+        parts, payload = m.index.parts, memoryview(m.payload)
+    return BlobsMessage(parts, payload, len(message))
+
+
+class ExpertBlobAssembler:
+    """Verified blobs, by request index, from FetchExperts reply messages.
+
+    An expert that arrives whole and uncompressed (the usual case) is a view of the received message:
+    with `zero_copy`, handed on as it is (the worker's build views it too, so a cached expert keeps its
+    reply message alive); without, copied once into its own bytes. Experts in parts or zstd-compressed
+    are decoded into a buffer of their own. `expected_crc32[i]` (the manifest's xxh3_64, when known)
+    and the store's checksum on the last part must both match the bytes; otherwise ChecksumError.
     """
 
-    def __init__(self, keys: Sequence[BlobKey], expected_crc32: Sequence[int | None]):
+    def __init__(self, keys: Sequence[BlobKey], expected_crc32: Sequence[int | None], zero_copy: bool = True):
         self.keys = keys
         self.expected = expected_crc32
-        self.done: dict[int, tuple[bytes, str]] = {}  # index -> (blob, tier name)
+        self.zero_copy = zero_copy
+        self.done: dict[int, tuple[bytes | bytearray | memoryview, str]] = {}  # index -> (blob, tier name)
         self.wire_bytes = 0
+        self.messages = 0
         self._open: dict[int, tuple[bytearray, int]] = {}  # index -> (buffer, bytes received)
         self._decoder = ChunkDecoder()
 
-    def add(self, msg: pb.ExpertChunk) -> None:
-        i = msg.index
+    def add(self, msg: BlobsMessage) -> None:
+        self.messages += 1
+        for part in msg.parts:
+            self._add_part(part, msg.payload)
+
+    def _add_part(self, part: pb.ExpertPart, payload: memoryview) -> None:
+        i = part.index
         if not 0 <= i < len(self.keys):
-            raise StoreError(f"FetchExperts: chunk for index {i}, the request had {len(self.keys)} experts")
+            raise StoreError(f"FetchExperts: a part for index {i}, the request had {len(self.keys)} experts")
         layer, expert, fmt = self.keys[i]
         what = f"expert (layer {layer}, expert {expert}, {fmt})"
-        if (msg.key.layer, msg.key.expert) != (layer, expert):
-            raise StoreError(f"{what}: the store answered index {i} with (layer {msg.key.layer}, "
-                             f"expert {msg.key.expert})")
+        if (part.key.layer, part.key.expert) != (layer, expert):
+            raise StoreError(f"{what}: the store answered index {i} with (layer {part.key.layer}, "
+                             f"expert {part.key.expert})")
         if i in self.done:
-            raise StoreError(f"{what}: more chunks after its last one")
-        buf, received = self._open.get(i) or (bytearray(msg.total_bytes), 0)
-        data = self._decoder.decode(msg.chunk, what)
-        place_chunk(buf, msg.chunk.offset_bytes, data, what)
-        self.wire_bytes += len(msg.chunk.data)
-        received += len(data)
-        if not msg.last:
-            self._open[i] = (buf, received)
-            return
-        self._open.pop(i, None)
-        if received != len(buf):
-            raise StoreError(f"{what}: got {received} bytes in chunks, the store announced {len(buf)}")
-        blob = bytes(buf)
-        got = verify_checksum(blob, msg.checksum, what) if msg.checksum else blob_digest(blob)
+            raise StoreError(f"{what}: more parts after its last one")
+        a, n = part.payload_offset_bytes, part.payload_bytes
+        if a + n > len(payload):
+            raise StoreError(f"{what}: part [{a}, {a + n}) runs past the message's {len(payload)} payload bytes")
+        data = self._decoder.decode_data(payload[a:a + n], part.compression, part.uncompressed_bytes,
+                                         part.offset_bytes, what)
+        self.wire_bytes += n
+        blob: bytes | bytearray | memoryview
+        if part.last and part.offset_bytes == 0 and i not in self._open:  # whole in this message
+            if len(data) != part.total_bytes:
+                raise StoreError(f"{what}: got {len(data)} bytes, the store announced {part.total_bytes}")
+            blob = data if self.zero_copy or not isinstance(data, memoryview) else bytes(data)
+        else:
+            buf, received = self._open.get(i) or (bytearray(part.total_bytes), 0)
+            place_chunk(buf, part.offset_bytes, data, what)
+            received += len(data)
+            if not part.last:
+                self._open[i] = (buf, received)
+                return
+            self._open.pop(i, None)
+            if received != len(buf):
+                raise StoreError(f"{what}: got {received} bytes in parts, the store announced {len(buf)}")
+            blob = buf
+        got = verify_checksum(blob, part.checksum, what) if part.checksum else blob_digest(blob)
         want = self.expected[i]
         if want is not None and got != want:
             raise ChecksumError(f"{what}: checksum mismatch with the pack manifest (got xxh3_64 {got:016x}, "
                                 f"manifest {want:016x}); refusing the bytes", layer, expert, fmt)
-        if want is None and not msg.checksum:
+        if want is None and not part.checksum:
             raise ChecksumError(f"{what}: no checksum from the store and none in the manifest; refusing the bytes")
-        self.done[i] = (blob, TIER_NAMES.get(msg.tier, "unknown"))
+        self.done[i] = (blob, TIER_NAMES.get(part.tier, "unknown"))
 
 
 def assemble_dense(chunks: Iterable[pb.DenseChunk]) -> dict[str, torch.Tensor]:
@@ -271,7 +318,9 @@ class FetchedBlob:
     """One expert blob in our memory, checksum-verified."""
 
     key: BlobKey
-    data: bytes | memoryview  # the blob's bytes (a memoryview over the pack's mmap for PackFetcher)
+    # the blob's bytes: a memoryview over the pack's mmap (PackFetcher), bytes copied out of shared memory,
+    # a view of the gRPC reply message, or a buffer of its own (an expert that came in parts)
+    data: bytes | bytearray | memoryview
     tier: str  # where the store found it: "ram", "nvme"; "local" for PackFetcher
     transport: str  # how it came: "shm", "grpc", "local"
 
@@ -284,6 +333,10 @@ class ExpertFetcher(Protocol):
     def fetch(self, keys: Sequence[BlobKey], priority: Priority = "demand") -> list[FetchedBlob]:
         """The blobs of `keys`, in the order asked. Raises rather than return a bad blob."""
 
+    # Optional: `in_memory(keys) -> list[bool]`, which of `keys` a fetch would copy at memory speed
+    # (no round trip, no disk read). The prefetch controller copies those on the compute thread and
+    # leaves the rest to the prefetch thread; a fetcher without it has every prefetch go to the thread.
+
 
 @dataclass
 class FetchCounters:
@@ -294,7 +347,8 @@ class FetchCounters:
     experts_local: int = 0
     bytes_fetched_shm: int = 0
     bytes_fetched_grpc: int = 0  # decoded bytes (after zstd)
-    bytes_wire_grpc: int = 0  # bytes as they crossed the socket
+    bytes_wire_grpc: int = 0  # expert bytes as they crossed the socket (after zstd)
+    messages_grpc: int = 0  # FetchExperts reply messages (one per batch unless it exceeds a message)
     bytes_fetched_local: int = 0
     fetch_ns_shm: int = 0  # directory copies + FetchExpertsShm + copy + verify + ReleaseLeases
     shm_directory_hits: int = 0  # experts copied through the slot directory (no RPC)
@@ -303,6 +357,8 @@ class FetchCounters:
     fetch_ns_local: int = 0
     tier_ram: int = 0  # experts the store served from its RAM tier
     tier_nvme: int = 0
+    tier_ram_demand: int = 0  # of tier_ram, fetched for a cache miss (not a prefetch)
+    tier_nvme_demand: int = 0
     shm_unavailable: int = 0  # experts the store could not lease (fetched over gRPC instead)
     retries: int = 0  # RPCs retried after UNAVAILABLE
     release_failures: int = 0  # ReleaseLeases calls that failed (the leases expire by TTL)

@@ -21,7 +21,10 @@ import torch
 
 from expert_store.model_args import ModelArgs
 
+from .arena import ExpertArena
 from .cache import ExpertCache
+from .copier import CopyEngine
+from .expert_compute import int4_in_place
 from .engine import Engine, FinalEvent
 from .model import MoEModel, WeightsError
 from .policy import make_allocation, make_policy_factory
@@ -71,6 +74,10 @@ class WorkerSpec:
     """Narrow the width when predictions go unused."""
     int2_tail_share: float = 0.0
     """Share of a prefill's token assignments sent as INT2 (only with tail_fmt)."""
+    copy_engine: bool = True
+    """A copier process fills the cache's arena with predicted experts (CPU, shared memory, a predictor)."""
+    prefetch_inline: bool = False
+    """Copy predicted experts the fetcher holds at memory speed on the compute thread (CPU device only)."""
     prefetch_sync: bool = False
     """Prefetch on the compute thread, to completion (analysis, deterministic tests)."""
     measure_width: bool = True
@@ -99,6 +106,39 @@ class Worker:
     controller: PrefetchController
     recorder: TraceRecorder | None
     engine: Engine
+
+
+def start_copy_engine(cache: ExpertCache, fetcher: ExpertFetcher) -> CopyEngine | None:
+    """An arena for the cache and a copier filling it from the store's RAM tier, when the fetcher has a slot
+    directory on this host and the expert format computes in place; None (logged) when not."""
+    source = getattr(fetcher, "copy_source", lambda: None)()
+    if source is None or cache.form != "int4_fused" or cache.fmt != "int4":
+        return None
+    a = cache.args
+    need = cache.total_slots * (cache.expert_bytes + 64) + (1 << 16)
+    try:
+        import os
+        st = os.statvfs("/dev/shm")
+        if st.f_bavail * st.f_frsize < need:
+            log.warning("no copy engine: /dev/shm has %d MiB free, the arena needs %d MiB",
+                        st.f_bavail * st.f_frsize >> 20, need >> 20)
+            return None
+        arena = ExpertArena(cache.total_slots, cache.expert_bytes, cache.expert_bytes,
+                            lambda t: int4_in_place(t, a.hidden_size, a.expert_intermediate_size))
+    except (OSError, ValueError) as e:
+        log.warning("no copy engine: %s", e)
+        return None
+    try:
+        engine = CopyEngine(source[0], source[1], arena.name, arena.stride)
+    except OSError as e:
+        log.warning("no copy engine: %s", e)
+        arena.close()
+        return None
+    cache.attach_arena(arena)
+    cache.attach_copy_engine(engine, fetcher.blob_digest_of)  # type: ignore[attr-defined]
+    log.info("copy engine: pid %d, arena of %d slots (%.1f MiB)", engine.proc.pid, arena.n_slots,
+             arena.size / (1 << 20))
+    return engine
 
 
 def build_worker(args: ModelArgs, dense: Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]],
@@ -131,6 +171,8 @@ def build_worker(args: ModelArgs, dense: Mapping[str, torch.Tensor] | Callable[[
                                 expert_bytes=expert_bytes, cache=cache, predictor_name=predictor.name)
         predictor = RecordingPredictor(predictor, recorder)  # type: ignore[assignment]
         log.info("recording expert-activation traces into %s", spec.trace_dir)
+    copier = start_copy_engine(cache, fetcher) if spec.copy_engine and device.type == "cpu" \
+        and predictor.name != "none" and not spec.prefetch_sync else None
     send_hint = getattr(fetcher, "prefetch_hint", None)  # a store client; a pack reader has no store
     hints = StoreHinter(send_hint) if send_hint is not None and spec.store_hint_lookahead > 0 \
         and predictor.name != "none" else None
@@ -138,6 +180,7 @@ def build_worker(args: ModelArgs, dense: Mapping[str, torch.Tensor] | Callable[[
                                     throttle=spec.throttle,
                                     int2_tail_share=spec.int2_tail_share if spec.tail_fmt else 0.0,
                                     synchronous=spec.prefetch_sync, store_hints=hints,
+                                    inline=(spec.prefetch_inline or copier is not None) and device.type == "cpu",
                                     store_lookahead=spec.store_hint_lookahead if hints else 0)
     if controller.enabled and not spec.prefetch_width and spec.measure_width:
         layer_ns, expert_ns = measure_width_inputs(model, cache)

@@ -160,6 +160,8 @@ def test_fate_worker_reports_predictions_prefetches_and_layers(cluster, prompts,
     slots = [l.slots for l in s.layers]  # shallow-favoring: no layer under top-k, shallow layers first
     assert min(slots) >= s.top_k and slots == sorted(slots, reverse=True)
     assert s.store_hints_sent > 0 and s.store_hint_errors == 0 and s.fetched_tier_ram + s.fetched_tier_nvme > 0
+    demand = s.fetched_tier_ram_demand + s.fetched_tier_nvme_demand  # cache misses, prefetches apart
+    assert 0 < demand < s.fetched_tier_ram + s.fetched_tier_nvme and s.fetched_tier_ram_demand <= s.fetched_tier_ram
     env = dict(os.environ, PYTHONPATH=str(REPO))
     out = subprocess.run([sys.executable, "-m", "client", "stats", "--address", addresses["fate-shm-25"], "--layers"],
                          capture_output=True, text=True, timeout=CALL_TIMEOUT_S, env=env, cwd=REPO)

@@ -182,6 +182,7 @@ class CacheLedger:
         self.high_water = 0
         self.step: StepOutcome | None = None
         self.step_seq = 0
+        self.on_evict: Callable[[Any], None] | None = None  # called with an evicted expert's payload
 
     # -- lookups --------------------------------------------------------------------------------
 
@@ -368,7 +369,9 @@ class CacheLedger:
         return False
 
     def evict(self, L: LayerLedger, e: int) -> None:
-        del L.resident[e]
+        payload = L.resident.pop(e)
+        if self.on_evict is not None:
+            self.on_evict(payload)
         L.policy.on_evict(e)
         L.stats.evictions += 1
         if L.prefetched and e in L.prefetched:

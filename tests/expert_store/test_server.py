@@ -75,22 +75,25 @@ async def running_store(pack: Path, tmp_path: Path, **kw) -> AsyncIterator[tuple
         await store.stop(0)
 
 
-async def fetch(stub, keys, **kw) -> tuple[dict[int, bytes], list[pb.ExpertChunk]]:
-    """Blobs by request index (decoded, checked against their checksums) and the raw chunks."""
+async def fetch(stub, keys, **kw) -> tuple[dict[int, bytes], list[pb.ExpertPart], list[pb.ExpertBlobs]]:
+    """Blobs by request index (decoded, checked against their checksums), every part, and the reply messages."""
     blobs: dict[int, bytearray] = {}
-    chunks = []
-    async for c in stub.FetchExperts(pb.FetchExpertsRequest(experts=keys, **kw), timeout=RPC_TIMEOUT_S):
-        data = c.chunk.data
-        if c.chunk.compression == pb.COMPRESSION_ZSTD:
-            data = zstandard.ZstdDecompressor().decompress(data)
-        assert len(data) == c.chunk.uncompressed_bytes
-        buf = blobs.setdefault(c.index, bytearray())
-        assert c.chunk.offset_bytes == len(buf)  # in order, consecutive
-        buf.extend(data)
-        if c.last:
-            assert len(buf) == c.total_bytes and c.checksum == blob_checksum(blob_digest(buf))
-        chunks.append(c)
-    return {i: bytes(b) for i, b in blobs.items()}, chunks
+    parts, messages = [], []
+    async for m in stub.FetchExperts(pb.FetchExpertsRequest(experts=keys, **kw), timeout=RPC_TIMEOUT_S):
+        messages.append(m)
+        for p in m.index.parts:
+            data = m.payload[p.payload_offset_bytes : p.payload_offset_bytes + p.payload_bytes]
+            assert p.payload_offset_bytes % 64 == 0  # aligned for views
+            if p.compression == pb.COMPRESSION_ZSTD:
+                data = zstandard.ZstdDecompressor().decompress(data)
+            assert len(data) == p.uncompressed_bytes
+            buf = blobs.setdefault(p.index, bytearray())
+            assert p.offset_bytes == len(buf)  # in order, consecutive
+            buf.extend(data)
+            if p.last:
+                assert len(buf) == p.total_bytes and p.checksum == blob_checksum(blob_digest(buf))
+            parts.append(p)
+    return {i: bytes(b) for i, b in blobs.items()}, parts, messages
 
 
 def tier_stats(stats: pb.StoreStats) -> dict[int, pb.StoreTierStats]:
@@ -125,18 +128,56 @@ async def test_manifest_describes_the_pack(tiny_mixtral_pack: Path, tmp_path: Pa
 async def test_fetch_returns_the_pack_bytes(tiny_mixtral_pack: Path, tmp_path: Path):
     async with running_store(tiny_mixtral_pack, tmp_path, ram_bytes=4 << 20) as (store, stub, _):
         keys = [key(0, 0), key(0, 1, "bf16"), key(7, 15, "int2"), key(3, 9, "int8"), key(0, 0), key(5, 2, "bf16")]
-        blobs, chunks = await fetch(stub, keys, chunk_bytes=64 << 10)
+        blobs, parts, messages = await fetch(stub, keys)
         with Pack.open(tiny_mixtral_pack) as pack:
             assert sorted(blobs) == list(range(len(keys)))
             for i, k in enumerate(keys):
                 assert blobs[i] == blob(pack, k), i
-        assert max(len(c.chunk.data) for c in chunks) == 64 << 10
-        firsts = [c.index for c in chunks if c.chunk.offset_bytes == 0]
-        ram = [c.index for c in chunks if c.last and c.tier == pb.STORE_TIER_RAM]
-        assert firsts[: len(ram)] == ram  # RAM-tier hits come first
+        assert len(messages) == 1 and all(p.offset_bytes == 0 and p.last for p in parts)  # one reply, all whole
+        ram = [p.index for p in parts if p.tier == pb.STORE_TIER_RAM]
+        assert ram and [p.index for p in parts][: len(ram)] == ram  # RAM-tier hits come first
         stats = await stub.GetStats(pb.GetStoreStatsRequest())
         assert stats.experts_served_grpc == len(keys) and stats.fetch_requests == 1
         assert stats.bytes_served_grpc == stats.bytes_sent_wire == sum(map(len, blobs.values()))
+
+
+async def test_a_batch_larger_than_the_clients_limit_comes_in_several_messages(tiny_mixtral_pack: Path,
+                                                                            tmp_path: Path):
+    async with running_store(tiny_mixtral_pack, tmp_path, ram_bytes=4 << 20) as (store, stub, _):
+        keys = [key(0, 0), key(0, 1, "bf16"), key(0, 2), key(0, 3), key(7, 15, "int2")]
+        limit = 64 << 10
+        blobs, parts, messages = await fetch(stub, keys, max_reply_bytes=limit)
+        with Pack.open(tiny_mixtral_pack) as pack:
+            assert all(blobs[i] == blob(pack, k) for i, k in enumerate(keys))
+            int4, bf16 = pack.expert_nbytes("int4"), pack.expert_nbytes("bf16")
+        assert all(m.ByteSize() <= limit for m in messages)
+        assert len(messages) > 1 and any(not p.last for p in parts)  # experts larger than a message: in parts
+        assert len([p for p in parts if p.index == 1]) >= -(-bf16 // limit) and int4 > limit
+        whole = await fetch(stub, [key(0, 0), key(0, 2), key(0, 3)], max_reply_bytes=2 * int4 + 1024)
+        assert len(whole[2]) == 2 and all(p.last and p.offset_bytes == 0 for p in whole[1])  # 2 + 1, whole
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await fetch(stub, keys, max_reply_bytes=1024)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at least" in e.value.details()
+
+
+def test_reply_plan_keeps_experts_whole_and_messages_under_the_limit():
+    from expert_store.grpc_fetch import InvalidFetch, max_payload_bytes, plan_messages
+
+    limit = 64 << 10
+    room = max_payload_bytes(limit)
+    sizes = [30_000, 30_000, 30_000, 5_000, 3 * room + 7, 100]
+    messages = plan_messages(sizes, limit)
+    flat = [part for m in messages for part in m]
+    assert [j for j, _, _ in flat] == sorted(j for j, _, _ in flat)  # experts in order, parts in order
+    for j, n in enumerate(sizes):
+        pieces = [(start, length) for k, start, length in flat if k == j]
+        assert sum(length for _, length in pieces) == n and pieces[0][0] == 0
+        assert all(a + la == b for (a, la), (b, _) in zip(pieces, pieces[1:]))  # consecutive
+        assert len(pieces) == (1 if n <= room else -(-n // room))  # split only when larger than a message
+    assert messages[0] == [(0, 0, 30_000), (1, 0, 30_000)]  # two fit, the third starts a message
+    assert all(sum(length + 192 for _, _, length in m) + 256 <= limit for m in messages)
+    with pytest.raises(InvalidFetch, match="at least"):
+        plan_messages(sizes, 1024)
 
 
 async def test_dense_and_tokenizer_files_stream_whole(tiny_mixtral_pack: Path, tmp_path: Path):
@@ -172,14 +213,15 @@ async def test_dense_and_tokenizer_files_stream_whole(tiny_mixtral_pack: Path, t
 async def test_a_cancelled_stream_unpins_its_slots(tiny_mixtral_pack: Path, tmp_path: Path):
     async with running_store(tiny_mixtral_pack, tmp_path, ram_bytes=4 << 20, formats=("int4",)) as (
             store, stub, _):
-        call = stub.FetchExperts(pb.FetchExpertsRequest(experts=[key(0, e) for e in range(8)], chunk_bytes=4096))
+        call = stub.FetchExperts(pb.FetchExpertsRequest(experts=[key(0, e) for e in range(8)],
+                                                        max_reply_bytes=16 << 10))
         await call.read()
         call.cancel()
         deadline = time.monotonic() + 20
         while any(slot.pins for slot in store.core.ram.slots):
             assert time.monotonic() < deadline, "a cancelled stream left RAM slots pinned"
             await asyncio.sleep(0.02)
-        blobs, _ = await fetch(stub, [key(0, 0)])
+        blobs, _, _ = await fetch(stub, [key(0, 0)])
         assert len(blobs) == 1
 
 
@@ -237,18 +279,18 @@ def test_zstd_pays_only_below_nine_tenths():
 async def test_zstd_on_the_wire_when_it_pays(compressible_pack: Path, tmp_path: Path):
     async with running_store(compressible_pack, tmp_path, ram_bytes=0) as (store, stub, _):
         keys = [key(0, 0), key(0, 1), key(1, 0), key(1, 1)]
-        blobs, chunks = await fetch(stub, keys, compression=pb.COMPRESSION_ZSTD, chunk_bytes=32 << 10)
+        blobs, parts, _ = await fetch(stub, keys, compression=pb.COMPRESSION_ZSTD, max_reply_bytes=32 << 10)
         with Pack.open(compressible_pack) as pack:
             assert all(blobs[i] == blob(pack, k) for i, k in enumerate(keys))
-        by_layer = {layer: {c.chunk.compression for c in chunks if c.key.layer == layer} for layer in (0, 1)}
+        by_layer = {layer: {p.compression for p in parts if p.key.layer == layer} for layer in (0, 1)}
         assert by_layer == {0: {pb.COMPRESSION_ZSTD}, 1: {pb.COMPRESSION_NONE}}
         assert not store.core.wire.should_try(BlobKey(1, 0, "int4"))  # incompressible: never tried again
         assert store.core.wire.should_try(BlobKey(0, 0, "int4"))
         stats = await stub.GetStats(pb.GetStoreStatsRequest())
         assert stats.bytes_sent_wire < stats.bytes_served_grpc - sum(len(blobs[i]) for i in (0, 1)) * 0.5
         # without asking for zstd nothing is compressed
-        _, plain = await fetch(stub, keys[:1])
-        assert {c.chunk.compression for c in plain} == {pb.COMPRESSION_NONE}
+        _, plain, _ = await fetch(stub, keys[:1])
+        assert {p.compression for p in plain} == {pb.COMPRESSION_NONE}
 
 
 # -- shared memory --------------------------------------------------------------------------------------
@@ -291,7 +333,7 @@ async def test_leases_block_eviction_and_release_frees(tiny_mixtral_pack: Path, 
         assert list(third.unavailable_indices) == [0] and not third.descriptors
         again = await stub.FetchExpertsShm(pb.FetchExpertsShmRequest(experts=[key(4, 5)], client_id="other"))
         assert again.descriptors[0].tier == pb.STORE_TIER_RAM  # resident: a second lease on the same slot
-        blobs, _ = await fetch(stub, [key(4, 7)])  # the gRPC path still serves it, from NVMe
+        blobs, _, _ = await fetch(stub, [key(4, 7)])  # the gRPC path still serves it, from NVMe
         assert len(blobs[0]) > 0
         await stub.ReleaseLeases(pb.ReleaseLeasesRequest(client_id="w", lease_ids=[first.descriptors[1].lease_id]))
         fourth = await stub.FetchExpertsShm(pb.FetchExpertsShmRequest(experts=[key(4, 7)], client_id="w"))
@@ -325,7 +367,7 @@ async def test_concurrent_requests_share_promotions_and_leave_no_pins(tiny_mixtr
                 await stub.ReleaseLeases(pb.ReleaseLeasesRequest(client_id=f"s{i}", all=True))
 
         async def grpc_client(i: int) -> None:
-            await fetch(stub, [key(layer, i) for layer in range(8)], chunk_bytes=16 << 10)
+            await fetch(stub, [key(layer, i) for layer in range(8)], max_reply_bytes=16 << 10)
             await stub.Prefetch(pb.PrefetchRequest(experts=[key(i % 8, 15 - i)]))
 
         try:
@@ -348,7 +390,7 @@ async def test_both_tiers_serve_at_a_quarter_of_the_experts(tiny_mixtral_pack: P
     async with running_store(tiny_mixtral_pack, tmp_path, ram_bytes=n // 4 * slot, formats=("int4",)) as (
             store, stub, _):
         keys = [key(layer, e) for layer in range(8) for e in range(16)]
-        blobs, chunks = await fetch(stub, keys)
+        blobs, chunks, _ = await fetch(stub, keys)
         assert len(blobs) == n
         served = {pb.STORE_TIER_RAM: 0, pb.STORE_TIER_NVME: 0}
         for c in chunks:
@@ -369,7 +411,7 @@ async def test_ram_zero_serves_from_nvme_only(tiny_mixtral_pack: Path, tmp_path:
         assert list(reply.unavailable_indices) == [0, 1] and not reply.descriptors
         hint = await stub.Prefetch(pb.PrefetchRequest(experts=[key(0, 0)]))
         assert (hint.accepted_count, hint.dropped_count) == (0, 1)
-        _, chunks = await fetch(stub, [key(0, 0)])
+        _, chunks, _ = await fetch(stub, [key(0, 0)])
         assert {c.tier for c in chunks} == {pb.STORE_TIER_NVME}
         assert shm.segments_of(os.getpid()) == []
 
@@ -421,7 +463,7 @@ async def test_bad_input_is_invalid_argument_and_the_store_keeps_serving(tiny_mi
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await call
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
-        blobs, _ = await fetch(stub, [key(0, 0)])  # still serving
+        blobs, _, _ = await fetch(stub, [key(0, 0)])  # still serving
         assert len(blobs[0]) == store.core.blob_nbytes["int4"]
 
 
@@ -442,7 +484,7 @@ async def test_a_corrupt_blob_is_data_loss_never_bytes(tiny_mixtral_pack: Path, 
         assert [d.index for d in reply.descriptors] == [0] and list(reply.unavailable_indices) == [1]
         stats = await stub.GetStats(pb.GetStoreStatsRequest())
         assert stats.checksum_failures == 2 and stats.leases_active == 1
-        blobs, _ = await fetch(stub, [key(5, 4)])
+        blobs, _, _ = await fetch(stub, [key(5, 4)])
         assert len(blobs) == 1
 
 
@@ -575,13 +617,18 @@ def test_serve_process_lifecycle(tiny_mixtral_pack: Path, tmp_path: Path):
                 assert bytes(segment.buf[d.offset_bytes : d.offset_bytes + d.length_bytes]) == blob(pack, k)
             segment.close()
             # a stream in flight when SIGTERM arrives finishes whole
-            stream = stub.FetchExperts(pb.FetchExpertsRequest(experts=keys, chunk_bytes=4096), timeout=RPC_TIMEOUT_S)
+            stream = stub.FetchExperts(pb.FetchExpertsRequest(experts=keys, max_reply_bytes=16 << 10),
+                                       timeout=RPC_TIMEOUT_S)
             got: dict[int, bytearray] = {}
-            first = next(stream)
-            got.setdefault(first.index, bytearray()).extend(first.chunk.data)
+
+            def take(m: pb.ExpertBlobs) -> None:
+                for p in m.index.parts:
+                    got.setdefault(p.index, bytearray()).extend(
+                        m.payload[p.payload_offset_bytes : p.payload_offset_bytes + p.payload_bytes])
+            take(next(stream))
             proc.send_signal(signal.SIGTERM)
-            for c in stream:
-                got.setdefault(c.index, bytearray()).extend(c.chunk.data)
+            for m in stream:
+                take(m)
             assert all(bytes(got[i]) == blob(pack, k) for i, k in enumerate(keys))
         _recv_until(notify, "STOPPING=1", seen)
         out, err = proc.communicate(timeout=30)
@@ -627,5 +674,5 @@ async def test_a_byte_flipped_on_disk_while_serving_is_caught_on_its_way_into_ra
         stats = await stub.GetStats(pb.GetStoreStatsRequest())
         assert stats.checksum_failures == 2
         assert caplog.text.count("corrupt blob in") == 2
-        blobs, _ = await fetch(stub, [key(6, 1), key(6, 3)])  # the others are served
+        blobs, _, _ = await fetch(stub, [key(6, 1), key(6, 3)])  # the others are served
         assert len(blobs) == 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from expert_store import shm
-from expert_store.slot_directory import GEN, DirectoryReader, _at
+from expert_store.slot_directory import DEMAND_READS, GEN, READS, DirectoryReader, _at
 from expert_store.tiers import BlobKey, RamTier
 
 SLOT = 4096
@@ -45,10 +45,55 @@ def test_resident_blobs_are_found_and_others_are_not(tier):
     assert reader.copy(KEYS[1]) == bytes([1]) * 100
     assert reader.copy(KEYS[2]) is None and reader.misses == 1
     assert reader.copy(BlobKey(9, 9, "int4")) is None  # not a served blob
-    ram.lookup(KEYS[1])  # directory reads do not refresh the store's recency: lookups do
-    _promote(ram, KEYS[2])  # evicts the least recently used (0)
+    ram.lookup(KEYS[0])  # both were read through the directory since; 0 was also looked up last
+    _promote(ram, KEYS[2])  # every slot was read: the least recently used of them (1) goes
     assert reader.copy(KEYS[2]) == bytes([2]) * 100
+    assert reader.copy(KEYS[1]) is None
+    assert reader.copy(KEYS[0]) == bytes([0]) * 100
+
+
+def test_an_expert_read_through_the_directory_survives_eviction_over_a_colder_one(tier):
+    ram, reader = tier
+    ram.lookup(KEYS[0])  # store-side recency: 1 least recently used, then 0
+    assert reader.copy(KEYS[1]) == bytes([1]) * 100  # a worker copies 1 with no RPC: only the row's words say so
+    _promote(ram, KEYS[2])
+    assert ram.resident(KEYS[1]) and not ram.resident(KEYS[0])  # without the read, 1 would have gone
+    assert ram.counters.directory_refreshes == 1
+    assert reader.copy(KEYS[1]) == bytes([1]) * 100 and reader.copy(KEYS[0]) is None
+    _promote(ram, KEYS[3])  # 1 was read again, 2 never: 2 goes
+    assert ram.resident(KEYS[1]) and not ram.resident(KEYS[2])
+    _promote(ram, KEYS[4])  # no read since 1's second chance: plain LRU again, 1 goes now
+    assert not ram.resident(KEYS[1]) and ram.resident(KEYS[3]) and ram.resident(KEYS[4])
+
+
+def test_reads_of_a_former_tenant_do_not_spare_the_new_one(tier):
+    ram, reader = tier
+    ram.lookup(KEYS[0])
+    assert reader.copy(KEYS[1]) == bytes([1]) * 100
+    ram._evict(ram.lookup(KEYS[1]))  # 1 leaves (its read unseen by the store), then comes back into a slot
+    ram._free.append(ram.slots[0] if ram.slots[0].key is None else ram.slots[1])
+    _promote(ram, KEYS[1])
+    ram.lookup(KEYS[0])  # 1 is the least recently used again; its earlier tenancy's read must not count
+    _promote(ram, KEYS[2])
+    assert not ram.resident(KEYS[1]) and ram.resident(KEYS[0])
+
+
+def test_reads_are_counted_by_purpose_and_the_reader_never_writes_the_generation(tier):
+    ram, reader = tier
+    row = ram.directory._rows[KEYS[0]]
+    gen_before = ram.directory._t[_at(row, GEN)]
+    assert reader.copy(KEYS[0]) is not None  # a cache miss (the default)
+    assert reader.copy(KEYS[0], demand=False) is not None  # a prefetch
+    assert reader.copy(KEYS[1], demand=False) is not None
+    assert reader.copy(KEYS[2]) is None  # not resident: no read reported
+    t = ram.directory._t
+    assert (t[_at(row, READS)], t[_at(row, DEMAND_READS)]) == (2, 1)
+    assert ram.directory.read_counts() == (3, 1)
+    assert t[_at(row, GEN)] == gen_before  # readers write only their own words
+    reader.after_copy = lambda key: _promote(ram, KEYS[3])  # the copied slot is reused before the check
+    ram.lookup(KEYS[1])
     assert reader.copy(KEYS[0]) is None
+    assert ram.directory.read_counts() == (3, 1)  # a copy thrown away is not a read
 
 
 def test_a_slot_reused_during_the_copy_is_detected_and_never_used(tier):

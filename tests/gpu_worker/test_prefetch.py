@@ -249,7 +249,7 @@ def test_stale_prefetches_are_dropped(pack, eb):
         pf.submit(step, 3, 3, [2])
         with cache.cond:
             cache._demand_fetching -= 1
-            cache.cond.notify_all()
+            cache.prefetch_cond.notify_all()
         _wait(lambda: pf.idle())
         assert pf.stats.jobs_replaced == 1 and cache.resident(3) == [2]
     finally:

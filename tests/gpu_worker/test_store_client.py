@@ -1,4 +1,4 @@
-"""The worker's store client: chunk reassembly and checksums (pure functions), retries and errors
+"""The worker's store client: reply parsing, reassembly and checksums (pure functions), retries and errors
 against a scripted in-process store, and the real store subprocess over gRPC and shared memory."""
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from expert_store.checksums import blob_checksum, blob_digest
 from expert_store.errors import ChecksumError
 from expert_store.packfile import Pack
 from gpu_worker.store_client import PackFetcher, StoreClient
+from expert_store.tiers import BlobKey as BlobKeyOf
 from gpu_worker.store_protocol import (
-    ExpertChunkAssembler, PackChangedError, StoreError, StoreManifest, StoreUnavailableError, assemble_dense,
-    verify_checksum,
+    BlobsMessage, ExpertBlobAssembler, PackChangedError, StoreError, StoreManifest, StoreUnavailableError,
+    assemble_dense, parse_expert_blobs, verify_checksum,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,7 +51,8 @@ def _xxh(data) -> str:  # expert blobs; dense tensors keep crc32
     return blob_checksum(blob_digest(data))
 
 
-def _expert_chunks(index, key, blob, pieces=3, zstd_piece=None, corrupt_piece=None, checksum=None):
+def _expert_parts(index, key, blob, pieces=3, zstd_piece=None, corrupt_piece=None, checksum=None):
+    """(ExpertPart, data) pairs of one expert in `pieces` parts (payload placement left to `_message`)."""
     step = -(-len(blob) // pieces)
     out = []
     for n, off in enumerate(range(0, len(blob), step)):
@@ -62,12 +64,26 @@ def _expert_chunks(index, key, blob, pieces=3, zstd_piece=None, corrupt_piece=No
         if zstd_piece == n:
             data, compression = zstandard.ZstdCompressor().compress(data), pb.COMPRESSION_ZSTD
         last = off + step >= len(blob)
-        out.append(pb.ExpertChunk(
+        out.append((pb.ExpertPart(
             index=index, key=pb.ExpertKey(layer=key[0], expert=key[1], format=_PB_FMT[key[2]]),
-            total_bytes=len(blob), last=last, tier=pb.STORE_TIER_RAM,
-            chunk=pb.DataChunk(offset_bytes=off, data=data, compression=compression, uncompressed_bytes=raw_len),
-            checksum=(checksum or _xxh(blob)) if last else ""))
+            total_bytes=len(blob), offset_bytes=off, compression=compression, uncompressed_bytes=raw_len,
+            last=last, tier=pb.STORE_TIER_RAM, checksum=(checksum or _xxh(blob)) if last else ""), data))
     return out
+
+
+def _message(parts) -> pb.ExpertBlobs:
+    """One reply message (serialized by protobuf, not the store's framing) carrying `parts` in its payload."""
+    payload, index = bytearray(), pb.ExpertBlobIndex()
+    for part, data in parts:
+        p = index.parts.add()
+        p.CopyFrom(part)
+        p.payload_offset_bytes, p.payload_bytes = len(payload), len(data)
+        payload += data
+    return pb.ExpertBlobs(index=index, payload=bytes(payload))
+
+
+def _received(parts) -> BlobsMessage:
+    return parse_expert_blobs(_message(parts).SerializeToString())
 
 
 # -- pure functions ---------------------------------------------------------------------------------
@@ -86,32 +102,77 @@ def test_verify_checksum():
             verify_checksum(data, bad, "x")
 
 
-def test_expert_chunks_reassemble_and_verify(pack):
-    keys = [(1, 3, FMT), (2, 5, FMT)]
+def test_expert_parts_reassemble_and_verify(pack):
+    keys = [(1, 3, FMT), (2, 5, FMT), (4, 4, FMT)]
     blobs = [pack.expert_blob(*k) for k in keys]
     crcs = [pack.blob_ref(*k).xxh3_64 for k in keys]
-    asm = ExpertChunkAssembler(keys, crcs)
-    # experts may arrive in any order; one chunk zstd-compressed
-    for msg in _expert_chunks(1, keys[1], blobs[1]) + _expert_chunks(0, keys[0], blobs[0], zstd_piece=1):
-        asm.add(msg)
-    assert asm.done[0] == (bytes(blobs[0]), "ram") and asm.done[1][0] == bytes(blobs[1])
+    asm = ExpertBlobAssembler(keys, crcs)
+    # experts may arrive in any order, in parts across messages; one part zstd-compressed
+    first = _expert_parts(1, keys[1], blobs[1]) + _expert_parts(0, keys[0], blobs[0], zstd_piece=1)
+    asm.add(_received(first[:4]))
+    asm.add(_received(first[4:] + _expert_parts(2, keys[2], blobs[2], pieces=1)))
+    assert asm.messages == 2
+    assert asm.done[0] == (bytes(blobs[0]), "ram") and bytes(asm.done[1][0]) == bytes(blobs[1])
+    whole = asm.done[2][0]  # whole and uncompressed: a view of the received message, not a copy
+    assert isinstance(whole, memoryview) and isinstance(whole.obj, bytes) and bytes(whole) == bytes(blobs[2])
+    copied = ExpertBlobAssembler(keys[2:], crcs[2:], zero_copy=False)
+    copied.add(_received(_expert_parts(0, keys[2], blobs[2], pieces=1)))
+    assert type(copied.done[0][0]) is bytes and copied.done[0][0] == bytes(blobs[2])
 
 
-@pytest.mark.parametrize("case", ["corrupt_chunk", "store_checksum_of_bad_bytes", "wrong_expert"])
+def test_the_stores_framing_parses_to_views_of_the_message(pack):
+    """A message as the store frames it: the payload is found without parsing it, aligned, and each expert
+    is a view of the received bytes."""
+    from expert_store.server import encode_blobs
+    from expert_store.grpc_fetch import BlobPart
+    from expert_store.tiers import Tier
+    from expert_store.wire import PAYLOAD_ALIGN, Compression
+    from gpu_worker.expert_compute import make_expert_compute
+
+    keys = [(0, 1, FMT), (3, 2, FMT), (7, 15, "bf16")]
+    blobs = [bytes(pack.expert_blob(*k)) for k in keys]
+    parts = [BlobPart(i, BlobKeyOf(*k), len(b), 0, memoryview(b), Compression.NONE, len(b), True, Tier.RAM,
+                      _xxh(b)) for i, (k, b) in enumerate(zip(keys, blobs))]
+    message = encode_blobs(parts)
+    received = parse_expert_blobs(message)
+    assert received.payload.obj is message  # a view, nothing copied
+    assert (len(message) - len(received.payload)) % PAYLOAD_ALIGN == 0
+    assert pb.ExpertBlobs.FromString(message).payload == bytes(received.payload)  # plain protobuf too
+    asm = ExpertBlobAssembler(keys, [pack.blob_ref(*k).xxh3_64 for k in keys])
+    asm.add(received)
+    base = torch.frombuffer(message, dtype=torch.uint8).data_ptr()  # after expert_compute spent torch's warning
+    starts = {p.index: len(message) - len(received.payload) + p.payload_offset_bytes for p in received.parts}
+    a = pack.args
+    for i, b in enumerate(blobs):
+        view = asm.done[i][0]
+        assert view.obj is message and bytes(view) == b and starts[i] % PAYLOAD_ALIGN == 0
+        if keys[i][2] == "int4":  # the CPU int4 build views the received bytes: no copy after the socket
+            expert = make_expert_compute("int4", view, a.hidden_size, a.expert_intermediate_size, "int4_fused")
+            assert expert.blob.data_ptr() == base + starts[i]
+
+
+@pytest.mark.parametrize("case", ["corrupt_part", "corrupt_whole", "store_checksum_of_bad_bytes", "wrong_expert",
+                                  "past_the_payload"])
 def test_damaged_expert_is_refused(pack, case):
     key = (1, 3, FMT)
     blob = bytes(pack.expert_blob(*key))
-    asm = ExpertChunkAssembler([key], [pack.blob_ref(*key).xxh3_64])
-    if case == "corrupt_chunk":
-        chunks = _expert_chunks(0, key, blob, corrupt_piece=1)
+    asm = ExpertBlobAssembler([key], [pack.blob_ref(*key).xxh3_64])
+    if case == "corrupt_part":
+        parts = _expert_parts(0, key, blob, corrupt_piece=1)
+    elif case == "corrupt_whole":
+        parts = _expert_parts(0, key, blob, pieces=1, corrupt_piece=0)
     elif case == "store_checksum_of_bad_bytes":  # consistent with itself, not with the manifest
         bad = bytes([blob[0] ^ 1]) + blob[1:]
-        chunks = _expert_chunks(0, key, bad)
+        parts = _expert_parts(0, key, bad)
+    elif case == "wrong_expert":
+        parts = _expert_parts(0, (1, 4, FMT), blob)
     else:
-        chunks = _expert_chunks(0, (1, 4, FMT), blob)
+        parts = _expert_parts(0, key, blob, pieces=1)
+    message = _message(parts)
+    if case == "past_the_payload":
+        message.index.parts[0].payload_offset_bytes = 64
     with pytest.raises((ChecksumError, StoreError)):
-        for msg in chunks:
-            asm.add(msg)
+        asm.add(parse_expert_blobs(message.SerializeToString()))
     assert 0 not in asm.done
 
 
@@ -172,9 +233,11 @@ class _ScriptedStore(pb_grpc.ExpertStoreServicer):
         if self.fetches <= self.fail_first:
             context.abort(grpc.StatusCode.UNAVAILABLE, "scripted outage")
         fmts = {v: k for k, v in _PB_FMT.items()}
+        parts = []
         for i, k in enumerate(request.experts):
             key = (k.layer, k.expert, fmts[k.format])
-            yield from _expert_chunks(i, key, bytes(self.pack.expert_blob(*key)), corrupt_piece=0 if self.corrupt else None)
+            parts += _expert_parts(i, key, bytes(self.pack.expert_blob(*key)), corrupt_piece=0 if self.corrupt else None)
+        yield _message(parts)
 
 
 @pytest.fixture
@@ -335,6 +398,30 @@ def test_real_store_fetch(pack, store, transport):
         assert client.store_stats().leases_active == 0
 
 
+@pytest.mark.slow
+def test_real_store_sends_a_batch_as_one_reply_the_blobs_view(pack, store):
+    keys = [(layer, e, FMT) for layer in (0, 6) for e in range(8)]
+    with StoreClient(store, transport="grpc") as client:
+        blobs = client.fetch(keys)
+        assert client.counters.messages_grpc == 1  # 16 experts, one reply message
+        assert all(isinstance(b.data, memoryview) for b in blobs)
+        assert len({id(b.data.obj) for b in blobs}) == 1  # all views of that one received message
+        assert all(bytes(b.data) == bytes(pack.expert_blob(*b.key)) for b in blobs)
+        from gpu_worker.expert_compute import make_expert_compute  # (spends torch's read-only warning)
+
+        message = blobs[0].data.obj
+        base = torch.frombuffer(message, dtype=torch.uint8).data_ptr()
+        for b in blobs[:3]:  # the CPU int4 build views the received bytes: nothing copied after grpc's receive
+            at = torch.frombuffer(b.data, dtype=torch.uint8).data_ptr()
+            assert base <= at < base + len(message)
+            expert = make_expert_compute(FMT, b.data, pack.args.hidden_size, pack.args.expert_intermediate_size,
+                                         "int4_fused")
+            assert expert.blob.data_ptr() == at
+    with StoreClient(store, transport="grpc", zero_copy=False) as client:
+        blobs = client.fetch(keys)
+        assert all(type(b.data) is bytes and b.data == bytes(pack.expert_blob(*b.key)) for b in blobs)
+
+
 @pytest.fixture(scope="module")
 def int4_store(pack, tmp_path_factory):
     """A store serving int4 only (so slots are int4-sized), its RAM tier at half the int4 experts."""
@@ -379,3 +466,57 @@ def test_resident_experts_need_no_rpc_and_misses_one_batched_request(pack, int4_
         assert client.counters.shm_directory_hits == len(again)
         assert all(bytes(b.data) == bytes(pack.expert_blob(*b.key)) for b in blobs + again)
         assert {b.transport for b in again} == {"shm"} and {b.tier for b in again} == {"ram"}
+
+
+@pytest.mark.slow
+def test_shared_memory_blobs_reach_the_build_in_one_copy(pack, int4_store):
+    """Out of the store's segment (leased, then through the slot directory) the blob is copied once, into
+    immutable bytes, and the CPU int4 build views those bytes rather than copying them again."""
+    from gpu_worker.expert_compute import make_expert_compute
+
+    layers = sorted({layer for layer, _ in pack.expert_ids})
+    keys = [(layers[-2], e, FMT) for e in range(4)]
+    a = pack.args
+    with StoreClient(int4_store, transport="shm") as client:
+        leased = client.fetch(keys)
+        direct = client.fetch(keys)
+        assert client.counters.shm_directory_hits == len(keys)
+        for b in leased + direct:
+            assert b.transport == "shm" and type(b.data) is bytes and b.data == bytes(pack.expert_blob(*b.key))
+            expert = make_expert_compute(FMT, b.data, a.hidden_size, a.expert_intermediate_size, "int4_fused")
+            assert expert.blob.data_ptr() == torch.frombuffer(b.data, dtype=torch.uint8).data_ptr()
+
+
+@pytest.mark.slow
+def test_a_blob_corrupted_on_disk_is_data_loss_over_grpc_and_the_rest_is_served(pack, tmp_path):
+    """The store reads the damaged blob for a batch, refuses it (DATA_LOSS naming it); the client raises
+    ChecksumError with that expert's key and never returns its bytes; other batches are served."""
+    import shutil
+
+    copy = tmp_path / "pack"
+    shutil.copytree(pack.path, copy)
+    addr = f"unix:{tmp_path}/s.sock"
+    stderr = open(tmp_path / "stderr", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "expert_store", "serve", str(copy), "--listen", addr,
+                             "--ram-bytes", "0", "--formats", FMT], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=stderr)
+    try:
+        with StoreClient(addr, transport="grpc") as client:
+            client.wait_ready(30)
+            ref = pack.blob_ref(4, 9, FMT)
+            with open(copy / "experts.bin", "r+b") as f:  # one byte flipped while the store runs
+                f.seek(ref.offset + 333)
+                b = f.read(1)
+                f.seek(ref.offset + 333)
+                f.write(bytes([b[0] ^ 0x21]))
+            batch = [(4, e, FMT) for e in range(8, 12)]
+            with pytest.raises(ChecksumError, match="layer 4 expert 9") as e:
+                client.fetch(batch)
+            assert (e.value.layer, e.value.expert, e.value.fmt) == (4, 9, FMT)
+            good = [k for k in batch if k[1] != 9]
+            assert [bytes(b.data) for b in client.fetch(good)] == [bytes(pack.expert_blob(*k)) for k in good]
+            assert client.store_stats().checksum_failures >= 1
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        stderr.close()

@@ -117,15 +117,20 @@ def test_generate_request_and_stream_round_trip() -> None:
 
 def test_store_messages_round_trip() -> None:
     key = store_pb2.ExpertKey(layer=3, expert=7, format=store_pb2.EXPERT_FORMAT_INT4)
-    chunk = store_pb2.ExpertChunk(
+    part = store_pb2.ExpertPart(
         index=0,
         key=key,
         total_bytes=8192,
-        chunk=store_pb2.DataChunk(offset_bytes=4096, data=b"\x00" * 16, compression=store_pb2.COMPRESSION_ZSTD, uncompressed_bytes=4096),
+        offset_bytes=4096,
+        payload_offset_bytes=64,
+        payload_bytes=16,
+        compression=store_pb2.COMPRESSION_ZSTD,
+        uncompressed_bytes=4096,
         last=True,
         tier=store_pb2.STORE_TIER_RAM,
     )
-    assert store_pb2.ExpertChunk.FromString(chunk.SerializeToString()) == chunk
+    reply = store_pb2.ExpertBlobs(index=store_pb2.ExpertBlobIndex(parts=[part]), payload=b"\x00" * 80)
+    assert store_pb2.ExpertBlobs.FromString(reply.SerializeToString()) == reply
     desc = store_pb2.FetchExpertsShmResponse(
         descriptors=[store_pb2.ShmDescriptor(key=key, segment_name="fate-moe-ram", offset_bytes=0, length_bytes=8192, lease_id=9, generation=2)],
         unavailable_indices=[1],

@@ -174,36 +174,60 @@ class FileChunk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., total_bytes: _Optional[int] = ..., chunk: _Optional[_Union[DataChunk, _Mapping]] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class FetchExpertsRequest(_message.Message):
-    __slots__ = ("experts", "priority", "compression", "chunk_bytes", "client_id")
+    __slots__ = ("experts", "priority", "compression", "max_reply_bytes", "client_id")
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLY_BYTES_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     experts: _containers.RepeatedCompositeFieldContainer[ExpertKey]
     priority: FetchPriority
     compression: Compression
-    chunk_bytes: int
+    max_reply_bytes: int
     client_id: str
-    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., priority: _Optional[_Union[FetchPriority, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., chunk_bytes: _Optional[int] = ..., client_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., priority: _Optional[_Union[FetchPriority, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., max_reply_bytes: _Optional[int] = ..., client_id: _Optional[str] = ...) -> None: ...
 
-class ExpertChunk(_message.Message):
-    __slots__ = ("index", "key", "total_bytes", "chunk", "last", "tier", "checksum")
+class ExpertBlobs(_message.Message):
+    __slots__ = ("index", "padding", "payload")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    PADDING_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    index: ExpertBlobIndex
+    padding: bytes
+    payload: bytes
+    def __init__(self, index: _Optional[_Union[ExpertBlobIndex, _Mapping]] = ..., padding: _Optional[bytes] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class ExpertBlobIndex(_message.Message):
+    __slots__ = ("parts",)
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    parts: _containers.RepeatedCompositeFieldContainer[ExpertPart]
+    def __init__(self, parts: _Optional[_Iterable[_Union[ExpertPart, _Mapping]]] = ...) -> None: ...
+
+class ExpertPart(_message.Message):
+    __slots__ = ("index", "key", "total_bytes", "offset_bytes", "payload_offset_bytes", "payload_bytes", "compression", "uncompressed_bytes", "last", "tier", "checksum")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    UNCOMPRESSED_BYTES_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     index: int
     key: ExpertKey
     total_bytes: int
-    chunk: DataChunk
+    offset_bytes: int
+    payload_offset_bytes: int
+    payload_bytes: int
+    compression: Compression
+    uncompressed_bytes: int
     last: bool
     tier: StoreTier
     checksum: str
-    def __init__(self, index: _Optional[int] = ..., key: _Optional[_Union[ExpertKey, _Mapping]] = ..., total_bytes: _Optional[int] = ..., chunk: _Optional[_Union[DataChunk, _Mapping]] = ..., last: _Optional[bool] = ..., tier: _Optional[_Union[StoreTier, str]] = ..., checksum: _Optional[str] = ...) -> None: ...
+    def __init__(self, index: _Optional[int] = ..., key: _Optional[_Union[ExpertKey, _Mapping]] = ..., total_bytes: _Optional[int] = ..., offset_bytes: _Optional[int] = ..., payload_offset_bytes: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., uncompressed_bytes: _Optional[int] = ..., last: _Optional[bool] = ..., tier: _Optional[_Union[StoreTier, str]] = ..., checksum: _Optional[str] = ...) -> None: ...
 
 class FetchExpertsShmRequest(_message.Message):
     __slots__ = ("experts", "priority", "client_id", "lease_ttl_ms")
@@ -310,7 +334,7 @@ class StoreTierStats(_message.Message):
     def __init__(self, tier: _Optional[_Union[StoreTier, str]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., resident_experts: _Optional[int] = ..., hits: _Optional[int] = ..., bytes_read: _Optional[int] = ..., read_ns: _Optional[int] = ...) -> None: ...
 
 class StoreStats(_message.Message):
-    __slots__ = ("pack_id", "uptime_ms", "tiers", "fetch_requests", "experts_served_grpc", "experts_served_shm", "bytes_served_grpc", "bytes_sent_wire", "bytes_served_shm", "dense_bytes_served", "promotions", "evictions", "leases_granted", "leases_active", "leases_expired", "prefetch_hints", "prefetch_promotions", "checksum_failures")
+    __slots__ = ("pack_id", "uptime_ms", "tiers", "fetch_requests", "experts_served_grpc", "experts_served_shm", "bytes_served_grpc", "bytes_sent_wire", "bytes_served_shm", "dense_bytes_served", "promotions", "evictions", "leases_granted", "leases_active", "leases_expired", "prefetch_hints", "prefetch_promotions", "checksum_failures", "demand_ram_hits", "demand_ram_misses", "prefetch_ram_hits", "prefetch_ram_misses", "directory_reads", "directory_demand_reads", "directory_refreshes", "hints_refused", "hints_used", "hints_wasted", "hints_skipped")
     PACK_ID_FIELD_NUMBER: _ClassVar[int]
     UPTIME_MS_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
@@ -329,6 +353,17 @@ class StoreStats(_message.Message):
     PREFETCH_HINTS_FIELD_NUMBER: _ClassVar[int]
     PREFETCH_PROMOTIONS_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    DEMAND_RAM_HITS_FIELD_NUMBER: _ClassVar[int]
+    DEMAND_RAM_MISSES_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_RAM_HITS_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_RAM_MISSES_FIELD_NUMBER: _ClassVar[int]
+    DIRECTORY_READS_FIELD_NUMBER: _ClassVar[int]
+    DIRECTORY_DEMAND_READS_FIELD_NUMBER: _ClassVar[int]
+    DIRECTORY_REFRESHES_FIELD_NUMBER: _ClassVar[int]
+    HINTS_REFUSED_FIELD_NUMBER: _ClassVar[int]
+    HINTS_USED_FIELD_NUMBER: _ClassVar[int]
+    HINTS_WASTED_FIELD_NUMBER: _ClassVar[int]
+    HINTS_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     pack_id: str
     uptime_ms: int
     tiers: _containers.RepeatedCompositeFieldContainer[StoreTierStats]
@@ -347,4 +382,15 @@ class StoreStats(_message.Message):
     prefetch_hints: int
     prefetch_promotions: int
     checksum_failures: int
-    def __init__(self, pack_id: _Optional[str] = ..., uptime_ms: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[StoreTierStats, _Mapping]]] = ..., fetch_requests: _Optional[int] = ..., experts_served_grpc: _Optional[int] = ..., experts_served_shm: _Optional[int] = ..., bytes_served_grpc: _Optional[int] = ..., bytes_sent_wire: _Optional[int] = ..., bytes_served_shm: _Optional[int] = ..., dense_bytes_served: _Optional[int] = ..., promotions: _Optional[int] = ..., evictions: _Optional[int] = ..., leases_granted: _Optional[int] = ..., leases_active: _Optional[int] = ..., leases_expired: _Optional[int] = ..., prefetch_hints: _Optional[int] = ..., prefetch_promotions: _Optional[int] = ..., checksum_failures: _Optional[int] = ...) -> None: ...
+    demand_ram_hits: int
+    demand_ram_misses: int
+    prefetch_ram_hits: int
+    prefetch_ram_misses: int
+    directory_reads: int
+    directory_demand_reads: int
+    directory_refreshes: int
+    hints_refused: int
+    hints_used: int
+    hints_wasted: int
+    hints_skipped: int
+    def __init__(self, pack_id: _Optional[str] = ..., uptime_ms: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[StoreTierStats, _Mapping]]] = ..., fetch_requests: _Optional[int] = ..., experts_served_grpc: _Optional[int] = ..., experts_served_shm: _Optional[int] = ..., bytes_served_grpc: _Optional[int] = ..., bytes_sent_wire: _Optional[int] = ..., bytes_served_shm: _Optional[int] = ..., dense_bytes_served: _Optional[int] = ..., promotions: _Optional[int] = ..., evictions: _Optional[int] = ..., leases_granted: _Optional[int] = ..., leases_active: _Optional[int] = ..., leases_expired: _Optional[int] = ..., prefetch_hints: _Optional[int] = ..., prefetch_promotions: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., demand_ram_hits: _Optional[int] = ..., demand_ram_misses: _Optional[int] = ..., prefetch_ram_hits: _Optional[int] = ..., prefetch_ram_misses: _Optional[int] = ..., directory_reads: _Optional[int] = ..., directory_demand_reads: _Optional[int] = ..., directory_refreshes: _Optional[int] = ..., hints_refused: _Optional[int] = ..., hints_used: _Optional[int] = ..., hints_wasted: _Optional[int] = ..., hints_skipped: _Optional[int] = ...) -> None: ...

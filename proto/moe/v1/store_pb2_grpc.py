@@ -54,7 +54,7 @@ class ExpertStoreStub:
         self.FetchExperts = channel.unary_stream(
                 '/moe.v1.ExpertStore/FetchExperts',
                 request_serializer=moe_dot_v1_dot_store__pb2.FetchExpertsRequest.SerializeToString,
-                response_deserializer=moe_dot_v1_dot_store__pb2.ExpertChunk.FromString,
+                response_deserializer=moe_dot_v1_dot_store__pb2.ExpertBlobs.FromString,
                 _registered_method=True)
         self.FetchExpertsShm = channel.unary_unary(
                 '/moe.v1.ExpertStore/FetchExpertsShm',
@@ -108,9 +108,11 @@ class ExpertStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FetchExperts(self, request, context):
-        """A batch of experts as bytes over the socket, in chunks, each chunk
-        optionally zstd-compressed. The path for remote workers, and the fallback
-        for experts FetchExpertsShm could not lease.
+        """A batch of experts as bytes over the socket: one reply message holding
+        every expert whole when the batch fits the client's max_reply_bytes;
+        otherwise several, and an expert larger than a message comes in parts.
+        Parts are optionally zstd-compressed. The path for remote workers, and the
+        fallback for experts FetchExpertsShm could not lease.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -168,7 +170,7 @@ def add_ExpertStoreServicer_to_server(servicer, server):
             'FetchExperts': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchExperts,
                     request_deserializer=moe_dot_v1_dot_store__pb2.FetchExpertsRequest.FromString,
-                    response_serializer=moe_dot_v1_dot_store__pb2.ExpertChunk.SerializeToString,
+                    response_serializer=moe_dot_v1_dot_store__pb2.ExpertBlobs.SerializeToString,
             ),
             'FetchExpertsShm': grpc.unary_unary_rpc_method_handler(
                     servicer.FetchExpertsShm,
@@ -300,7 +302,7 @@ class ExpertStore:
             target,
             '/moe.v1.ExpertStore/FetchExperts',
             moe_dot_v1_dot_store__pb2.FetchExpertsRequest.SerializeToString,
-            moe_dot_v1_dot_store__pb2.ExpertChunk.FromString,
+            moe_dot_v1_dot_store__pb2.ExpertBlobs.FromString,
             options,
             channel_credentials,
             insecure,
