@@ -155,6 +155,8 @@ def room_cache_for(cache, fetcher, fmt: str):
         for _ in room.iter_experts(layer, list(range(a.num_experts))):
             pass
     room.cond = cache.cond
+    if hasattr(cache, "prefetch_cond"):  # the condition the prefetch thread waits on, on the same lock
+        room.prefetch_cond = cache.prefetch_cond
     return room
 
 
