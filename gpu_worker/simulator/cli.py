@@ -89,6 +89,9 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     p.add_argument("--format", default="int4", help="expert format whose bytes the link moves (meta.expert_bytes)")
     p.add_argument("--expert-bytes", type=int, default=0,
                    help="bytes one expert transfer moves (default: the trace's meta.expert_bytes[--format])")
+    p.add_argument("--prefetch-room", default="auto", choices=("auto", "wait", "gate"),
+                   help="when a prefetch takes its room: wait (a prefetch thread), gate (a copy engine), auto: "
+                        "the hardware profile's")
     p.add_argument("--store-hints", default="auto", choices=tuple(_HINTS),
                    help="charge store hints (the profile's hint_compute_s per layer): auto = with a predictor")
     p.add_argument("--measure", metavar="PACK", default=None,
@@ -118,6 +121,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         print(f"[measured: {profile.measured}]", file=sys.stderr)  # noqa: T201
     else:
         profile = load_profile(a.hardware)
+    room = profile.prefetch_room if a.prefetch_room == "auto" else a.prefetch_room
     out: list[dict[str, Any]] = []
     for t in traces:
         rp = Replay(t)
@@ -145,13 +149,13 @@ def cmd_simulate(a: argparse.Namespace) -> int:
                 configs = [SimConfig(policy=pol, total_slots=wc.total_slots, allocation=wc.allocation,
                                      predictor=pr, prefetch_width=a.prefetch_width, semantics=a.semantics,
                                      pin=a.pin, lfu_decay=a.lfu_decay, full_layers=a.full_layers,
-                                     slots_override=wc.slots_override)
+                                     prefetch_room=room, slots_override=wc.slots_override)
                            for pol in policies for pr in predictors]
             else:
                 q = parse_budget(bud, t.num_layers, t.num_experts)
                 configs = [SimConfig(policy=pol, total_slots=q, allocation=al, predictor=pr,
                                      prefetch_width=a.prefetch_width, semantics=a.semantics, pin=a.pin,
-                                     lfu_decay=a.lfu_decay, full_layers=a.full_layers)
+                                     lfu_decay=a.lfu_decay, full_layers=a.full_layers, prefetch_room=room)
                            for al in allocations for pol in policies for pr in predictors]
             for cfg in configs:
                 if cfg.semantics == "worker" and cfg.total_slots < t.top_k:

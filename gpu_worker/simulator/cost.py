@@ -61,7 +61,10 @@ class HardwareProfile:
     """Compute-thread time lost per store-hint call (measured likewise)."""
     room_wait_compute_s: float = 0.0
     """Compute-thread time lost per MoE layer while a prefetch waits for room (the prefetch thread woken by
-    each of the compute's notifications on the cache's one condition), measured likewise."""
+    the compute's notifications on the cache's lock), measured likewise."""
+    prefetch_room: str = "wait"
+    """How the worker's prefetch path takes room (SimConfig.prefetch_room): wait (a prefetch thread) or
+    gate (a copy engine); `measure_profile` reads it off the worker's own composition."""
 
 
 # "this-machine": the dev box (2 shared CPU cores, torch 1 thread, tiny-mixtral int4 as int4_fused, store over

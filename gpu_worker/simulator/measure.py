@@ -174,11 +174,12 @@ def measure_sharing(model, pack, fetcher, fmt: str = "int4", batch: int = 8, ste
                     hints: bool = False, room_cache=None) -> dict[str, float]:
     """What prefetching costs the compute thread: decode forwards at `batch` (the model's cache holding
     every expert, so no stalls) while the worker's own prefetch machinery (`build_worker`'s controller,
-    prefetch thread and store hints, over a cache of its own emptied each step) is fed, at every MoE
-    layer's gate input, a prediction of `per_job` random experts of the next layer, so each is fetched,
-    verified and built the way the worker does it. With `hints`, a second composition also sends store
-    hints. With `room_cache` (`room_cache_for`), a prefetch thread whose jobs find no room waits for it on
-    the compute cache's condition, woken by each of its notifications. Forwards timed alone and in each
+    prefetch thread or copy engine and store hints, over a cache of its own emptied each step) is fed, at
+    every MoE layer's gate input, a prediction of `per_job` random experts of the next layer, so each is
+    fetched, verified and built the way the worker does it, and at each layer's routing that cache's
+    lookup takes in what landed (an empty demand call, on the compute thread as in the worker). With
+    `hints`, a second composition also sends store hints. With `room_cache` (`room_cache_for`), a prefetch
+    thread whose jobs find no room waits for it on the compute cache's lock. Forwards timed alone and in each
     mode, the modes interleaved step by step (medians): compute-thread seconds lost per prefetched expert,
     per store-hint call and per layer a prefetch waits for room; the prefetch path's time per expert and
     a hint call's wall time while the compute runs."""
@@ -190,6 +191,7 @@ def measure_sharing(model, pack, fetcher, fmt: str = "int4", batch: int = 8, ste
     n = min(per_job, a.num_experts)
     full = full_budget_bytes(a, fmt, "auto", "cpu")
     sides = {"jobs": _prefetch_side(pack, fetcher, fmt, full, n, False)}
+    copy_engine = getattr(sides["jobs"].cache, "copy_engine", None) is not None
     if hints:
         sides["hints"] = _prefetch_side(pack, fetcher, fmt, full, n, True)
     jobs: list[tuple[float, int]] = []  # (wall s, experts) of each prefetch call that inserted experts
@@ -238,6 +240,8 @@ def measure_sharing(model, pack, fetcher, fmt: str = "int4", batch: int = 8, ste
             w = sides.get(mode)
             if w is not None:
                 w.controller.on_routing(layer, ids[:1], weights[:1])
+                for _ in w.cache.iter_experts(layer, []):  # the layer's lookup: what landed is taken in
+                    pass
 
     modes = ["alone", *sides] + (["room"] if waiter is not None else [])
     times: dict[str, list[float]] = {m: [] for m in modes}
@@ -245,8 +249,7 @@ def measure_sharing(model, pack, fetcher, fmt: str = "int4", batch: int = 8, ste
     dec = _Decoder(model, batch, len(modes) * steps + 4, observer=Feed())
 
     def landed(w) -> int:
-        st = w.cache.stats().total
-        return st.prefetched + int(getattr(w.controller, "copied_experts", 0))
+        return w.cache.stats().total.prefetched
 
     def one_step(m: str) -> float:
         nonlocal mode
@@ -299,7 +302,8 @@ def measure_sharing(model, pack, fetcher, fmt: str = "int4", batch: int = 8, ste
             "room_wait_compute_s": max(0.0, (med["room"] - alone) / (len(layers) - 1)) if waiter else 0.0,
             "hint_shared_s": statistics.median(sends) if sends else 0.0, "hint_sends_per_step": hint_sends,
             "prefetch_expert_shared_s": sum(d for d, _ in jobs) / sum(k for _, k in jobs) if jobs else 0.0,
-            "prefetched_per_step": experts["jobs"] / steps, "per_job": float(n)}
+            "prefetched_per_step": experts["jobs"] / steps, "per_job": float(n),
+            "copy_engine": float(copy_engine)}
 
 
 def measure_predictor(model, cache, batch: int = 8, steps: int = 12, predictor: str = "cross_layer",
@@ -469,7 +473,8 @@ def measure_profile(pack_path: str | Path, fmt: str = "int4", store: str | None 
               f"calls per step, {share['hint_shared_s'] * 1e3:.2f} ms each), "
               f"{share['room_wait_compute_s'] * 1e6:.0f} us per layer a prefetch waits for room "
               f"({share['compute_with_room_wait_s'] * 1e3:.2f} ms per forward); the prefetch thread takes "
-              f"{share['prefetch_expert_shared_s'] * 1e6:.0f} us per expert meanwhile") if share else \
+              f"{share['prefetch_expert_shared_s'] * 1e6:.0f} us per expert meanwhile"
+              f"{'; a copy engine (room taken when proposed)' if share['copy_engine'] else ''}") if share else \
         "; sharing not measured (prefetching free for the compute thread)"
     return HardwareProfile(
         name, f"measured: {pack_path} ({fmt}, {cache.form}), experts from {how}, torch threads 1",
@@ -482,6 +487,7 @@ def measure_profile(pack_path: str | Path, fmt: str = "int4", store: str | None 
         prefetch_compute_s=share["prefetch_compute_s"] if share else 0.0,
         hint_compute_s=share["hint_compute_s"] if share else 0.0,
         room_wait_compute_s=share["room_wait_compute_s"] if share else 0.0,
+        prefetch_room="gate" if share and share["copy_engine"] else "wait",
         measured=(f"demand wave {lat * 1e3:.3f} ms + {per * 1e3:.3f} ms/expert (fetch + build, {nbytes} B blobs; "
                   f"{link_per * 1e3:.3f} ms into an emptied cache, {miss * 1e3:.3f} ms per miss in decode at 25%); "
                   f"prefetch job {pcall * 1e3:.3f} ms + {pexp * 1e3:.3f} ms/expert; store hint call "

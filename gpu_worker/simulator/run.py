@@ -7,7 +7,9 @@ fidelity tests hold it to the worker's counters). Prefetch (a predictor) follows
 `PrefetchController` + `ExpertCache.prefetch` without timing: the proposals for layer m + 1
 (predicted before layer m is observed, rows merged by `merge_ranked`) land just before layer
 m + 1's lookup (`CacheLedger.replay_prefetch`); how many of them would have found no room when the
-job was queued (at layer m's gate input, before m's trim) is counted for the cost model.
+job was queued (at layer m's gate input, before m's trim) is counted for the cost model. With
+`prefetch_room="gate"` (the copy engine) they take their room when proposed, before layer m's demand
+call, and what finds none is not prefetched.
 
 `flat` semantics: the (token, expert) sequence of the published studies (../shared/traces/README.md):
 each trace row is its own step, each routed cell an access to per-layer caches of fixed slots
@@ -29,7 +31,9 @@ from ..policy import (
 from ..policy.allocation import Allocation
 from ..policy.predictors import BASELINE_PREDICTOR_NAMES, PREDICTOR_NAMES, PredictorError, make_predictor, merge_ranked
 from ..traces import Trace
-from .config import PIN_MODES, SEMANTICS, SIM_POLICIES, SimConfig, SimResult, SimulationError, _REFERENCE_PINNED
+from .config import (
+    PIN_MODES, PREFETCH_ROOMS, SEMANTICS, SIM_POLICIES, SimConfig, SimResult, SimulationError, _REFERENCE_PINNED,
+)
 from .replay import Replay
 
 
@@ -218,6 +222,9 @@ def _run_worker(rp: Replay, cfg: SimConfig, slots: list[int], policies: list[Rep
         if note:
             notes.append(note)
     K = rp.K
+    if cfg.prefetch_room not in PREFETCH_ROOMS:
+        raise SimulationError(f"unknown prefetch room {cfg.prefetch_room!r}; known: {', '.join(PREFETCH_ROOMS)}")
+    at_gate = cfg.prefetch_room == "gate"
     width = cfg.prefetch_width or (rp.trace.predicted.shape[2] if isinstance(predictor, _RecordedPredictor) else K)
     phases = rp.trace.phase.tolist() if rp.trace.phase is not None else [1] * rp.N
     rids_all = rp.rids
@@ -273,6 +280,13 @@ def _run_worker(rp: Replay, cfg: SimConfig, slots: list[int], policies: list[Rep
                     if any_prefill:
                         lists = [row[:K] if pre else row for row, pre in zip(lists, prefill_rows)]
                     proposals = merge_ranked(lists, K)
+                    if proposals and at_gate:  # the copy engine: room now or never
+                        if belady:
+                            layers[col + 1].policy.now = s - 1
+                        landed = ledger.replay_prefetch(layers[col + 1], proposals)
+                        if landed:
+                            pf_events.append((s, col + 1, landed))
+                        proposals = []
                     if proposals:  # room for them now, at this layer's gate input (its trim is still ahead)
                         nxt = layers[col + 1]
                         R = nxt.resident

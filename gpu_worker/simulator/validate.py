@@ -84,7 +84,7 @@ def predict_run(trace: Trace, profile: HardwareProfile, requests: int, store_hin
     if cfg is None:
         raise SimulationError(f"{trace.path}: meta.cache: the trace does not say how the worker's cache ran")
     if trace.predicted is not None:
-        cfg = dataclasses.replace(cfg, predictor="recorded")
+        cfg = dataclasses.replace(cfg, predictor="recorded", prefetch_room=profile.prefetch_room)
     res = simulate(trace, cfg)
     win = window_steps(trace, requests)
     share = None
