@@ -73,13 +73,13 @@ class HardwareProfile:
 PROFILES: dict[str, HardwareProfile] = {
     "this-machine": HardwareProfile(
         "this-machine", "the dev box: 2 shared CPU cores, experts from the store over shared memory, "
-                        "tiny-mixtral int4 (int4_fused) compute, prefetch thread and store hints in the worker",
-        link_bandwidth_Bps=1.82e9, link_latency_s=3.7e-5, expert_setup_s=0.0, layer_s=8.1e-4,
-        layer_token_s=1.5e-4, expert_compute_s=3.1e-5, step_s=9.4e-5, expert_bytes=124416,
-        prefetch_expert_s=3.3e-5, prefetch_call_s=1.2e-5, hint_s=2.1e-3, predict_s=6.5e-5, predict_row_s=8.9e-6,
-        prefetch_shared_s=1.6e-4, prefetch_compute_s=1.4e-4, hint_compute_s=9.9e-4, room_wait_compute_s=1.9e-4,
-        measured="a miss 0.07 ms in steady state; the prefetch thread 0.16 ms per expert beside the compute, which "
-                 "loses 0.14 ms per prefetched expert and 1 ms per store-hint call; medians of 3 measurements"),
+                        "tiny-mixtral int4 (int4_fused) compute, the copy engine prefetching",
+        link_bandwidth_Bps=1.19e9, link_latency_s=8.6e-5, expert_setup_s=0.0, layer_s=9.1e-4,
+        layer_token_s=2.7e-4, expert_compute_s=4.2e-5, step_s=1.2e-4, expert_bytes=124416,
+        prefetch_expert_s=3.2e-5, prefetch_call_s=2.6e-5, hint_s=9.5e-4, predict_s=6.5e-5, predict_row_s=1.1e-5,
+        prefetch_compute_s=5.4e-5, hint_compute_s=0.0, room_wait_compute_s=0.0, prefetch_room="gate",
+        measured="a miss 0.1 ms in steady state; the compute loses 0.05 ms per expert the copy engine brings; no "
+                 "store hints (the store's RAM holds every expert); medians of 3 measurements"),
     # Nominal profiles (not measured here: no such machine), for Mixtral / Qwen-MoE-class models with int4
     # experts (~2-90 MB each: pass --expert-bytes or let the trace's meta say). Measure the real target.
     "pcie3-desktop": HardwareProfile(
