@@ -2,6 +2,17 @@
 
     PYTHONPATH=. .venv/bin/python bench/sim_validate.py [--pack DIR] [--out runs/sim_validate]
         [--budgets 25%,50%] [--new-tokens 48]
+    PYTHONPATH=. .venv/bin/python bench/sim_validate.py --bench BENCH_OUT --traces TRACE_DIR [--out DIR]
+
+With --bench: the benchmark's own runs. `python -m bench run ... --worker-arg=--trace-dir=TRACE_DIR`
+records one trace per run (its meta names the run's cache: budget, policy, predictor); each is matched
+to its run in BENCH_OUT/results.json, a profile is measured over a store on BENCH_OUT/pack (prefetch
+path, store hints and the two threads' sharing included), and each trace is replayed with the run's
+own configuration (its recorded predictions for a predictor, store hints where the run sent them) and
+costed over the window the benchmark measures (its decode workload's requests, from the first
+first-token on). Prints predicted vs measured decode tokens/s per run and every configuration's ratio
+to LRU at the same budget, with the error (the cost model's target: within 15%), and writes
+OUT/bench_validation.json. Without --bench:
 
 1. Starts an expert store (shared-memory path) on a tiny-mixtral int4 pack.
 2. Measures a hardware profile ("this-machine") over the store: fetch latency and per-expert time,
@@ -132,6 +143,169 @@ def worker_process(store_addr: str, out: Path, budget: str, prompts, concurrent:
         proc.stop(20)
 
 
+def start_store(pack_dir: Path, out: Path) -> tuple[Service, str]:
+    sock = out / "store.sock"
+    sock.unlink(missing_ok=True)
+    store = Service("store", module_command("expert_store", "serve", pack_dir, "--listen", f"unix:{sock}",
+                                            "--ram-bytes", "64MiB", "--log-level", "warning"), out / "store.log")
+    store.wait_serving(f"unix:{sock}", 60)
+    return store, f"unix:{sock}"
+
+
+def _run_key(run: dict) -> tuple[int, str, str]:
+    from bench.plan import CONFIGURATIONS
+
+    w = CONFIGURATIONS[run["config"]].worker
+    return (int(run["workloads"][next(iter(run["workloads"]))]["stats_delta"]["budget_bytes"]),
+            w.get("policy", "lru"), w.get("predictor", "none"))
+
+
+def _trace_key(trace) -> tuple[int, str, str]:
+    c = trace.meta.get("cache") or {}
+    return int(c.get("budget_bytes", 0)), str(c.get("policy", "")), str(c.get("predictor", "none"))
+
+
+def median_profile(profiles: list, how: str):
+    """One profile whose every number is the median over `profiles` (a noisy, shared machine)."""
+    import statistics
+    from dataclasses import fields, replace
+
+    nums = {f.name: statistics.median(getattr(p, f.name) for p in profiles) for f in fields(profiles[0])
+            if isinstance(getattr(profiles[0], f.name), float)}
+    return replace(profiles[-1], measured=f"medians of {len(profiles)} measurements ({how}); the last: "
+                                          f"{profiles[-1].measured}", **nums)
+
+
+def validate_bench(bench: Path, trace_dir: Path, out: Path, profile_path: str | None, store_starter,
+                   repeats: int = 3, hint_calls: str = "measured") -> int:
+    """Predicted vs measured for a benchmark's own runs (module docstring)."""
+    import statistics
+
+    from gpu_worker.simulator import load_profile
+    from gpu_worker.simulator.measure import measure_profile
+    from gpu_worker.simulator.validate import predict_run
+
+    results = json.loads((bench / "results.json").read_text())
+    runs = [r for r in results["runs"] if r.get("status") == "ok" and r.get("workloads")]
+    files = sorted(trace_dir.glob("*.npz"))
+    traces: dict[tuple, list] = {}
+    for f in files:
+        t = load_trace(f)
+        traces.setdefault(_trace_key(t), []).append(t)
+    if profile_path:
+        profile = load_profile(profile_path)
+    else:
+        pack = bench / "pack"
+        store, addr = store_starter(pack, out)
+        try:
+            profiles = []
+            for i in range(repeats):
+                profiles.append(measure_profile(pack, "int4", store=addr))
+                print(f"[{i}] profile: {profiles[-1].measured}", flush=True)
+        finally:
+            store.stop(20)
+        profile = median_profile(profiles, "bench/sim_validate.py --bench")
+        (out / "profile.json").write_text(json.dumps(asdict(profile), indent=1, default=float))
+    rows = []
+    used: dict[tuple, int] = {}
+    for run in runs:
+        key = _run_key(run)
+        i = used.get(key, 0)
+        if i >= len(traces.get(key, [])):
+            print(f"note: no trace for {run['config']}@{run['budget']} (budget bytes, policy, predictor = {key})")
+            continue
+        used[key] = i + 1
+        trace = traces[key][i]
+        wl_name, wl = next(iter(run["workloads"].items()))
+        sd = wl["stats_delta"]
+        calls = int(sd.get("store_hints_sent", 0))
+        pred = predict_run(trace, profile, int(sd["requests_total"]), store_hints=calls > 0,
+                           hint_calls=calls if hint_calls == "measured" else None)
+        rows.append({"config": run["config"], "budget": run["budget"], "repeat": run["repeat"], "workload": wl_name,
+                     "trace": trace.path, "measured_tok_s": round(wl["figures"]["decode_tokens_per_s"], 1),
+                     "measured_prefetches": sd.get("prefetches_issued", 0), "measured_misses": sd["misses"],
+                     "measured_fetch_wait_ms_per_token": round(wl["figures"]["fetch_wait_ms_per_token"], 3),
+                     "measured_hint_sends": sd.get("store_hints_sent", 0),
+                     **pred.summary()})
+    # the serving stack's own cost per step (gRPC streaming, the client, the engine around the forward),
+    # measured by the all-resident run of the same repeat: its measured window time less the projected
+    for r in rows:
+        ar = [b for b in rows if b["config"] == "all_resident" and b["repeat"] == r["repeat"]]
+        over = 0.0
+        if ar:
+            b = ar[0]
+            over = (b["window_tokens"] / b["measured_tok_s"] - b["window_tokens"] / b["predicted_tok_s"]) / \
+                b["window_steps"]
+        r["serving_ms_per_step"] = round(1e3 * over, 3)
+        r["predicted_serving_tok_s"] = round(r["window_tokens"] / (r["window_tokens"] / r["predicted_tok_s"] +
+                                                                   over * r["window_steps"]), 1)
+    ratios = []
+    for r in rows:
+        base = [b for b in rows if b["config"] == "lru" and b["budget"] == r["budget"] and b["repeat"] == r["repeat"]]
+        if r["config"] in ("lru", "all_resident") or not base:
+            continue
+        b = base[0]
+        m = r["measured_tok_s"] / b["measured_tok_s"]
+        p = r["predicted_tok_s"] / b["predicted_tok_s"]
+        ps = r["predicted_serving_tok_s"] / b["predicted_serving_tok_s"]
+        ratios.append({"config": r["config"], "budget": r["budget"], "repeat": r["repeat"], "measured": round(m, 3),
+                       "predicted": round(p, 3), "error": round(p / m - 1, 3), "within_15pct": abs(p / m - 1) <= 0.15,
+                       "predicted_serving": round(ps, 3), "error_serving": round(ps / m - 1, 3),
+                       "within_15pct_serving": abs(ps / m - 1) <= 0.15})
+    summary = []
+    for key in dict.fromkeys((q["config"], q["budget"]) for q in ratios):
+        g = [q for q in ratios if (q["config"], q["budget"]) == key]
+        m = statistics.median(q["measured"] for q in g)
+        p = statistics.median(q["predicted"] for q in g)
+        ps = statistics.median(q["predicted_serving"] for q in g)
+        cell = {}  # the ratio of the cells' medians over repeats (per-repeat ratios above)
+        for name, cfg in (("fate", key[0]), ("lru", "lru")):
+            runs_ = [r for r in rows if r["config"] == cfg and r["budget"] == key[1]]
+            cell[name] = {k: statistics.median(r[k] for r in runs_) for k in
+                          ("measured_tok_s", "predicted_tok_s", "predicted_serving_tok_s")}
+        cm = cell["fate"]["measured_tok_s"] / cell["lru"]["measured_tok_s"]
+        cp = cell["fate"]["predicted_serving_tok_s"] / cell["lru"]["predicted_serving_tok_s"]
+        summary.append({"config": key[0], "budget": key[1], "repeats": len(g),
+                        "measured_of_medians": round(cm, 3), "predicted_serving_of_medians": round(cp, 3),
+                        "error_serving_of_medians": round(cp / cm - 1, 3), "measured": round(m, 3),
+                        "predicted": round(p, 3), "error": round(p / m - 1, 3),
+                        "predicted_serving": round(ps, 3), "error_serving": round(ps / m - 1, 3),
+                        "within_15pct": abs(p / m - 1) <= 0.15, "within_15pct_serving": abs(ps / m - 1) <= 0.15})
+    (out / "bench_validation.json").write_text(json.dumps(
+        {"profile": asdict(profile), "runs": rows, "ratios_to_lru": ratios, "summary": summary}, indent=1,
+        default=float))
+    print(f"\n{'run':<20}{'measured':>9}{'predicted':>10}{'+serving':>9}{'stall':>7}{'pf work':>8}{'lost':>7}"
+          f"{'pf meas/sim':>13}{'miss meas/sim':>14}{'hints meas/sim':>15}")
+    for r in rows:
+        print(f"{r['config'] + '@' + r['budget'] + '#' + str(r['repeat']):<20}{r['measured_tok_s']:>9.1f}"
+              f"{r['predicted_tok_s']:>10.1f}{r['predicted_serving_tok_s']:>9.1f}{r['stall_ms_per_token']:>7.2f}"
+              f"{r['prefetch_work_ms_per_token']:>8.2f}{r['contention_ms_per_token']:>7.2f}"
+              f"{str(r['measured_prefetches']) + '/' + str(r['prefetched']):>13}"
+              f"{str(r['measured_misses']) + '/' + str(r['misses']):>14}"
+              f"{str(r['measured_hint_sends']) + '/' + str(r['hint_sends']):>15}")
+    print("(decode tok/s; ms per token: stall, prefetch thread busy, compute lost to prefetching; counts: the "
+          f"benchmark's workload / the replay's window; store-hint calls: {hint_calls}; +serving: with the "
+          "all-resident run's per-step serving cost)")
+    print(f"\n{'ratio to LRU':<20}{'measured':>9}{'predicted':>10}{'error':>8}{'+serving':>9}{'error':>8}")
+    for q in ratios:
+        print(f"{q['config'] + '@' + q['budget'] + '#' + str(q['repeat']):<20}{q['measured']:>9.3f}"
+              f"{q['predicted']:>10.3f}{100 * q['error']:>7.1f}%{q['predicted_serving']:>9.3f}"
+              f"{100 * q['error_serving']:>7.1f}%")
+    print(f"\nmedians over repeats: {'measured':>9}{'predicted':>10}{'error':>8}{'+serving':>9}{'error':>8}  "
+          f"within 15% (profile / +serving)")
+    for q in summary:
+        print(f"{q['config'] + '@' + q['budget'] + ' x' + str(q['repeats']):<22}{q['measured']:>9.3f}"
+              f"{q['predicted']:>10.3f}{100 * q['error']:>7.1f}%{q['predicted_serving']:>9.3f}"
+              f"{100 * q['error_serving']:>7.1f}%  {'yes' if q['within_15pct'] else 'NO'} / "
+              f"{'yes' if q['within_15pct_serving'] else 'NO'}")
+    print(f"\nratio of the cells' medians: {'measured':>9}{'+serving':>9}{'error':>8}")
+    for q in summary:
+        print(f"{q['config'] + '@' + q['budget'] + ' x' + str(q['repeats']):<29}{q['measured_of_medians']:>9.3f}"
+              f"{q['predicted_serving_of_medians']:>9.3f}{100 * q['error_serving_of_medians']:>7.1f}%")
+    print(f"wrote {out / 'bench_validation.json'}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pack", default=None, help="tiny-mixtral pack with int4 (default: packed into OUT/pack)")
@@ -139,11 +313,24 @@ def main() -> int:
     ap.add_argument("--budgets", default="25%,50%")
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--skip-worker", action="store_true", help="no worker-process runs")
-    ap.add_argument("--repeats", type=int, default=1,
-                    help="measure the profile and every run this many times; report medians (a noisy machine)")
+    ap.add_argument("--repeats", type=int, default=0,
+                    help="measure the profile and every run this many times; report medians (a noisy machine; "
+                         "default 1, with --bench 3)")
+    ap.add_argument("--bench", default=None, help="a `python -m bench run` output directory (results.json)")
+    ap.add_argument("--traces", default=None, help="with --bench: the runs' traces (--worker-arg=--trace-dir=DIR)")
+    ap.add_argument("--profile", default=None, help="with --bench: a profile JSON instead of measuring one")
+    ap.add_argument("--hint-calls", default="measured", choices=("measured", "timed"),
+                    help="with --bench: charge the store-hint calls each run made (measured, its statistics) or "
+                         "those the hint thread's timing gives (timed: one call of the profile's hint_s in flight)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if not a.bench:
+        a.repeats = a.repeats or 1
+    if a.bench:
+        if not a.traces:
+            ap.error("--bench needs --traces (the directory the runs recorded into)")
+        return validate_bench(Path(a.bench), Path(a.traces), out, a.profile, start_store, a.repeats or 3, a.hint_calls)
     pack_dir = Path(a.pack) if a.pack else out / "pack"
     if not (pack_dir / "manifest.json").exists():
         from expert_store.pack import write_pack
@@ -195,12 +382,7 @@ def main() -> int:
                ("predicted_tok_s", "measured_in_process_tok_s", "measured_worker_tok_s") if k in group[0]}
         summary.append({"budget": key[0], "mode": key[1], "hit_rate": group[0]["hit_rate"],
                         "replay_exact": all(r["replay_exact"] for r in group), **med})
-    from dataclasses import replace
-
-    fields = ("link_bandwidth_Bps", "link_latency_s", "expert_setup_s", "layer_s", "layer_token_s", "expert_compute_s",
-              "step_s")
-    profile = replace(profiles[-1], measured=f"medians of {len(profiles)} measurements by bench/sim_validate.py",
-                      **{f: statistics.median(getattr(p, f) for p in profiles) for f in fields})
+    profile = median_profile(profiles, "bench/sim_validate.py")
     (out / "profile.json").write_text(json.dumps(asdict(profile), indent=1, default=float))  # simulate --hardware
     (out / "results.json").write_text(json.dumps({"profiles": [asdict(p) for p in profiles], "rows": rows,
                                                    "summary": summary}, indent=1, default=float))

@@ -11,6 +11,8 @@ studies. Belady (`belady`) evicts the resident expert whose next use is farthest
 here only), driven through the same ledger as every other policy: the upper bound of demand caching.
 
 Results carry per (step, layer) counts that `estimate_cost` turns into time on a hardware profile.
+With a predictor the tables also show the prefetch terms: the compute thread's stall, the prefetch
+thread's busy time, and the compute time prefetching costs (docs/simulator.md).
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ def _say(*args: object) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
+
+
+_HINTS: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
 
 
 def _full_layers(text: str) -> int | None:
@@ -84,6 +89,11 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     p.add_argument("--format", default="int4", help="expert format whose bytes the link moves (meta.expert_bytes)")
     p.add_argument("--expert-bytes", type=int, default=0,
                    help="bytes one expert transfer moves (default: the trace's meta.expert_bytes[--format])")
+    p.add_argument("--prefetch-room", default="auto", choices=("auto", "wait", "gate"),
+                   help="when a prefetch takes its room: wait (a prefetch thread), gate (a copy engine), auto: "
+                        "the hardware profile's")
+    p.add_argument("--store-hints", default="auto", choices=tuple(_HINTS),
+                   help="charge store hints (the profile's hint_compute_s per layer): auto = with a predictor")
     p.add_argument("--measure", metavar="PACK", default=None,
                    help="measure this machine's compute and expert set-up times on PACK first and use them")
     p.add_argument("--concat", action="store_true", help="treat the traces as one (files of one session)")
@@ -111,6 +121,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         print(f"[measured: {profile.measured}]", file=sys.stderr)  # noqa: T201
     else:
         profile = load_profile(a.hardware)
+    room = profile.prefetch_room if a.prefetch_room == "auto" else a.prefetch_room
     out: list[dict[str, Any]] = []
     for t in traces:
         rp = Replay(t)
@@ -138,13 +149,13 @@ def cmd_simulate(a: argparse.Namespace) -> int:
                 configs = [SimConfig(policy=pol, total_slots=wc.total_slots, allocation=wc.allocation,
                                      predictor=pr, prefetch_width=a.prefetch_width, semantics=a.semantics,
                                      pin=a.pin, lfu_decay=a.lfu_decay, full_layers=a.full_layers,
-                                     slots_override=wc.slots_override)
+                                     prefetch_room=room, slots_override=wc.slots_override)
                            for pol in policies for pr in predictors]
             else:
                 q = parse_budget(bud, t.num_layers, t.num_experts)
                 configs = [SimConfig(policy=pol, total_slots=q, allocation=al, predictor=pr,
                                      prefetch_width=a.prefetch_width, semantics=a.semantics, pin=a.pin,
-                                     lfu_decay=a.lfu_decay, full_layers=a.full_layers)
+                                     lfu_decay=a.lfu_decay, full_layers=a.full_layers, prefetch_room=room)
                            for al in allocations for pol in policies for pr in predictors]
             for cfg in configs:
                 if cfg.semantics == "worker" and cfg.total_slots < t.top_k:
@@ -162,9 +173,9 @@ def cmd_simulate(a: argparse.Namespace) -> int:
                 row = res.summary()
                 row["budget"] = bud
                 if eb:
-                    row["cost"] = estimate_cost(res, profile, eb).summary()
+                    row["cost"] = estimate_cost(res, profile, eb, store_hints=_HINTS[a.store_hints]).summary()
                 out.append(row)
-        _print_tables(runs, t.num_layers * t.num_experts, eb, profile)
+        _print_tables(runs, t.num_layers * t.num_experts, eb, profile, _HINTS[a.store_hints])
         for n in sorted(notes):
             _say(f"note: {n}")
     if out:
@@ -180,7 +191,8 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     return 0
 
 
-def _print_tables(runs: list[SimResult], total: int, eb: int, profile: HardwareProfile) -> None:
+def _print_tables(runs: list[SimResult], total: int, eb: int, profile: HardwareProfile,
+                  hints: bool | None = None) -> None:
     by_key: dict[tuple[str, str, str], dict[int, SimResult]] = {}
     slot_cols: list[int] = []
     for r in runs:
@@ -198,8 +210,33 @@ def _print_tables(runs: list[SimResult], total: int, eb: int, profile: HardwareP
         cells = "  ".join(f"{d[q].hit_rate:9.3f}" if q in d else f"{'-':>9}" for q in slot_cols)
         _say(f"{al[:17]:<18}{pr:<12}{pol:<10}{cells}")
     if eb:
+        costs = {(k, q): estimate_cost(r, profile, eb, store_hints=hints) for k, d in by_key.items()
+                 for q, r in d.items()}
         _say(f"projected decode tokens/s on {profile.name} ({eb} bytes per expert)")
         for (al, pr, pol), d in by_key.items():
-            cells = "  ".join(f"{estimate_cost(d[q], profile, eb).decode_tokens_per_s:9.1f}" if q in d else
+            cells = "  ".join(f"{costs[(al, pr, pol), q].decode_tokens_per_s:9.1f}" if q in d else
                               f"{'-':>9}" for q in slot_cols)
             _say(f"{al[:17]:<18}{pr:<12}{pol:<10}{cells}")
+        if any(k[1] != "none" for k in by_key):
+            _say(f"prefetch terms on {profile.name}: {prefetch_terms(profile, eb)}")
+            _say("ms per decode token: stall (compute waiting) / prefetch thread busy / compute lost to prefetching")
+            for (al, pr, pol), d in by_key.items():
+                if pr == "none":
+                    continue
+                cells = "  ".join(f"{_terms(costs[(al, pr, pol), q]):>17}" if q in d else f"{'-':>17}"
+                                  for q in slot_cols)
+                _say(f"{al[:17]:<18}{pr:<12}{pol:<10}{cells}")
+
+
+def _terms(c) -> str:
+    return (f"{c.stall_ms_per_decode_token:.2f}/{c.per_decode_token_ms(c.decode_prefetch_work_s):.2f}/"
+            f"{c.per_decode_token_ms(c.decode_contention_s):.2f}")
+
+
+def prefetch_terms(p: HardwareProfile, eb: int) -> str:
+    """The profile's prefetch costs in one line."""
+    thread = p.prefetch_shared_s or p.prefetch_expert_s or eb / p.link_bandwidth_Bps + p.expert_setup_s
+    return (f"{thread * 1e6:.0f} us/expert on the prefetch thread, {p.prefetch_compute_s * 1e6:.0f} us/expert "
+            f"lost by the compute thread, controller {p.predict_s * 1e6:.0f} us/layer "
+            f"(+{p.predict_row_s * 1e6:.0f} per row), store hints {p.hint_compute_s * 1e6:.0f} us/call lost by "
+            f"the compute thread, a prefetch waiting for room {p.room_wait_compute_s * 1e6:.0f} us/layer")

@@ -14,6 +14,7 @@ from ..traces import Trace
 
 SIM_POLICIES = ("lru", "lfu", "lfu_decay", "arc", "belady")
 SEMANTICS = ("worker", "flat")
+PREFETCH_ROOMS = ("wait", "gate")
 PIN_MODES = ("reference", "all", "none")
 _REFERENCE_PINNED = frozenset({"lfu", "lfu_decay", "arc"})
 INF = float("inf")
@@ -51,6 +52,11 @@ class SimConfig:
     staging_slots: int = 0
     """Budget units kept out of the allocation for prefetched experts (the cache's staging_slots)."""
 
+    prefetch_room: str = "wait"
+    """When a prefetch takes its room: wait (the prefetch thread: what has no room when proposed waits for
+    the layer's trim; the replay lands it just before its layer) or gate (the copy engine: room is taken
+    when the proposal is made, at the previous layer's gate input; what has none is not prefetched)."""
+
     lfu_decay: float = 0.9
     full_layers: int | None = None
     slots_override: tuple[tuple[int, int], ...] | None = None
@@ -83,6 +89,9 @@ class SimResult:
     seconds: float
     notes: list[str] = field(default_factory=list)
     resident: list[list[int]] = field(default_factory=list)  # per layer, at the end of the replay (sorted)
+    step_prefetch_waiting: np.ndarray | None = None
+    """[S, L] of the prefetched experts, those that found no room when their job was queued (at the previous
+    layer's gate input, before its demand call and trim): the worker's prefetch thread waits for room."""
 
     @property
     def hit_rate(self) -> float:

@@ -6,7 +6,10 @@ first, ties: lower id), exactly as `gpu_worker.cache.ExpertCache` runs it for lo
 fidelity tests hold it to the worker's counters). Prefetch (a predictor) follows
 `PrefetchController` + `ExpertCache.prefetch` without timing: the proposals for layer m + 1
 (predicted before layer m is observed, rows merged by `merge_ranked`) land just before layer
-m + 1's lookup (`CacheLedger.replay_prefetch`).
+m + 1's lookup (`CacheLedger.replay_prefetch`); how many of them would have found no room when the
+job was queued (at layer m's gate input, before m's trim) is counted for the cost model. With
+`prefetch_room="gate"` (the copy engine) they take their room when proposed, before layer m's demand
+call, and what finds none is not prefetched.
 
 `flat` semantics: the (token, expert) sequence of the published studies (../shared/traces/README.md):
 each trace row is its own step, each routed cell an access to per-layer caches of fixed slots
@@ -28,7 +31,9 @@ from ..policy import (
 from ..policy.allocation import Allocation
 from ..policy.predictors import BASELINE_PREDICTOR_NAMES, PREDICTOR_NAMES, PredictorError, make_predictor, merge_ranked
 from ..traces import Trace
-from .config import PIN_MODES, SEMANTICS, SIM_POLICIES, SimConfig, SimResult, SimulationError, _REFERENCE_PINNED
+from .config import (
+    PIN_MODES, PREFETCH_ROOMS, SEMANTICS, SIM_POLICIES, SimConfig, SimResult, SimulationError, _REFERENCE_PINNED,
+)
 from .replay import Replay
 
 
@@ -204,6 +209,7 @@ def _run_worker(rp: Replay, cfg: SimConfig, slots: list[int], policies: list[Rep
     miss_events: list[tuple[int, int, int, int]] = []  # (step, layer, misses, waves)
     pf_events: list[tuple[int, int, int]] = []  # (step, layer, prefetched)
     phit_events: list[tuple[int, int, int]] = []  # (step, layer, prefetch hits)
+    wait_events: list[tuple[int, int, int]] = []  # (step, layer, proposals without room at the gate input)
     belady = bool(policies) and isinstance(policies[0], BeladyPolicy)
     ages = any(type(p).on_step is not ReplacementPolicy.on_step for p in policies)
 
@@ -216,6 +222,9 @@ def _run_worker(rp: Replay, cfg: SimConfig, slots: list[int], policies: list[Rep
         if note:
             notes.append(note)
     K = rp.K
+    if cfg.prefetch_room not in PREFETCH_ROOMS:
+        raise SimulationError(f"unknown prefetch room {cfg.prefetch_room!r}; known: {', '.join(PREFETCH_ROOMS)}")
+    at_gate = cfg.prefetch_room == "gate"
     width = cfg.prefetch_width or (rp.trace.predicted.shape[2] if isinstance(predictor, _RecordedPredictor) else K)
     phases = rp.trace.phase.tolist() if rp.trace.phase is not None else [1] * rp.N
     rids_all = rp.rids
@@ -271,6 +280,22 @@ def _run_worker(rp: Replay, cfg: SimConfig, slots: list[int], policies: list[Rep
                     if any_prefill:
                         lists = [row[:K] if pre else row for row, pre in zip(lists, prefill_rows)]
                     proposals = merge_ranked(lists, K)
+                    if proposals and at_gate:  # the copy engine: room now or never
+                        if belady:
+                            layers[col + 1].policy.now = s - 1
+                        landed = ledger.replay_prefetch(layers[col + 1], proposals)
+                        if landed:
+                            pf_events.append((s, col + 1, landed))
+                        proposals = []
+                    if proposals:  # room for them now, at this layer's gate input (its trim is still ahead)
+                        nxt = layers[col + 1]
+                        R = nxt.resident
+                        todo = sum(1 for e in proposals if e not in R and e not in nxt.pending)
+                        if todo > ledger.free:
+                            prot = set(proposals)
+                            room = ledger.free + sum(1 for e in nxt.evictable() if e not in prot)
+                            if todo > room:
+                                wait_events.append((s, col + 1, todo - room))
                 else:
                     proposals = []
                 rows = experts_np[starts[s]:ends[s], col, :].tolist()
@@ -301,5 +326,10 @@ def _run_worker(rp: Replay, cfg: SimConfig, slots: list[int], policies: list[Rep
         if events:
             ev = np.array(events, np.int64)
             r[name][ev[:, 0], ev[:, 1]] = ev[:, k]
+    waiting = np.zeros((S, L), np.int32)
+    if wait_events:
+        ev = np.array(wait_events, np.int64)
+        waiting[ev[:, 0], ev[:, 1]] = ev[:, 2]
     return SimResult(**r, step_tokens=rp.step_tokens, step_decode=rp.step_decode, cells=rp.N * rp.L,
-                     seconds=time.perf_counter() - t0, notes=notes, resident=[sorted(Lg.resident) for Lg in layers])
+                     seconds=time.perf_counter() - t0, notes=notes, resident=[sorted(Lg.resident) for Lg in layers],
+                     step_prefetch_waiting=np.minimum(waiting, r["step_prefetched"]))
