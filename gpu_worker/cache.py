@@ -206,6 +206,13 @@ class ExpertCache(CacheCopies):
         self._demand_fetching = 0  # demand fetch calls in flight (the link is busy with demand)
         self._wait_poll_s = wait_poll_s
         self._init_copies()
+        self._staging = None
+        if self.device.type == "cuda":
+            from .cuda_staging import CudaStaging
+
+            blob = max(expert_nbytes(f, args.hidden_size, args.expert_intermediate_size)
+                       for f in (fmt, tail_fmt) if f is not None)
+            self._staging = CudaStaging(self.device, blob)
 
     # -- ExpertProvider -------------------------------------------------------------------------
 
@@ -409,11 +416,11 @@ class ExpertCache(CacheCopies):
         waited = False
         with self.cond:
             while True:
-                self._land(L)
+                self._land_all()  # other layers' landed copies hold units until they are made resident
                 ready, wave = pick()
                 if ready or wave:
                     break
-                if self._await_copies(L, t0):  # copies in flight: a short wait, then look again
+                if self._await_copies(t0):  # copies in flight: a short wait, then look again
                     waited = True
                     continue
                 if not self.ledger.reserved and not L.pending:
@@ -556,7 +563,11 @@ class ExpertCache(CacheCopies):
         c = self._fill_slot(b.data) if slot and fmt == self.fmt else None
         if c is not None:
             return c, time.perf_counter_ns() - t0  # type: ignore[return-value]
-        c = make_expert_compute(fmt, b.data, a.hidden_size, a.expert_intermediate_size, form, self.device)
+        if self._staging is not None:  # CUDA: pinned staging, copied and built on the side stream
+            c = self._staging.build(b.data, lambda dev: make_expert_compute(
+                fmt, dev, a.hidden_size, a.expert_intermediate_size, form, self.device))
+        else:
+            c = make_expert_compute(fmt, b.data, a.hidden_size, a.expert_intermediate_size, form, self.device)
         if fmt == self.fmt and c.nbytes != self.expert_bytes:
             raise CacheError(f"expert {b.key} takes {c.nbytes} bytes in form {form!r}, the cache "
                              f"budgets {self.expert_bytes} per expert (a compute form bug)")

@@ -12,8 +12,10 @@ slots while the compute goes on. Landed copies become resident when the cache ne
 (`_land`, at the start of L's `iter_experts` and while it waits for a pending expert): a filled slot
 is inserted as a prefetched expert; a failed one (not in the store's RAM, moved during every try,
 a bad checksum) gives its unit and slot back and the expert is fetched on demand. If the compute
-reaches an expert whose copy is still in flight, it waits for it (a late prefetch hit); if the
-copier has died, every copy in flight is given up (the slots are free: nobody writes them now) and
+reaches an expert whose copy is still in flight, it waits for it (a late prefetch hit). A layer
+that waits for room first makes every layer's landed copies resident (`_land_all`: a landed copy holds
+its unit until then, and the compute may need that room before it reaches the copy's layer), then
+waits for the copies still in flight; if the copier has died, every copy in flight is given up (the slots are free: nobody writes them now) and
 the cache carries on without it.
 """
 
@@ -167,9 +169,17 @@ class CacheCopies:
                 self.copies_failed += 1
         return bool(landing)
 
-    def _await_copies(self, L: LayerLedger, since_ns: int) -> bool:
-        """Wait a moment for L's copies in flight (lock held); False when there are none."""
-        if not self._land(L):
+    def _land_all(self) -> bool:
+        """`_land` every layer with copies (lock held); True while some copies are in flight."""
+        in_flight = False
+        for layer, landing in self._landing.items():
+            if landing:
+                in_flight |= self._land(self.ledger.layer(layer))
+        return in_flight
+
+    def _await_copies(self, since_ns: int) -> bool:
+        """Wait a moment for copies in flight, any layer's (lock held); False when there are none."""
+        if not self._land_all():
             return False
         self.cond.wait(LANDING_POLL_S)
         if time.perf_counter_ns() - since_ns > DEAD_CHECK_S * 1e9 and self.copy_engine is not None \

@@ -128,3 +128,53 @@ def test_a_dead_copier_is_given_up_and_decoding_goes_on(pack, tok, prompts, refe
     got = [ids for ids, _ in s.run(prompts)]
     assert got == reference
     assert s.cache.copy_engine is None  # found dead at the first request it could not send, or while waiting
+
+
+class _InstantCopier:
+    """A copy engine that copies every request at once, from the pack (no process)."""
+
+    def __init__(self, pack, arena):
+        self.pack, self.arena, self._t = pack, arena, 0
+
+    def next_ticket(self):
+        self._t += 1
+        return self._t
+
+    def submit(self, records):
+        fmts = {code: name for name, code in FORMAT_CODES.items()}
+        for ticket, layer, expert, code, slot, _ in records:
+            blob = self.pack.expert_blob(layer, expert, fmts[code])
+            self.arena.slot(slot)[:len(blob)] = blob
+            self.arena.status[slot] = ticket
+
+    def alive(self):
+        return True
+
+    def close(self):
+        pass
+
+
+def test_copies_landed_for_a_later_layer_give_their_room_to_the_layer_that_needs_it(pack):
+    """Copies for layer 1 take every free unit; layer 0 then needs room before the compute reaches layer 1:
+    the landed copies become resident (and evictable) instead of holding their units until layer 1 runs."""
+    import threading
+
+    from gpu_worker.cache import ExpertCache
+    from gpu_worker.store_client import PackFetcher
+
+    a = pack.args
+    eb = pack.expert_nbytes(FMT)
+    cache = ExpertCache(a, PackFetcher(pack), FMT, "auto", CPU, 4 * eb, policy="lru", allocation="uniform")
+    arena = _arena(pack, cache.total_slots)
+    cache.attach_arena(arena)
+    cache.attach_copy_engine(_InstantCopier(pack, arena), lambda key: None)
+    l0, l1 = a.moe_layers[0], a.moe_layers[1]
+    cache.begin_step()
+    assert cache.issue_copies(l1, [0, 1, 2, 3], cache.step_seq, {0, 1, 2, 3}) == [0, 1, 2, 3]
+    got: list = []
+    t = threading.Thread(target=lambda: got.extend(e for e, _ in cache.iter_experts(l0, [5, 6])), daemon=True)
+    t.start()
+    t.join(TIMEOUT_S)
+    assert got == [5, 6], "layer 0 waited for room that only layer 1's copies held"
+    assert cache.copies_landed == 4 and cache.stats().high_water_bytes <= 4 * eb
+    arena.close()

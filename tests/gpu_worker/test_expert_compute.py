@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 import logging
 
-from expert_store.codec import FORMATS, CodecError, Int4KernelMatrix, QuantizedMatrix, decode_expert, encode_expert
+from expert_store.codec import (
+    FORMATS, CodecError, Int4KernelMatrix, QuantizedMatrix, decode_expert, encode_expert, expert_nbytes,
+)
 from expert_store.errors import PackError
 from expert_store.int4_layout import KNOWN_LAYOUTS, native_layout
 from gpu_worker import expert_compute
@@ -226,3 +228,22 @@ def test_cuda_forms_match_reference(fmt, form):
     ref = _swiglu(x, *decode_expert(fmt, blob, hidden, inter))
     y = make_expert_compute(fmt, blob, hidden, inter, form, "cuda")(x.cuda()).cpu()
     assert ((y - ref).norm() / ref.norm()).item() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_staging_builds_what_a_direct_build_does_and_reuses_its_buffers():
+    """Pinned staging + side stream (the cache's CUDA path): the same outputs as a direct build, more blobs
+    than buffers, and results marked for the compute stream."""
+    from gpu_worker.cuda_staging import CudaStaging, _tensors
+
+    hidden, inter = 192, 384
+    staging = CudaStaging(torch.device("cuda"), expert_nbytes("int4", hidden, inter), buffers=2)
+    x = torch.randn(4, hidden).cuda()
+    for i in range(5):
+        blob = encode_expert("int4", *_expert(hidden, inter, seed=i))
+        direct = make_expert_compute("int4", blob, hidden, inter, "int4_fused", "cuda")
+        staged = staging.build(blob, lambda dev: make_expert_compute("int4", dev, hidden, inter, "int4_fused",
+                                                                     torch.device("cuda")))
+        assert torch.equal(staged(x), direct(x))
+        assert all(t.is_cuda for t in _tensors(staged))
