@@ -38,8 +38,8 @@ async def test_hits_by_purpose_count_directory_reads_and_spare_what_workers_read
         assert await shm_fetch([key(0, 0), key(5, 5)]) == [pb.STORE_TIER_RAM, pb.STORE_TIER_NVME]
         assert await shm_fetch([key(0, 1), key(5, 6)], pb.FETCH_PRIORITY_PREFETCH) == [
             pb.STORE_TIER_RAM, pb.STORE_TIER_NVME]
-        async for c in stub.FetchExperts(pb.FetchExpertsRequest(experts=[key(0, 0)])):
-            assert c.tier == pb.STORE_TIER_RAM
+        async for m in stub.FetchExperts(pb.FetchExpertsRequest(experts=[key(0, 0)])):
+            assert [part.tier for part in m.index.parts] == [pb.STORE_TIER_RAM]
         # store-side recency now, least recent first: (5,5) (0,1) (5,6) (0,0)
         m = await stub.GetManifest(pb.GetManifestRequest())
         data = shm.attach_segment(m.shm_segment_name)
