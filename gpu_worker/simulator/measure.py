@@ -43,12 +43,11 @@ def _median_s(fn, repeats: int) -> float:
     return statistics.median(out)
 
 
-def measure_link(cache, repeats: int = 15, sizes: tuple[int, int] = (1, 8)) -> tuple[float, float, int]:
-    """(latency s per wave, s per expert incl. its build) of the cache's own demand path: `iter_experts` of n
-    experts none of which is resident (the cache emptied first, so one wave), for two n; a line through
-    the medians. Also returns one blob's bytes."""
+def _line_through(cache, sizes: tuple[int, int], repeats: int, seed: int, call) -> tuple[float, float]:
+    """(s at 0 experts, s per expert): `call(layer, ids)` for n experts none of which is resident (the cache
+    emptied first), for both n of `sizes`, `repeats` times after two warm-ups; a line through the medians."""
     a = cache.args
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     med = {}
     for n in sizes:
         times = []
@@ -57,15 +56,26 @@ def measure_link(cache, repeats: int = 15, sizes: tuple[int, int] = (1, 8)) -> t
             ids = rng.choice(a.num_experts, n, replace=False).tolist()
             cache.clear()
             t0 = time.perf_counter()
-            for _ in cache.iter_experts(layer, ids):
-                pass
+            call(layer, ids)
             if r >= 2:  # the first calls warm connections, segments, page cache
                 times.append(time.perf_counter() - t0)
         med[n] = statistics.median(times)
     n1, n2 = sizes
     per = max(1e-7, (med[n2] - med[n1]) / (n2 - n1))
-    blob = cache.fetcher.fetch([(a.moe_layers[0], 0, cache.fmt)])[0]
-    return max(0.0, med[n1] - n1 * per), per, blob.nbytes
+    return max(0.0, med[n1] - n1 * per), per
+
+
+def measure_link(cache, repeats: int = 15, sizes: tuple[int, int] = (1, 8)) -> tuple[float, float, int]:
+    """(latency s per wave, s per expert incl. its build) of the cache's own demand path: `iter_experts` of n
+    experts none of which is resident (the cache emptied first, so one wave), for two n; a line through
+    the medians. Also returns one blob's bytes."""
+    def demand(layer, ids):
+        for _ in cache.iter_experts(layer, ids):
+            pass
+
+    lat, per = _line_through(cache, sizes, repeats, 0, demand)
+    blob = cache.fetcher.fetch([(cache.args.moe_layers[0], 0, cache.fmt)])[0]
+    return lat, per, blob.nbytes
 
 
 def measure_demand(model, small_model, small_cache, batch: int = 8, steps: int = 12, lat: float = 0.0) -> float:
@@ -94,23 +104,7 @@ def measure_demand(model, small_model, small_cache, batch: int = 8, steps: int =
 def measure_prefetch(cache, repeats: int = 9, sizes: tuple[int, int] = (1, 8)) -> tuple[float, float]:
     """(s per job, s per expert) of the cache's own prefetch path, alone: `prefetch` of n experts none of
     which is resident (the cache emptied first), for two n; a line through the medians."""
-    a = cache.args
-    rng = np.random.default_rng(1)
-    med = {}
-    for n in sizes:
-        times = []
-        for r in range(repeats + 2):
-            layer = a.moe_layers[r % len(a.moe_layers)]
-            ids = rng.choice(a.num_experts, n, replace=False).tolist()
-            cache.clear()
-            t0 = time.perf_counter()
-            cache.prefetch(layer, ids)
-            if r >= 2:
-                times.append(time.perf_counter() - t0)
-        med[n] = statistics.median(times)
-    n1, n2 = sizes
-    per = max(1e-7, (med[n2] - med[n1]) / (n2 - n1))
-    return max(0.0, med[n1] - n1 * per), per
+    return _line_through(cache, sizes, repeats, 1, cache.prefetch)
 
 
 def measure_hint(client, args, repeats: int = 15) -> float:
