@@ -46,7 +46,7 @@ from typing import Any
 
 from client.processes import Service
 
-from .harness import HarnessSettings, measure_workload, store_command, worker_command
+from .harness import HarnessSettings, measure_workload, start_services
 from .plan import CONFIGURATIONS, TINY_MIXTRAL, BenchError, Configuration, RunSpec, Transport, load_prompts
 
 CONFIGS: dict[str, Configuration] = {
@@ -105,17 +105,12 @@ def run_cell(config: Configuration, mode: str, repeat: int, a: argparse.Namespac
     budget = 100.0 if config.budgets == "full" else a.budget
     spec = RunSpec(config, f"{budget:g}%", f"{budget:g}%", budget, transport, repeat)
     tmp = Path(tempfile.mkdtemp(prefix="fdt-"))
-    store_addr, worker_addr = f"unix:{tmp}/store.sock", f"unix:{tmp}/worker.sock"
     r: dict[str, Any] = {"config": config.name, "mode": mode, "repeat": repeat, "status": "ok"}
     services: list[Service] = []
     t0 = time.perf_counter()
     try:
-        store = Service("store", store_command(s, spec, store_addr), tmp / "store.log", new_session=True)
-        services.append(store)
-        cmd = worker_command(s, spec, store_addr, worker_addr)
+        store, worker, store_addr, worker_addr, cmd = start_services(s, spec, tmp, services)
         r["worker_command"] = cmd[1:]
-        worker = Service("worker", cmd, tmp / "worker.log", new_session=True)
-        services.append(worker)
         store.wait_serving(store_addr, s.start_timeout_s)
         worker.wait_serving(worker_addr, s.start_timeout_s)
         asyncio.run(asyncio.wait_for(_drive(worker_addr, store_addr, worker, workload, prompts, s, experts_file,

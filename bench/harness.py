@@ -144,6 +144,20 @@ def worker_flags_missing(flags: Sequence[str], help_text: str) -> list[str]:
     return [f for f in flags if f.startswith("--") and f not in help_text]
 
 
+def start_services(s: HarnessSettings, spec: RunSpec, tmp: Path, services: list[Service]
+                   ) -> tuple[Service, Service, str, str, list[str]]:
+    """A run's store and worker on unix sockets in `tmp`, both started at once (the worker waits for the
+    store's health itself, so their imports overlap), appended to `services` as they start (the caller
+    stops them); (store, worker, store address, worker address, worker command)."""
+    store_addr, worker_addr = f"unix:{tmp}/store.sock", f"unix:{tmp}/worker.sock"
+    store = Service("store", store_command(s, spec, store_addr), tmp / "store.log", new_session=True)
+    services.append(store)
+    cmd = worker_command(s, spec, store_addr, worker_addr)
+    worker = Service("worker", cmd, tmp / "worker.log", new_session=True)
+    services.append(worker)
+    return store, worker, store_addr, worker_addr, cmd
+
+
 def run_one(spec: RunSpec, workloads: Sequence[Workload], prompts: Prompts, s: HarnessSettings, *,
             before_measure: Callable[[], None] | None = None, stop_later: bool = False) -> dict[str, Any]:
     """One run (start, warm up, drive every workload, stop). Never raises for a failed run: the result
@@ -158,17 +172,11 @@ def run_one(spec: RunSpec, workloads: Sequence[Workload], prompts: Prompts, s: H
         "error": None, "workloads": {},
     }  # fmt: skip
     tmp = Path(tempfile.mkdtemp(prefix="fb-"))  # short: unix socket paths are limited to ~100 bytes
-    store_addr, worker_addr = f"unix:{tmp}/store.sock", f"unix:{tmp}/worker.sock"
     services: list[Service] = []
     t0 = time.perf_counter()
     try:
-        # Both at once: the worker waits for the store's health itself (--store-wait-s), so their imports overlap.
-        store = Service("store", store_command(s, spec, store_addr), tmp / "store.log", new_session=True)
-        services.append(store)
-        cmd = worker_command(s, spec, store_addr, worker_addr)
+        store, worker, store_addr, worker_addr, cmd = start_services(s, spec, tmp, services)
         result["worker_command"] = cmd[1:]
-        worker = Service("worker", cmd, tmp / "worker.log", new_session=True)
-        services.append(worker)
         result["store_start_s"] = store.wait_serving(store_addr, s.start_timeout_s)
         result["worker_start_s"] = worker.wait_serving(worker_addr, s.start_timeout_s)
         if before_measure is not None:
