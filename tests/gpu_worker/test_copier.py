@@ -178,3 +178,24 @@ def test_copies_landed_for_a_later_layer_give_their_room_to_the_layer_that_needs
     assert got == [5, 6], "layer 0 waited for room that only layer 1's copies held"
     assert cache.copies_landed == 4 and cache.stats().high_water_bytes <= 4 * eb
     arena.close()
+
+
+def test_budget_holds_under_16_concurrent_requests_through_the_copier(pack, tok, all_prompts, store):  # noqa: F811
+    """16 requests decoding at once over shm, prefetching through the copy engine: the high-water mark stays
+    within the budget, nothing is left reserved, and the tokens are the reference's."""
+    from gpu_worker.experts import PackExpertSource
+    from gpu_worker.generate import SamplingParams, generate
+    from gpu_worker.runtime import build_model
+
+    prompts = [ids[:n] for n in (20, 28) for ids in all_prompts][:16]
+    assert len(prompts) == 16
+    model = build_model(pack, PackExpertSource(pack, FMT, CPU), CPU)
+    want = [list(generate(model, ids, SamplingParams(max_new_tokens=8, ignore_eos=True))) for ids in prompts]
+    s = Stack(pack, tok, "cross_layer", "shallow_favoring", "arc", 0.25, fetcher=store, batch=16)
+    assert s.cache.copy_engine is not None
+    got = s.run(prompts, n=8, stagger_s=0.005)
+    assert [ids for ids, _ in got] == want
+    st = s.cache.stats()
+    assert 0 < st.high_water_bytes <= st.budget_bytes
+    assert st.used_bytes <= st.budget_bytes and st.reserved_bytes == 0
+    assert s.cache.copies_landed > 0

@@ -71,7 +71,8 @@ class Stack:
     """Cache + model + predictor + controller + engine, as the server wires them."""
 
     def __init__(self, pack, tok, predictor="cross_layer", allocation="shallow_favoring", policy="arc",
-                 share=0.25, staging="auto", width=0, lookahead=1, fetcher=None, int2_tail=0.0, budget=None):
+                 share=0.25, staging="auto", width=0, lookahead=1, fetcher=None, int2_tail=0.0, budget=None,
+                 batch=8):
         a = pack.args
         budget = budget or int(full_budget_bytes(a, FMT, "auto", CPU) * share)
         total = budget // expert_compute_nbytes(a, FMT, "auto", CPU)
@@ -79,7 +80,7 @@ class Stack:
                           staging_slots=resolve_staging(staging, predictor, total, a.num_experts),
                           tail_fmt="int2" if int2_tail else None, predictor=predictor, predictor_seed=0,
                           prefetch_width=width, lookahead=lookahead, int2_tail_share=int2_tail, measure_width=False,
-                          max_batch_size=8, threads=1)
+                          max_batch_size=batch, threads=1)
         w = build_worker(a, pack.dense_tensors(), fetcher or PackFetcher(pack), tok, spec, CPU)
         self.cache, self.model, self.controller, self.engine = w.cache, w.model, w.controller, w.engine
 
