@@ -18,7 +18,7 @@ from gpu_worker.copier import CopyEngine
 from gpu_worker.expert_compute import int4_in_place, make_expert_compute
 from gpu_worker.store_client import StoreClient
 
-from .test_prefetch import CPU, FMT, MATRIX, Stack, all_prompts, pack, prompts, reference, tok  # noqa: F401
+from .test_prefetch import CPU, FMT, Stack, all_prompts, pack, prompts, reference, run_matrix, tok  # noqa: F401
 
 TIMEOUT_S = 30
 
@@ -100,23 +100,14 @@ def test_the_copier_fills_slots_with_verified_bytes_and_refuses_what_it_cannot(p
 @pytest.mark.parametrize("share", [0.25, 1.0])
 def test_tokens_identical_over_shm_through_the_copier(pack, tok, prompts, reference, store, share):  # noqa: F811
     """Every predictor x allocation x policy, over the store's shared memory with the copy engine on."""
-    bad, landed = [], 0
-    for i, (predictor, allocation, policy) in enumerate(MATRIX):
-        s = Stack(pack, tok, predictor, allocation, policy, share, lookahead=1 + i % 2, fetcher=store)
-        engine = s.cache.copy_engine
-        assert (engine is not None) == (predictor != "none"), (predictor, allocation, policy)
-        got = [ids for ids, _ in s.run(prompts)]
-        stats = s.cache.stats()
-        if got != reference:
-            bad.append((predictor, allocation, policy))
-        assert stats.high_water_bytes <= stats.budget_bytes
-        t = stats.total
-        assert t.lookups == t.hits + t.prefetch_hits + t.misses
+    landed = 0
+    for s, combo in run_matrix(pack, tok, prompts, reference, share, fetcher=store):
+        engine = s.copy_engine
+        assert (engine is not None) == (combo[0] != "none"), combo
         landed += s.cache.copies_landed
         if engine is not None:
             assert engine.proc.poll() is not None  # closed with the controller
             assert not os.path.exists(f"/dev/shm/{s.cache.arena.name}")
-    assert not bad, f"tokens changed for {bad}"
     assert landed > 0
 
 

@@ -83,6 +83,7 @@ class Stack:
                           max_batch_size=batch, threads=1)
         w = build_worker(a, pack.dense_tensors(), fetcher or PackFetcher(pack), tok, spec, CPU)
         self.cache, self.model, self.controller, self.engine = w.cache, w.model, w.controller, w.engine
+        self.copy_engine = w.cache.copy_engine  # as built (closing the controller stops it)
 
     def run(self, prompts, n=NEW_TOKENS, stagger_s=0.0) -> list[tuple[list[int], FinalEvent]]:
         out: list[tuple[list[int], FinalEvent | None]] = []
@@ -120,25 +121,34 @@ class Stack:
 MATRIX = list(itertools.product(PREDICTOR_NAMES, ALLOCATION_NAMES, POLICY_NAMES))
 
 
+def run_matrix(pack, tok, prompts, reference, share, fetcher=None):
+    """Every predictor x allocation x policy (lookahead 2 for half of them): yields each finished Stack with
+    its (predictor, allocation, policy), having checked the budget and the lookup counts; the caller checks
+    the rest. Raises at the end if any combination's tokens differ from `reference`."""
+    bad = []
+    for i, combo in enumerate(MATRIX):
+        s = Stack(pack, tok, *combo, share, lookahead=1 + i % 2, fetcher=fetcher)
+        got = [ids for ids, _ in s.run(prompts)]
+        stats = s.cache.stats()
+        if got != reference:
+            bad.append(combo)
+        assert stats.high_water_bytes <= stats.budget_bytes
+        t = stats.total
+        assert t.lookups == t.hits + t.prefetch_hits + t.misses
+        yield s, combo
+    assert not bad, f"tokens changed for {bad}"
+
+
 @pytest.mark.parametrize("share", [0.25, 1.0])
 def test_tokens_identical_for_every_predictor_allocation_and_policy(pack, tok, prompts, reference, share):
     """int4, INT2 tail off: a prefetch is an insert like any other, so the tokens never change. Three
     requests at once (a shared prefill step, then batched decode); lookahead 2 for half of them."""
-    bad = []
-    for i, (predictor, allocation, policy) in enumerate(MATRIX):
-        s = Stack(pack, tok, predictor, allocation, policy, share, lookahead=1 + i % 2)
-        got = [ids for ids, _ in s.run(prompts)]
-        stats = s.cache.stats()
-        if got != reference:
-            bad.append((predictor, allocation, policy))
-        assert stats.high_water_bytes <= stats.budget_bytes
-        t = stats.total
-        assert t.lookups == t.hits + t.prefetch_hits + t.misses
+    for s, (predictor, allocation, policy) in run_matrix(pack, tok, prompts, reference, share):
+        t = s.cache.stats().total
         if predictor != "none" and share < 1:
             assert t.prefetched > 0, (predictor, allocation, policy)
         if predictor == "none":
             assert t.prefetched == 0
-    assert not bad, f"tokens changed for {bad}"
 
 
 # -- prediction quality ------------------------------------------------------------------------------

@@ -328,16 +328,14 @@ def test_store_down_is_unavailable_quickly(tmp_path):
 # -- the real store ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def store(pack, tmp_path_factory):
-    """`python -m expert_store serve` on a unix socket, its RAM tier at 25% of the int4 experts."""
-    tmp = tmp_path_factory.mktemp("store")
+def _serve(pack, tmp, ram: int, *flags: str):
+    """`python -m expert_store serve` of the pack on a unix socket in `tmp` (a generator fixture's body):
+    yields its address once it answers, terminates it after."""
     addr = f"unix:{tmp}/s.sock"
-    ram = len(pack.expert_ids) * pack.expert_nbytes(FMT) // 4
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     stderr = open(tmp / "stderr", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "expert_store", "serve", str(pack.path), "--listen", addr,
-                             "--ram-bytes", str(ram)], cwd=REPO, env=env, stderr=stderr)
+                             "--ram-bytes", str(ram), *flags], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=stderr)
     client = StoreClient(addr)
     try:
         client.wait_ready(30)
@@ -352,6 +350,12 @@ def store(pack, tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
     stderr.close()
+
+
+@pytest.fixture(scope="module")
+def store(pack, tmp_path_factory):
+    """`python -m expert_store serve` on a unix socket, its RAM tier at 25% of the int4 experts."""
+    yield from _serve(pack, tmp_path_factory.mktemp("store"), len(pack.expert_ids) * pack.expert_nbytes(FMT) // 4)
 
 
 @pytest.mark.slow
@@ -425,27 +429,8 @@ def test_real_store_sends_a_batch_as_one_reply_the_blobs_view(pack, store):
 @pytest.fixture(scope="module")
 def int4_store(pack, tmp_path_factory):
     """A store serving int4 only (so slots are int4-sized), its RAM tier at half the int4 experts."""
-    tmp = tmp_path_factory.mktemp("store4")
-    addr = f"unix:{tmp}/s.sock"
-    ram = len(pack.expert_ids) * pack.expert_nbytes(FMT) // 2
-    stderr = open(tmp / "stderr", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "expert_store", "serve", str(pack.path), "--listen", addr,
-                             "--ram-bytes", str(ram), "--formats", FMT], cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=stderr)
-    client = StoreClient(addr)
-    try:
-        client.wait_ready(30)
-    except StoreUnavailableError:
-        proc.kill()
-        pytest.fail(f"store did not start: {(tmp / 'stderr').read_text()[-2000:]}")
-    client.close()
-    yield addr
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    stderr.close()
+    yield from _serve(pack, tmp_path_factory.mktemp("store4"), len(pack.expert_ids) * pack.expert_nbytes(FMT) // 2,
+                      "--formats", FMT)
 
 
 @pytest.mark.slow
